@@ -1,0 +1,55 @@
+"""A request's sampling as a small state machine the engine advances one evaluation at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from .names import SAMPLER_NAMES, check_name
+from .samplers import SAMPLERS, Evaluation, NoiseSource, count_evaluations
+
+
+class SamplingRun:
+    """Wraps one sampler program.
+
+    `pending` is the (x, sigma) the program waits to have evaluated, or None once finished;
+    `advance(cond, uncond)` hands it the two x0-predictions at that point.
+    """
+
+    def __init__(
+        self,
+        sampler: str,
+        x: Tensor,
+        sigmas: Sequence[float] | Tensor,
+        cfg_scale: float,
+        noise: NoiseSource,
+    ) -> None:
+        check_name("sampler", sampler, SAMPLER_NAMES)
+        sigma_list = [float(s) for s in sigmas]
+        if not sigma_list or sigma_list[-1] != 0:
+            raise ValueError(f"a sigma list must end in 0, got {sigma_list[-3:]}")
+        self.sampler = sampler
+        self.total_evaluations = count_evaluations(sampler, sigma_list)
+        self.evaluations_done = 0
+        self.result: Tensor | None = None
+        self.pending: Evaluation | None = None
+        self._program = SAMPLERS[sampler](x, sigma_list, float(cfg_scale), noise)
+        self._resume(None)
+
+    @property
+    def done(self) -> bool:
+        return self.pending is None
+
+    def advance(self, cond: Tensor, uncond: Tensor) -> None:
+        if self.pending is None:
+            raise RuntimeError("advance() called on a finished sampling run")
+        self.evaluations_done += 1
+        self._resume((cond, uncond))
+
+    def _resume(self, prediction: tuple[Tensor, Tensor] | None) -> None:
+        try:
+            self.pending = self._program.send(prediction)
+        except StopIteration as finished:
+            self.pending = None
+            self.result = finished.value
