@@ -1,10 +1,12 @@
-# The two front-door commands: `make run` and `make test`. Both build .venv from nothing.
+# The two front-door commands are `make run` and `make test`; both build what they need from
+# nothing (.venv from PyPI, node_modules from npm).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+BUF := node_modules/.bin/buf
 
-.PHONY: run test install
+.PHONY: run test install proto proto-check bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,10 +15,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt --no-deps k-diffusion
 	touch $@
 
-install: $(VENV)/.installed
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(VENV)/.installed node_modules/.installed
 
 run: $(VENV)/.installed
-	$(VENV)/bin/t2i info
+	$(VENV)/bin/t2i --log-format text serve
 
-test: $(VENV)/.installed
+test: install proto-check
 	$(PY) -m pytest
+
+# Regenerate the Python protobuf code after editing proto/ (the result is committed).
+proto: install
+	PY=$(PY) BUF=$(BUF) scripts/proto.sh python
+
+# buf lint, buf breaking against the first published v1, and generated code up to date.
+proto-check: install
+	PY=$(PY) BUF=$(BUF) scripts/proto.sh check

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Protobuf tooling, one verb per call (the Makefile's proto targets call these):
+#   deps      copy google/api/{annotations,http}.proto from the pinned googleapis-common-protos
+#             package into build/proto-deps (never committed, so never stale)
+#   python D  generate the Python messages and gRPC stubs into D (default: service/)
+#   check     buf lint, buf breaking against the first published v1, generated code fresh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-.venv/bin/python}
+BUF=${BUF:-node_modules/.bin/buf}
+DEPS=build/proto-deps
+PROTO=illustrious/texttoimage/v1/text_to_image.proto
+
+deps() {
+  local src
+  src=$("$PY" -c 'import os, google.api.annotations_pb2 as m; print(os.path.dirname(m.__file__))')
+  mkdir -p "$DEPS/google/api"
+  cp "$src/annotations.proto" "$src/http.proto" "$DEPS/google/api/"
+}
+
+python_code() {
+  local out=${1:-service}
+  deps
+  "$PY" -m grpc_tools.protoc -I proto -I "$DEPS" \
+    --python_out="$out" --grpc_python_out="$out" --pyi_out="$out" "proto/$PROTO"
+  # Regular packages (not namespace ones) so that setuptools finds them.
+  for d in illustrious illustrious/texttoimage illustrious/texttoimage/v1; do
+    : >"$out/$d/__init__.py"
+  done
+}
+
+check() {
+  deps
+  "$BUF" lint proto
+  # Breaking changes are judged against the commit that first published v1: anything that
+  # broke a v1 client since then fails, not only changes in the latest commit.
+  local baseline work
+  baseline=$(git log --diff-filter=A --format=%H -- "proto/$PROTO" | tail -n 1)
+  if [ -z "$baseline" ]; then
+    echo "proto: v1 is not committed yet, nothing to compare against" >&2
+  else
+    work=$(mktemp -d)
+    git archive "$baseline" buf.yaml proto | tar -x -C "$work"
+    mkdir -p "$work/build" && cp -r "$DEPS" "$work/build/"
+    "$BUF" build "$work" -o "$work/baseline.binpb"
+    "$BUF" breaking proto --against "$work/baseline.binpb"
+    rm -rf "$work"
+    echo "proto: no breaking change since ${baseline:0:12}"
+  fi
+  local fresh
+  fresh=$(mktemp -d)
+  python_code "$fresh"
+  if ! diff -r -x __pycache__ "$fresh/illustrious" service/illustrious; then
+    echo "proto: generated code in service/illustrious is stale; run 'make proto'" >&2
+    exit 1
+  fi
+  rm -rf "$fresh"
+  echo "proto: lint clean, generated code fresh"
+}
+
+case "${1:-}" in
+  deps) deps ;;
+  python) python_code "${2:-service}" ;;
+  check) check ;;
+  *) echo "usage: $0 deps|python [DIR]|check" >&2; exit 2 ;;
+esac

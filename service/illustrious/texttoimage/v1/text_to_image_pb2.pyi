@@ -1,0 +1,70 @@
+from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GenerateImageRequest(_message.Message):
+    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_NAME_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    model_id: int
+    prompt: str
+    negative_prompt: str
+    height: int
+    width: int
+    steps: int
+    cfg_scale: float
+    seed: int
+    sampler_name: str
+    scheduler: str
+    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ...) -> None: ...
+
+class GenerateImageResponse(_message.Message):
+    __slots__ = ("images", "stardust_usage", "stardust_balance", "seeds")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STARDUST_USAGE_FIELD_NUMBER: _ClassVar[int]
+    STARDUST_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    stardust_usage: int
+    stardust_balance: int
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., stardust_usage: _Optional[int] = ..., stardust_balance: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[Model]
+    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
+
+class Model(_message.Message):
+    __slots__ = ("id", "name", "min_size", "max_size", "max_steps", "demo")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEMO_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    name: str
+    min_size: int
+    max_size: int
+    max_steps: int
+    demo: bool
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., demo: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""The serving engine: step-level continuous batching of SDXL requests (see engine/scheduler.py)."""

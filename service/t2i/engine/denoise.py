@@ -1,0 +1,78 @@
+"""One batched UNet evaluation for requests at arbitrary noise levels.
+
+Each request contributes two rows, cond and uncond, so guidance costs one forward, not two.
+Rows carry their own integer timestep, text context, pooled embedding and size conditioning.
+The model is an epsilon-predictor; the samplers want x0-predictions (docs/sampling.md):
+
+    eps = unet(x / sqrt(sigma^2 + 1), t(sigma), text)     x0 = x - sigma * eps
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..models.loader import LoadedModel
+from .text import TextConditioning
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One request's pending model evaluation."""
+
+    x: Tensor  # (1, 4, h, w), float32 sampler state
+    sigma: float
+    cond: TextConditioning
+    uncond: TextConditioning
+    time_ids: Tensor  # (1, 6): original size, crop offset, target size
+
+
+def size_conditioning(height: int, width: int, device: torch.device) -> Tensor:
+    """SDXL's micro-conditioning as diffusers' pipeline builds it for text-to-image:
+    original size = target size = the requested size, no crop."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
+
+
+def stack_contexts(contexts: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Stack text contexts of different lengths into one batch.
+
+    Shorter contexts are zero-padded and masked out of cross-attention, which gives the same
+    attention result as the unpadded context. When all lengths agree no mask is needed.
+    """
+    lengths = [c.shape[1] for c in contexts]
+    longest = max(lengths)
+    if all(length == longest for length in lengths):
+        return torch.cat(list(contexts)), None
+    padded = [torch.nn.functional.pad(c, (0, 0, 0, longest - c.shape[1])) for c in contexts]
+    mask = torch.zeros((len(contexts), longest), dtype=torch.bool, device=contexts[0].device)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = True
+    return torch.cat(padded), mask
+
+
+@torch.inference_mode()
+def evaluate(model: LoadedModel, batch: Sequence[Evaluation]) -> list[tuple[Tensor, Tensor]]:
+    """Run one UNet forward for every evaluation in `batch`; returns (cond_x0, uncond_x0) each."""
+    dtype, device = model.dtype, model.device
+    x = torch.cat([e.x for e in batch for _ in (0, 1)])
+    sigmas = [e.sigma for e in batch for _ in (0, 1)]
+    sigma_column = torch.tensor(sigmas, dtype=x.dtype, device=device).view(-1, 1, 1, 1)
+    scale_in = torch.tensor([1.0 / math.sqrt(s * s + 1.0) for s in sigmas], dtype=x.dtype, device=device)
+    timesteps = torch.tensor([float(model.sigma_table.timestep(s)) for s in sigmas], device=device)
+    context, mask = stack_contexts([c.context for e in batch for c in (e.cond, e.uncond)])
+    pooled = torch.cat([c.pooled for e in batch for c in (e.cond, e.uncond)])
+    time_ids = torch.cat([e.time_ids for e in batch for _ in (0, 1)])
+
+    eps = model.unet(
+        (x * scale_in.view(-1, 1, 1, 1)).to(dtype),
+        timesteps,
+        encoder_hidden_states=context,
+        encoder_attention_mask=mask,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(dtype)},
+    ).sample
+    x0 = x - sigma_column * eps.to(x.dtype)
+    return [(x0[2 * i : 2 * i + 1], x0[2 * i + 1 : 2 * i + 2]) for i in range(len(batch))]

@@ -1,0 +1,33 @@
+"""Prometheus metrics, served on their own port (see t2i.server.app).
+
+Defined once per process in the default registry; several servers in one process (tests)
+share them, so tests compare values before and after rather than absolute numbers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter("t2i_requests_total", "RPCs handled, by method and gRPC status code", ["method", "code"])
+REQUEST_LATENCY = Histogram("t2i_request_seconds", "RPC latency, by method", ["method"], buckets=STAGE_BUCKETS)
+STAGE_LATENCY = Histogram(
+    "t2i_stage_seconds",
+    "Time a request spends per stage (queue_wait, text_encode, denoise, vae_decode, png_encode)",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "t2i_batch_size", "Requests per UNet evaluation (each is two rows: cond and uncond)", ["model"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+)
+EVALUATIONS = Counter("t2i_unet_evaluations_total", "UNet forwards run", ["model"])
+QUEUE_DEPTH = Gauge("t2i_queue_depth", "Requests waiting to be admitted")
+RUNNING = Gauge("t2i_running_requests", "Requests being denoised")
+INFLIGHT = Gauge("t2i_inflight_requests", "GenerateImage requests accepted and not yet answered")
+MODEL_LOAD_SECONDS = Gauge("t2i_model_load_seconds", "Seconds it took to load each model", ["model"])
+MODEL_INFO = Gauge(
+    "t2i_model_info", "Loaded models (value 1), with their device, dtype and attention backend",
+    ["model", "name", "device", "dtype", "attention"],
+)

@@ -1,0 +1,1 @@
+"""Model configuration, the demo model, and loading SDXL checkpoints onto a device."""

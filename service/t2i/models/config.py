@@ -1,0 +1,85 @@
+"""The models file: modelId -> name, checkpoint path and request limits.
+
+Example (YAML)::
+
+    models:
+      - id: 1
+        name: Illustrious-XL v1.0
+        path: /models/Illustrious-XL-v1.0.safetensors   # single file, or a diffusers folder
+        config: /models/sdxl-config   # diffusers-layout folder with configs and tokenizers
+        min_size: 256
+        max_size: 2880
+        price_multiplier: 1.0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..domain import ModelInfo
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: int = Field(ge=1, le=2**31 - 1)
+    name: str = Field(min_length=1)
+    path: Path
+    # For single-file checkpoints: a diffusers-layout folder holding the component configs and
+    # tokenizers (no weights needed). Without it a single-file load would try the model hub.
+    config: Path | None = None
+    min_size: int = Field(default=256, ge=8)
+    max_size: int = Field(default=2880, ge=8)
+    max_steps: int = Field(default=150, ge=1, le=1000)
+    # Scales the price of every request on this model (see t2i.billing.pricing).
+    price_multiplier: float = Field(default=1.0, gt=0)
+    demo: bool = False
+
+    @model_validator(mode="after")
+    def _sizes_are_consistent(self) -> ModelSpec:
+        if self.min_size % 8 or self.max_size % 8 or self.min_size > self.max_size:
+            raise ValueError(f"min_size {self.min_size} and max_size {self.max_size} must be multiples of 8 with min <= max")
+        return self
+
+    @property
+    def single_file(self) -> bool:
+        return self.path.is_file()
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.id, self.name, self.min_size, self.max_size, self.max_steps, self.demo)
+
+
+class ModelsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ids_are_unique(self) -> ModelsFile:
+        ids = [m.id for m in self.models]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"model ids must be unique, got {ids}")
+        return self
+
+
+def load_models_file(path: Path) -> list[ModelSpec]:
+    """Parse and check a models file; relative paths are relative to the file's folder."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+        parsed = ModelsFile.model_validate(raw)
+    except (OSError, yaml.YAMLError, ValidationError) as error:
+        raise ValueError(f"models file {path}: {error}") from error
+    base = path.parent
+    specs = []
+    for spec in parsed.models:
+        update = {"path": base / spec.path}
+        if spec.config is not None:
+            update["config"] = base / spec.config
+        resolved = spec.model_copy(update=update)
+        if not resolved.path.exists():
+            raise ValueError(f"models file {path}: model {spec.id} path {resolved.path} does not exist")
+        specs.append(resolved)
+    return specs

@@ -1,0 +1,1 @@
+"""The gRPC server: servicer, error mapping, interceptors and process lifecycle."""

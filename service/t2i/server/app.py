@@ -1,0 +1,136 @@
+"""The serving process: bind, load and warm the models, serve, and shut down gracefully.
+
+Order matters for orchestrators: the port and the health service come up first (NOT_SERVING),
+models load and warm up, and only then does health report SERVING. On SIGTERM health goes
+back to NOT_SERVING, new requests are refused, and in-flight ones get `grace_period` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
+from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
+from prometheus_client import start_http_server
+
+from .. import metrics
+from ..engine.engine import AsyncEngine
+from ..models.config import ModelSpec, load_models_file
+from ..models.demo import demo_spec
+from ..models.loader import LoadedModel, load_model, resolve_device
+from ..settings import ServeSettings
+from .interceptors import ServingInterceptor
+from .servicer import TextToImageServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextToImageService"].full_name
+
+
+def model_specs(settings: ServeSettings) -> list[ModelSpec]:
+    if settings.models_file is None:
+        return [demo_spec(settings.data_dir)]
+    return load_models_file(settings.models_file)
+
+
+def load_models(settings: ServeSettings) -> dict[int, LoadedModel]:
+    device = resolve_device(settings.device)
+    models = {}
+    for spec in model_specs(settings):
+        model = load_model(spec, device, settings.attention)
+        metrics.MODEL_LOAD_SECONDS.labels(model=str(spec.id)).set(model.load_seconds)
+        metrics.MODEL_INFO.labels(
+            model=str(spec.id), name=spec.name, device=str(device), dtype=str(model.dtype).removeprefix("torch."),
+            attention=model.attention,
+        ).set(1)
+        models[spec.id] = model
+    return models
+
+
+class Server:
+    """One serving process's gRPC server, engine and health state."""
+
+    def __init__(self, settings: ServeSettings, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+        self.settings = settings
+        self.servicer = TextToImageServicer()
+        self.health = health.aio.HealthServicer()
+        self.grpc = grpc.aio.server(
+            interceptors=[ServingInterceptor(), *interceptors],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+                ("grpc.max_send_message_length", settings.max_send_message_bytes),
+            ],
+        )
+        pb_grpc.add_TextToImageServiceServicer_to_server(self.servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        self.metrics_port: int | None = None
+        self.engine: AsyncEngine | None = None
+        self._stopped = asyncio.Event()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Bind and answer health checks (NOT_SERVING), then load and warm the models."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.start()
+        if self.settings.metrics_port >= 0:
+            http_server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.metrics_host)
+            self.metrics_port = http_server.server_address[1]
+        log.info("listening", extra={"grpc_port": self.port, "metrics_port": self.metrics_port})
+        started = time.perf_counter()
+        models = await asyncio.to_thread(load_models, self.settings)
+        engine = AsyncEngine(models, self.settings.engine)
+        engine.start()
+        await engine.warm_up()
+        self.engine = engine
+        self.servicer.engine = engine
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"models": sorted(models), "startup_s": round(time.perf_counter() - started, 2)})
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop admitting, let in-flight requests finish within the grace period, then stop."""
+        grace = self.settings.grace_period if grace is None else grace
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + grace
+        if self.engine is not None:
+            self.engine.stop_admitting()
+            drained = await self.engine.drain(grace)
+            log.info("draining finished" if drained else "grace period over with requests in flight")
+        # Let the answers of the last requests reach their callers before closing.
+        await self.grpc.stop(max(0.5, deadline - time.monotonic()))
+        if self.engine is not None:
+            await self.engine.close()
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: ServeSettings, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+    """Run a server until SIGTERM or SIGINT, then shut it down gracefully."""
+    server = Server(settings, interceptors)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(server.start())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if starting in done:
+        starting.result()  # start-up errors end the process with their traceback
+        await stopper
+    else:
+        starting.cancel()
+    log.info("shutting down", extra={"grace_period_s": settings.grace_period})
+    await server.stop()

@@ -1,0 +1,40 @@
+"""Request validation: every bad field becomes an InvalidArgument naming field, value and rule.
+
+Runs before a request is queued, so NaN, negative or absurd values never reach the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .domain import GenerateRequest, ModelInfo
+from .errors import InvalidArgument
+from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES
+from .sampling.noise import MAX_SEED, RANDOM_SEED
+
+MAX_PROMPT_CHARS = 3000
+MIN_STEPS = 1
+MAX_CFG_SCALE = 30.0
+SIZE_MULTIPLE = 8
+
+
+def validate(request: GenerateRequest, model: ModelInfo) -> None:
+    if not 1 <= len(request.prompt) <= MAX_PROMPT_CHARS:
+        raise InvalidArgument("prompt", request.prompt, f"must be 1 to {MAX_PROMPT_CHARS} characters")
+    if len(request.negative_prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgument("negativePrompt", request.negative_prompt, f"must be at most {MAX_PROMPT_CHARS} characters")
+    for name, value in (("height", request.height), ("width", request.width)):
+        if value % SIZE_MULTIPLE or not model.min_size <= value <= model.max_size:
+            raise InvalidArgument(
+                name, value, f"must be a multiple of {SIZE_MULTIPLE} from {model.min_size} to {model.max_size} for model {model.id}"
+            )
+    if not MIN_STEPS <= request.steps <= model.max_steps:
+        raise InvalidArgument("steps", request.steps, f"must be {MIN_STEPS} to {model.max_steps}")
+    if not (math.isfinite(request.cfg_scale) and 0.0 <= request.cfg_scale <= MAX_CFG_SCALE):
+        raise InvalidArgument("cfgScale", request.cfg_scale, f"must be a finite number from 0 to {MAX_CFG_SCALE:g}")
+    if request.seed != RANDOM_SEED and not 0 <= request.seed <= MAX_SEED:
+        raise InvalidArgument("seed", request.seed, f"must be -1 (random) or 0 to {MAX_SEED}")
+    if request.sampler not in SAMPLER_NAMES:
+        raise InvalidArgument("samplerName", request.sampler, "must be one of " + ", ".join(SAMPLER_NAMES))
+    if request.scheduler not in SCHEDULER_NAMES:
+        raise InvalidArgument("scheduler", request.scheduler, "must be one of " + ", ".join(SCHEDULER_NAMES))

@@ -1,0 +1,106 @@
+"""Run the real service in a subprocess for end-to-end tests (real gRPC over a real socket)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class ServerProcess:
+    """`python -m t2i serve` on free ports; its JSON log lines are collected in `logs`."""
+
+    def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None, command: str = "serve") -> None:
+        self.data_dir = Path(data_dir)
+        args = [
+            sys.executable, "-m", "t2i", "--log-format", "json", command,
+            "--grpc-port", "0", "--metrics-port", "0", "--data-dir", str(data_dir), "--device", "cpu", *extra_args,
+        ]
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+        )
+        self.logs: list[dict] = []
+        self.raw: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            with self._lock:
+                self.raw.append(line)
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict):
+                    self.logs.append(entry)
+                    if entry.get("msg") == "listening":
+                        self.grpc_port = entry["grpc_port"]
+                        self.metrics_port = entry.get("metrics_port")
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def wait_listening(self, timeout: float = 120) -> ServerProcess:
+        self._wait(lambda: self.grpc_port is not None, timeout, "listen")
+        return self
+
+    def wait_serving(self, timeout: float = 180) -> ServerProcess:
+        self.wait_listening(timeout)
+        self._wait(lambda: self.health() == health_pb2.HealthCheckResponse.SERVING, timeout, "report SERVING")
+        return self
+
+    def _wait(self, condition, timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if condition():
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode} before it could {what}:\n{self.output()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"server did not {what} within {timeout} s:\n{self.output()}")
+
+    def health(self, service: str = "") -> int | None:
+        """The health status, or None when the port does not answer."""
+        with grpc.insecure_channel(self.target) as channel:
+            try:
+                response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+            except grpc.RpcError:
+                return None
+        return response.status
+
+    def logged(self, msg: str) -> list[dict]:
+        with self._lock:
+            return [entry for entry in self.logs if entry.get("msg") == msg]
+
+    def output(self) -> str:
+        with self._lock:
+            return "".join(self.raw[-80:])
+
+    def terminate(self, timeout: float = 120) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
