@@ -22,7 +22,7 @@ node_modules/.installed: package.json package-lock.json
 install: $(VENV)/.installed node_modules/.installed
 
 run: $(VENV)/.installed
-	$(VENV)/bin/t2i --log-format text serve
+	$(VENV)/bin/t2i --log-format text serve --print-usage
 
 test: install proto-check
 	$(PY) -m pytest
@@ -34,3 +34,7 @@ proto: install
 # buf lint, buf breaking against the first published v1, and generated code up to date.
 proto-check: install
 	PY=$(PY) BUF=$(BUF) scripts/proto.sh check
+
+# Serving benchmark: raw engine vs gRPC service vs naive peer; writes docs/benchmarks.md.
+bench: install
+	$(PY) -m benchmarks.serving

@@ -45,6 +45,7 @@ def serve(
     ),
     max_queue: int = typer.Option(64, envvar="T2I_MAX_QUEUE", help="Waiting requests before RESOURCE_EXHAUSTED."),
     grace_period: float = typer.Option(60.0, envvar="T2I_GRACE_PERIOD", help="Seconds to finish in-flight work on SIGTERM."),
+    print_usage: bool = typer.Option(False, "--print-usage", help="Print how to call the service once it is ready."),
 ) -> None:
     """Run the gRPC service."""
     import asyncio
@@ -63,6 +64,7 @@ def serve(
         attention=attention,
         engine=EngineConfig(max_batch_size=max_batch_size, admission_window=admission_window_ms / 1000, max_queue=max_queue),
         grace_period=grace_period,
+        print_usage=print_usage,
     )
     asyncio.run(run_server(settings))
 

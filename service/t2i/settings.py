@@ -22,3 +22,4 @@ class ServeSettings:
     grace_period: float = 60.0  # SIGTERM: seconds to finish in-flight work
     max_receive_message_bytes: int = 8 * 1024 * 1024
     max_send_message_bytes: int = 256 * 1024 * 1024
+    print_usage: bool = False  # print how to call the service once it is ready

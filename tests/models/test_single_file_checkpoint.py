@@ -127,3 +127,44 @@ def test_non_weight_parts_come_from_the_config_folder(round_trip):
         ours = {k: v for k, v in getattr(loaded, name).config.items() if k != "_name_or_path"}
         theirs = {k: v for k, v in getattr(reference, name).config.items() if k != "_name_or_path"}
         assert ours == theirs
+
+
+def test_the_service_loader_serves_a_single_file_checkpoint(round_trip, tmp_path):
+    """A models file pointing at the .safetensors (+ config folder) loads through load_model and
+    produces the same latent as the diffusers folder."""
+    from t2i.domain import GenerateRequest
+    from t2i.engine.core import EngineCore
+    from t2i.engine.request import EngineRequest
+    from t2i.engine.scheduler import Scheduler
+    from t2i.models.config import ModelSpec, load_models_file
+    from t2i.models.loader import load_model
+
+    demo_dir, checkpoint, _, _ = round_trip
+    config_dir = checkpoint.parent / "config-only"
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(
+        f"models:\n  - id: 5\n    name: single-file\n    path: {checkpoint}\n    config: {config_dir}\n    min_size: 64\n"
+    )
+    (spec,) = load_models_file(models_file)
+    assert spec.single_file
+    from_file = load_model(spec, torch.device("cpu"))
+    from_folder = load_model(ModelSpec(id=5, name="folder", path=demo_dir, min_size=64), torch.device("cpu"))
+
+    def latent(model):
+        core = EngineCore({5: model}, Scheduler(1, 0.0))
+        request = EngineRequest("r", GenerateRequest(5, "1girl", "bad", 64, 64, 4, 6.0, 3, "euler", "karras"), seed=3)
+        core.add(request)
+        while core.has_work():
+            core.step()
+        return request.run.result
+
+    assert torch.equal(latent(from_file), latent(from_folder))
+
+
+def test_single_file_without_config_folder_is_refused_with_a_clear_message(round_trip):
+    from t2i.models.config import ModelSpec
+    from t2i.models.loader import load_model
+
+    _, checkpoint, _, _ = round_trip
+    with pytest.raises(ValueError, match="single-file checkpoint; set `config:`"):
+        load_model(ModelSpec(id=2, name="x", path=checkpoint), torch.device("cpu"))

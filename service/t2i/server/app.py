@@ -54,6 +54,14 @@ def load_models(settings: ServeSettings) -> dict[int, LoadedModel]:
     return models
 
 
+def usage_hint(port: int, model_id: int) -> str:
+    return (
+        f"\nThe service is ready on port {port}. Generate an image with:\n\n"
+        f"  .venv/bin/t2i generate --target localhost:{port} --model-id {model_id} --width 256 --height 256 "
+        f"--steps 20 --prompt '1girl, masterpiece' --out image.png\n"
+    )
+
+
 class Server:
     """One serving process's gRPC server, engine and health state."""
 
@@ -97,6 +105,8 @@ class Server:
         self.servicer.engine = engine
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"models": sorted(models), "startup_s": round(time.perf_counter() - started, 2)})
+        if self.settings.print_usage:
+            print(usage_hint(self.port, sorted(models)[0]), flush=True)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop admitting, let in-flight requests finish within the grace period, then stop."""

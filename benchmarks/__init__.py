@@ -1,0 +1,1 @@
+"""Benchmarks that compare configurations side by side in one run (not timed tests)."""
