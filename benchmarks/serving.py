@@ -166,7 +166,7 @@ def main() -> None:
     raw_8 = asyncio.run(_raw_engine(data_dir, 8, rounds))
 
     print("service over gRPC ...", flush=True)
-    with ServerProcess(data_dir, "--max-batch-size", "8") as server:
+    with ServerProcess(data_dir, "--no-billing", "--max-batch-size", "8") as server:
         server.wait_serving()
         service = {c: closed_loop(server.target, c, rounds if c > 1 else rounds * 2) for c in (1, 4, 8)}
         solo, late = late_arrival(server.target, 3)

@@ -16,3 +16,28 @@ def data_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data")
     ensure_demo_model(path)
     return path
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh, empty PostgreSQL database for one test."""
+    from .support.backends import postgres_database
+
+    url, drop = postgres_database()
+    yield url
+    drop()
+
+
+@pytest.fixture
+def redis_url():
+    from .support.backends import require_redis
+
+    return require_redis()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Each billing test runs against the embedded SQLite and against real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'billing.sqlite3'}"
+    return request.getfixturevalue("postgres_url")

@@ -46,5 +46,5 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries that are chatty at INFO.
-    for name in ("httpx", "urllib3", "filelock", "diffusers", "transformers"):
+    for name in ("httpx", "urllib3", "filelock", "diffusers", "transformers", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)

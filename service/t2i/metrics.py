@@ -31,3 +31,16 @@ MODEL_INFO = Gauge(
     "t2i_model_info", "Loaded models (value 1), with their device, dtype and attention backend",
     ["model", "name", "device", "dtype", "attention"],
 )
+
+# Billing (billing/interceptor.py)
+STARDUST_RESERVED = Counter("t2i_stardust_reserved_total", "Stardust set aside before generations", ["model"])
+STARDUST_CHARGED = Counter("t2i_stardust_charged_total", "Stardust charged for delivered images", ["model"])
+STARDUST_RELEASED = Counter("t2i_stardust_released_total", "Stardust returned after failed or cancelled requests", ["model"])
+AUTH_FAILURES = Counter("t2i_auth_failures_total", "Refused API keys, by reason (missing, unknown, revoked)", ["reason"])
+RATE_LIMITED = Counter("t2i_rate_limited_total", "Requests refused by a rate limit", ["limit"])
+RATE_LIMITER_ERRORS = Counter("t2i_rate_limiter_errors_total", "Rate limiter (Redis) calls that failed")
+IDEMPOTENT_REPLAYS = Counter("t2i_idempotent_replays_total", "Retries answered from a stored result")
+LEDGER_LATENCY = Histogram(
+    "t2i_ledger_seconds", "Ledger operation latency", ["operation"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)

@@ -8,7 +8,7 @@ from ..support.server import ServerProcess
 @pytest.fixture(scope="package")
 def server(data_dir):
     """The service on the demo model, shared by the tests of this package."""
-    with ServerProcess(data_dir, "--max-batch-size", "8", "--admission-window-ms", "20") as process:
+    with ServerProcess(data_dir, "--no-billing", "--max-batch-size", "8", "--admission-window-ms", "20") as process:
         process.wait_serving()
         yield process
 

@@ -93,7 +93,7 @@ def test_reflection_lists_the_services(server):
 
 
 def test_full_queue_answers_resource_exhausted_at_once(data_dir):
-    with ServerProcess(data_dir, "--max-batch-size", "1", "--max-queue", "1") as server:
+    with ServerProcess(data_dir, "--no-billing", "--max-batch-size", "1", "--max-queue", "1") as server:
         server.wait_serving()
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.TextToImageServiceStub(channel)
@@ -114,7 +114,7 @@ def test_full_queue_answers_resource_exhausted_at_once(data_dir):
 
 def test_health_goes_serving_after_warm_up_and_sigterm_drains_in_flight_work(tmp_path):
     # A fresh data dir: the demo model is built first, so NOT_SERVING lasts long enough to see.
-    server = ServerProcess(tmp_path, "--grace-period", "60")
+    server = ServerProcess(tmp_path, "--no-billing", "--grace-period", "60")
     try:
         server.wait_listening()
         statuses = {server.health(), server.health(pb.DESCRIPTOR.services_by_name["TextToImageService"].full_name)}

@@ -26,6 +26,7 @@ from ..models.config import ModelSpec, load_models_file
 from ..models.demo import demo_spec
 from ..models.loader import LoadedModel, load_model, resolve_device
 from ..settings import ServeSettings
+from .catalog import ModelCatalog
 from .interceptors import ServingInterceptor
 from .servicer import TextToImageServicer
 
@@ -63,11 +64,20 @@ def usage_hint(port: int, model_id: int) -> str:
 
 
 class Server:
-    """One serving process's gRPC server, engine and health state."""
+    """One serving process's gRPC server, engine and health state.
 
-    def __init__(self, settings: ServeSettings, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+    `interceptors` run inside the ServingInterceptor (which maps their errors too); those with
+    `start()`/`close()` coroutines are started after the models are up and closed on shutdown.
+    """
+
+    def __init__(
+        self, settings: ServeSettings, catalog: ModelCatalog | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
         self.settings = settings
-        self.servicer = TextToImageServicer()
+        self.catalog = catalog or ModelCatalog()
+        self.interceptors = list(interceptors)
+        self.servicer = TextToImageServicer(self.catalog)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
             interceptors=[ServingInterceptor(), *interceptors],
@@ -102,7 +112,10 @@ class Server:
         engine.start()
         await engine.warm_up()
         self.engine = engine
-        self.servicer.engine = engine
+        for interceptor in self.interceptors:
+            if hasattr(interceptor, "start"):
+                await interceptor.start()
+        self.catalog.attach(engine)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"models": sorted(models), "startup_s": round(time.perf_counter() - started, 2)})
         if self.settings.print_usage:
@@ -121,15 +134,17 @@ class Server:
         await self.grpc.stop(max(0.5, deadline - time.monotonic()))
         if self.engine is not None:
             await self.engine.close()
+        for interceptor in self.interceptors:
+            if hasattr(interceptor, "close"):
+                await interceptor.close()
         self._stopped.set()
 
     async def wait(self) -> None:
         await self._stopped.wait()
 
 
-async def serve(settings: ServeSettings, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+async def run_until_signal(server: Server) -> None:
     """Run a server until SIGTERM or SIGINT, then shut it down gracefully."""
-    server = Server(settings, interceptors)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,5 +157,5 @@ async def serve(settings: ServeSettings, interceptors: Sequence[grpc.aio.ServerI
         await stopper
     else:
         starting.cancel()
-    log.info("shutting down", extra={"grace_period_s": settings.grace_period})
+    log.info("shutting down", extra={"grace_period_s": server.settings.grace_period})
     await server.stop()

@@ -12,28 +12,22 @@ import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 
-from ..engine.engine import AsyncEngine
-from ..errors import Unavailable
 from ..logs import request_id_var
 from . import convert
+from .catalog import ModelCatalog
 
 
 class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
-    def __init__(self) -> None:
-        self.engine: AsyncEngine | None = None  # set once the models are loaded
-
-    def _engine(self) -> AsyncEngine:
-        if self.engine is None:
-            raise Unavailable("the server is starting: models are still loading")
-        return self.engine
+    def __init__(self, catalog: ModelCatalog) -> None:
+        self.catalog = catalog
 
     async def GenerateImage(self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext) -> pb.GenerateImageResponse:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        result = await self._engine().generate(
+        result = await self.catalog.engine().generate(
             convert.request_from_pb(request), request_id=request_id_var.get(), deadline=deadline
         )
         return convert.result_to_pb(result)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return convert.models_to_pb(self._engine().model_infos())
+        return convert.models_to_pb(self.catalog.engine().model_infos())

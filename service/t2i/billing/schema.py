@@ -1,0 +1,103 @@
+"""Tables of the billing database (SQLAlchemy Core). Alembic migrations create them.
+
+Money moves only through `ledger_entries`, an append-only journal: credit (top-up), reserve,
+commit (charge) and release. `api_keys.balance` (spendable) and `api_keys.reserved` are
+running totals of that journal, updated in the same transactions, so every balance can be
+recomputed from the entries (see Ledger.verify).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+)
+
+metadata = MetaData()
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+_bigint_id = BigInteger().with_variant(Integer, "sqlite")
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("key_prefix", String(16), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("tier", String(50), nullable=False),
+    Column("balance", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    CheckConstraint("balance >= 0", name="ck_api_keys_balance_not_negative"),
+    CheckConstraint("reserved >= 0", name="ck_api_keys_reserved_not_negative"),
+)
+
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    Column("id", _bigint_id, primary_key=True, autoincrement=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("reservation_id", String(36)),
+    Column("model_id", Integer),
+    Column("request_id", String(128)),
+    Column("note", String(200)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("amount > 0", name="ck_ledger_entries_amount_positive"),
+    CheckConstraint("kind IN ('credit', 'reserve', 'commit', 'release')", name="ck_ledger_entries_kind"),
+    Index("ix_ledger_entries_key_id", "key_id", "id"),
+    Index("ix_ledger_entries_reservation_id", "reservation_id"),
+)
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("model_id", Integer),
+    Column("request_id", String(128)),
+    Column("owner", String(200), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_at", DateTime(timezone=True)),
+    CheckConstraint("state IN ('open', 'committed', 'released')", name="ck_reservations_state"),
+    Index("ix_reservations_state_owner", "state", "owner"),
+)
+
+idempotency_records = Table(
+    "idempotency_records",
+    metadata,
+    Column("key_id", String(32), ForeignKey("api_keys.id"), primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reservation_id", String(36)),
+    Column("response", LargeBinary),
+    Column("usage", BigInteger),
+    Column("balance", BigInteger),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("state IN ('running', 'done', 'failed')", name="ck_idempotency_records_state"),
+    Index("ix_idempotency_records_reservation_id", "reservation_id"),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+)

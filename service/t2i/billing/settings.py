@@ -1,0 +1,70 @@
+"""Billing configuration: pricing, rate-limit tiers and failure policies (YAML, all optional).
+
+    # billing.yaml
+    megapixel_evaluations_per_stardust: 6
+    tiers:
+      standard: {requests_per_minute: 60, burst: 20, max_concurrent: 8}
+    default_tier: standard
+    redis_failure_policy: fail-closed
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Tier(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_minute: float = Field(gt=0)
+    burst: int = Field(ge=1)
+    max_concurrent: int = Field(ge=1)
+
+
+DEFAULT_TIERS = {
+    "free": Tier(requests_per_minute=10, burst=5, max_concurrent=2),
+    "standard": Tier(requests_per_minute=60, burst=20, max_concurrent=8),
+    "pro": Tier(requests_per_minute=600, burst=100, max_concurrent=32),
+    # For internal callers and load tests: limits high enough never to bind.
+    "unlimited": Tier(requests_per_minute=1_000_000, burst=100_000, max_concurrent=100_000),
+}
+
+
+class BillingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Price = ceil(model multiplier * megapixels * UNet evaluations / this); see pricing.py.
+    megapixel_evaluations_per_stardust: float = Field(default=6.0, gt=0)
+    minimum_price: int = Field(default=1, ge=0)
+    tiers: dict[str, Tier] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
+    default_tier: str = "standard"
+    # Failed authentications per client address.
+    auth_failures_per_minute: float = Field(default=20, gt=0)
+    auth_failure_burst: int = Field(default=10, ge=1)
+    # What to do when Redis (the shared rate limiter) cannot be reached.
+    redis_failure_policy: Literal["fail-closed", "fail-open"] = "fail-closed"
+    # A reservation older than this is released by the sweeper even if its owner seems alive.
+    reservation_ttl_seconds: float = Field(default=1800, gt=0)
+    # An instance that has not heartbeated for this long is dead: its reservations are released.
+    instance_timeout_seconds: float = Field(default=60, gt=0)
+    heartbeat_seconds: float = Field(default=10, gt=0)
+    idempotency_ttl_seconds: float = Field(default=24 * 3600, gt=0)
+
+    @model_validator(mode="after")
+    def _default_tier_exists(self) -> BillingSettings:
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not one of the tiers: {', '.join(self.tiers)}")
+        return self
+
+
+def load_billing_settings(path: Path | None) -> BillingSettings:
+    if path is None:
+        return BillingSettings()
+    try:
+        return BillingSettings.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (OSError, yaml.YAMLError, ValidationError) as error:
+        raise ValueError(f"billing config {path}: {error}") from error

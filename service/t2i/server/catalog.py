@@ -1,0 +1,33 @@
+"""What the server can serve right now: the engine once it is warm, refusals before that.
+
+Shared by the servicer and by interceptors (billing prices requests per model) so that the
+"still loading" answer is decided in one place.
+"""
+
+from __future__ import annotations
+
+from ..domain import GenerateRequest
+from ..engine.engine import AsyncEngine
+from ..errors import Unavailable
+from ..models.config import ModelSpec
+
+
+class ModelCatalog:
+    def __init__(self) -> None:
+        self._engine: AsyncEngine | None = None
+
+    def attach(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise Unavailable("the server is starting: models are still loading")
+        return self._engine
+
+    def spec(self, model_id: int) -> ModelSpec:
+        """The model's spec; NotFound for an unknown id."""
+        return self.engine().model(model_id).spec
+
+    def check(self, request: GenerateRequest) -> None:
+        """NotFound or InvalidArgument for a request the engine would refuse."""
+        self.engine().check(request)

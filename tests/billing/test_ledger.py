@@ -1,0 +1,185 @@
+"""The ledger against SQLite and real PostgreSQL: exact balances, exactly-once resolution."""
+
+import datetime as dt
+import threading
+
+import pytest
+from sqlalchemy import update
+
+from t2i.billing.database import open_database
+from t2i.billing.ledger import IdempotencyClaim, Ledger, Replay, Reservation, utcnow
+from t2i.billing.schema import instances, reservations
+from t2i.errors import AlreadyProcessing, InsufficientBalance, InternalError, InvalidArgument, NotFound, PermissionDenied
+
+
+@pytest.fixture
+def ledger(database_url):
+    engine = open_database(database_url)
+    yield Ledger(engine)
+    engine.dispose()
+
+
+def test_keys_are_stored_hashed_and_found_by_key(ledger):
+    record, key = ledger.create_key("alice", 100, "standard")
+    assert key.startswith("ilx_") and len(key) > 40
+    assert record.id.startswith("key_") and record.prefix == key[:8]
+    assert ledger.find_key(key) == record
+    assert ledger.find_key(key + "x") is None
+    with ledger.engine.connect() as conn:
+        rows = [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM api_keys").all()]
+    assert key not in repr(rows)  # only the hash and a short prefix are stored
+    assert key[8:20] not in repr(rows)
+
+
+def test_reserve_commit_and_release_move_money_exactly(ledger):
+    record, _ = ledger.create_key("a", 10, "standard")
+    first = ledger.reserve(record.id, 3, owner="i1", model_id=1, request_id="r1")
+    assert ledger.get_key(record.id).balance == 7 and ledger.get_key(record.id).reserved == 3
+    assert ledger.commit(first) == 7
+    second = ledger.reserve(record.id, 4, owner="i1")
+    assert ledger.release(second.id) is True
+    key = ledger.get_key(record.id)
+    assert (key.balance, key.reserved) == (7, 0)
+    _, entries, totals = ledger.usage(record.id)
+    assert totals == {"credit": 10, "reserve": 7, "commit": 3, "release": 4}
+    assert [e["kind"] for e in entries] == ["release", "reserve", "commit", "reserve", "credit"]
+    assert ledger.verify() == []
+
+
+def test_a_reservation_is_resolved_exactly_once(ledger):
+    record, _ = ledger.create_key("a", 10, "standard")
+    reservation = ledger.reserve(record.id, 5, owner="i1")
+    assert ledger.release(reservation.id) is True
+    assert ledger.release(reservation.id) is False  # second release: nothing happens
+    with pytest.raises(InternalError, match="nothing was charged"):
+        ledger.commit(reservation)  # a released reservation can never be charged
+    committed = ledger.reserve(record.id, 5, owner="i1")
+    ledger.commit(committed)
+    with pytest.raises(InternalError):
+        ledger.commit(committed)
+    assert ledger.release(committed.id) is False
+    assert ledger.get_key(record.id).balance == 5
+    assert ledger.verify() == []
+
+
+def test_insufficient_balance_names_price_and_balance_and_changes_nothing(ledger):
+    record, _ = ledger.create_key("a", 1, "standard")
+    with pytest.raises(InsufficientBalance, match="insufficient stardust: this request costs 3, balance is 1"):
+        ledger.reserve(record.id, 3, owner="i1")
+    assert ledger.get_key(record.id).balance == 1
+    assert ledger.open_reservations() == []
+
+
+def test_revoked_and_unknown_keys(ledger):
+    record, key = ledger.create_key("a", 10, "standard")
+    ledger.revoke(record.id)
+    assert ledger.find_key(key).revoked
+    with pytest.raises(PermissionDenied, match=record.id):
+        ledger.reserve(record.id, 1, owner="i1")
+    with pytest.raises(NotFound):
+        ledger.topup("key_missing", 5)
+    with pytest.raises(NotFound):
+        ledger.revoke("key_missing")
+    with pytest.raises(InvalidArgument):
+        ledger.topup(record.id, 0)
+
+
+def test_concurrent_reservations_never_overdraw(ledger):
+    record, _ = ledger.create_key("a", 30, "standard")
+    outcomes = []
+
+    def worker():
+        try:
+            outcomes.append(ledger.reserve(record.id, 3, owner="i1"))
+        except InsufficientBalance:
+            outcomes.append(None)
+
+    threads = [threading.Thread(target=worker) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reserved = [o for o in outcomes if isinstance(o, Reservation)]
+    assert len(reserved) == 10 and outcomes.count(None) == 30
+    for r in reserved:
+        ledger.commit(r)
+    assert ledger.get_key(record.id).balance == 0
+    assert ledger.verify() == []
+
+
+def test_sweep_releases_what_dead_or_restarted_owners_left(ledger):
+    record, _ = ledger.create_key("a", 100, "standard")
+    started = utcnow()
+    ledger.heartbeat("alive", started)
+    ledger.heartbeat("dead", started)
+    alive = ledger.reserve(record.id, 1, owner="alive")
+    dead = ledger.reserve(record.id, 2, owner="dead")
+    mine_before_restart = ledger.reserve(record.id, 4, owner="me")
+    expired = ledger.reserve(record.id, 8, owner="alive")
+    with ledger.engine.begin() as conn:
+        conn.execute(update(instances).where(instances.c.id == "dead").values(heartbeat_at=started - dt.timedelta(minutes=5)))
+        conn.execute(update(reservations).where(reservations.c.id == expired.id).values(expires_at=started - dt.timedelta(seconds=1)))
+    restarted_at = utcnow()
+    mine_after_restart = ledger.reserve(record.id, 16, owner="me")
+    assert ledger.sweep("me", restarted_at, instance_timeout=60) == 3
+    still_open = {r["id"] for r in ledger.open_reservations()}
+    assert still_open == {alive.id, mine_after_restart.id}
+    assert {dead.id, mine_before_restart.id, expired.id}.isdisjoint(still_open)
+    assert ledger.get_key(record.id).balance == 100 - 1 - 16
+    assert ledger.verify() == []
+
+
+def test_idempotent_requests_are_charged_once(ledger):
+    record, _ = ledger.create_key("a", 10, "standard")
+    claim = IdempotencyClaim("retry-1", "fingerprint-a")
+    first = ledger.reserve(record.id, 3, owner="i1", idempotency=claim)
+    with pytest.raises(AlreadyProcessing, match="still being processed"):
+        ledger.reserve(record.id, 3, owner="i1", idempotency=claim)
+    ledger.commit(first, idempotent_response=b"stored-response")
+    replay = ledger.reserve(record.id, 3, owner="i1", idempotency=claim)
+    assert replay == Replay(response=b"stored-response", usage=3, balance=7)
+    assert ledger.get_key(record.id).balance == 7
+    with pytest.raises(InvalidArgument, match="different request parameters"):
+        ledger.reserve(record.id, 3, owner="i1", idempotency=IdempotencyClaim("retry-1", "fingerprint-b"))
+
+
+def test_a_failed_idempotent_request_can_be_retried(ledger):
+    record, _ = ledger.create_key("a", 10, "standard")
+    claim = IdempotencyClaim("retry-2", "fp")
+    failed = ledger.reserve(record.id, 3, owner="i1", idempotency=claim)
+    ledger.release(failed.id)
+    retried = ledger.reserve(record.id, 3, owner="i1", idempotency=claim)
+    assert isinstance(retried, Reservation)
+    ledger.commit(retried, idempotent_response=b"ok")
+    assert ledger.get_key(record.id).balance == 7
+    # An insufficient balance leaves no idempotency record behind: the key stays usable.
+    poor, _ = ledger.create_key("b", 1, "standard")
+    with pytest.raises(InsufficientBalance):
+        ledger.reserve(poor.id, 3, owner="i1", idempotency=IdempotencyClaim("k", "fp"))
+    ledger.topup(poor.id, 5)
+    assert isinstance(ledger.reserve(poor.id, 3, owner="i1", idempotency=IdempotencyClaim("k", "fp")), Reservation)
+
+
+def test_idempotency_records_expire(database_url):
+    engine = open_database(database_url)
+    ledger = Ledger(engine, idempotency_ttl=0.0)
+    record, _ = ledger.create_key("a", 10, "standard")
+    claim = IdempotencyClaim("old", "fp")
+    ledger.commit(ledger.reserve(record.id, 3, owner="i1", idempotency=claim), idempotent_response=b"x")
+    # Past its time to live the key is treated as new: charged again.
+    assert isinstance(ledger.reserve(record.id, 3, owner="i1", idempotency=claim), Reservation)
+    engine.dispose()
+
+
+def test_verify_detects_a_tampered_balance(ledger):
+    record, _ = ledger.create_key("a", 10, "standard")
+    from t2i.billing.schema import api_keys
+
+    with ledger.engine.begin() as conn:
+        conn.execute(update(api_keys).where(api_keys.c.id == record.id).values(balance=11))
+    assert any("stored balance 11, journal says 10" in p for p in ledger.verify())
+
+
+def test_migrations_are_idempotent(database_url):
+    open_database(database_url).dispose()
+    open_database(database_url).dispose()  # a second start (or replica) finds the schema current
