@@ -38,3 +38,7 @@ proto-check: install
 # Serving benchmark: raw engine vs gRPC service vs naive peer; writes docs/benchmarks.md.
 bench: install
 	$(PY) -m benchmarks.serving
+
+# Billing overhead: no billing vs SQLite ledger vs PostgreSQL + Redis.
+bench-billing: install
+	$(PY) -m benchmarks.billing

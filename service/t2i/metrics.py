@@ -44,3 +44,7 @@ LEDGER_LATENCY = Histogram(
     "t2i_ledger_seconds", "Ledger operation latency", ["operation"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+LEDGER_BATCH = Histogram(
+    "t2i_ledger_batch_ops", "Reserves and commits applied per group-commit transaction",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+)

@@ -104,6 +104,7 @@ def test_rate_limit_is_resource_exhausted_with_retry_after(api, ledger):
     limited = api.generate(secret)
     assert limited.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert limited.details.startswith(f"rate limit exceeded: 1 requests per minute (burst 2) for key {record.id}; retry in")
+    assert limited.details.endswith(f"retry in {limited.trailing['retry-after']} s")
     retry_after = int(limited.trailing["retry-after"])
     assert 1 <= retry_after <= 60
     assert limited.trailing["x-ratelimit-limit"] == "2" and limited.trailing["x-ratelimit-remaining"] == "0"
@@ -117,7 +118,8 @@ def test_concurrent_request_cap(api, ledger):
     time.sleep(1.0)
     second = api.generate(secret)
     assert second.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "already has 1 requests in flight" in second.details and second.trailing["retry-after"] == "1"
+    assert second.details == f"rate limit exceeded: key {record.id} already has 1 requests in flight, the most it may have; retry in 1 s"
+    assert second.trailing["retry-after"] == "1"
     slow.cancel()
 
 
@@ -151,12 +153,14 @@ def test_list_models_needs_a_key_and_is_free(api, ledger, key):
 
 def test_failed_authentications_are_limited_per_client_address(billed_server, ledger, key):
     attacker, bystander = Api(billed_server.target), Api(billed_server.target)
-    codes = [attacker.generate("ilx_wrong-guess-00000000000000000000000").code for _ in range(3)]
-    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3
+    codes = [attacker.generate("ilx_wrong-guess-00000000000000000000000").code for _ in range(4)]
+    # The burst is 3: the fourth guess is not even answered.
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
     blocked = attacker.generate(key[1])  # even a valid key is refused from this address for now
     assert blocked.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "too many failed authentications from this address" in blocked.details
     assert int(blocked.trailing["retry-after"]) >= 1
+    assert attacker.list_models(key[1]).code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert bystander.generate(key[1]).code is grpc.StatusCode.OK
     attacker.close()
     bystander.close()

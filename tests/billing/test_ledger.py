@@ -183,3 +183,56 @@ def test_verify_detects_a_tampered_balance(ledger):
 def test_migrations_are_idempotent(database_url):
     open_database(database_url).dispose()
     open_database(database_url).dispose()  # a second start (or replica) finds the schema current
+
+
+def test_a_batch_applies_each_op_on_its_own(ledger):
+    from t2i.billing.ledger import CommitOp, ReserveOp
+
+    rich, _ = ledger.create_key("rich", 10, "standard")
+    poor, _ = ledger.create_key("poor", 2, "standard")
+    gone, _ = ledger.create_key("gone", 10, "standard")
+    ledger.revoke(gone.id)
+    open_one = ledger.reserve(rich.id, 4, owner="i1")
+    released = ledger.reserve(rich.id, 1, owner="i1")
+    ledger.release(released.id)
+    results = ledger.apply_batch([
+        ReserveOp(rich.id, 3, "i1"),
+        ReserveOp(poor.id, 3, "i1"),
+        ReserveOp(gone.id, 1, "i1"),
+        CommitOp(open_one),
+        CommitOp(released),
+        ReserveOp("key_missing", 1, "i1"),
+    ])
+    assert isinstance(results[0], Reservation) and results[0].amount == 3
+    assert isinstance(results[1], InsufficientBalance) and str(results[1]) == "insufficient stardust: this request costs 3, balance is 2"
+    assert isinstance(results[2], PermissionDenied)
+    assert results[3] == 3  # rich: 10 - 4 - 3 reserved, 4 of them now charged; spendable 3
+    assert isinstance(results[4], InternalError)  # a released reservation is never charged
+    assert isinstance(results[5], NotFound)
+    assert (ledger.get_key(rich.id).balance, ledger.get_key(rich.id).reserved) == (3, 3)
+    assert ledger.get_key(poor.id).balance == 2
+    assert ledger.verify() == []
+
+
+async def test_group_commit_batches_concurrent_ops(ledger):
+    import asyncio
+
+    from t2i.billing.group_commit import GroupCommitter
+    from t2i.billing.ledger import CommitOp, ReserveOp
+
+    record, _ = ledger.create_key("busy", 50, "standard")
+    committer = GroupCommitter(ledger)
+    try:
+        outcomes = await asyncio.gather(
+            *(committer.reserve(ReserveOp(record.id, 3, "i1")) for _ in range(20)), return_exceptions=True
+        )
+        reservations = [o for o in outcomes if isinstance(o, Reservation)]
+        assert len(reservations) == 16  # 50 // 3
+        assert all(isinstance(o, InsufficientBalance) for o in outcomes if not isinstance(o, Reservation))
+        balances = await asyncio.gather(*(committer.commit(CommitOp(r)) for r in reservations))
+        assert set(balances) == {2}
+    finally:
+        committer.close()
+    record = ledger.get_key(record.id)
+    assert (record.balance, record.reserved) == (2, 0)
+    assert ledger.verify() == []

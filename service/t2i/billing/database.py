@@ -36,13 +36,18 @@ def open_database(url: str, *, migrate: bool = True) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
-        engine = create_engine(url, pool_size=8, max_overflow=8, connect_args={"timeout": 30, "check_same_thread": False})
+        # Every use is an explicit transaction (engine.begin()), so pooled connections come back
+        # clean and need no rollback on return.
+        engine = create_engine(
+            url, pool_size=8, max_overflow=8, pool_reset_on_return=None,
+            connect_args={"timeout": 30, "check_same_thread": False},
+        )
         _configure_sqlite(engine)
         path = engine.url.database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     else:
-        engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_reset_on_return=None)
     if migrate:
         upgrade(engine)
     return engine
@@ -62,7 +67,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front, so they queue instead of failing when two
+        # upgrade a read lock at once; readers (read_only=True) never block writers in WAL mode.
+        read_only = connection.get_execution_options().get("read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def upgrade(engine: Engine) -> None:

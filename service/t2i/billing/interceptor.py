@@ -26,14 +26,15 @@ import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
 from .. import metrics
-from ..errors import InternalError, InvalidArgument, PermissionDenied, RateLimited, Unauthenticated
+from ..errors import InternalError, InvalidArgument, PermissionDenied, Unauthenticated
 from ..logs import request_id_var
 from ..server import convert
 from ..server.catalog import ModelCatalog
 from ..server.interceptors import metadata_value, wrap_unary
 from . import pricing
-from .ledger import IdempotencyClaim, KeyRecord, Ledger, Replay, Reservation, utcnow
-from .ratelimit import LocalLimiter, RedisLimiter, rate_limited
+from .group_commit import GroupCommitter
+from .ledger import CommitOp, IdempotencyClaim, KeyRecord, Ledger, Replay, Reservation, ReserveOp, utcnow
+from .ratelimit import LocalLimiter, RedisLimiter, refusal
 from .settings import BillingSettings
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ LIST_MODELS = f"/{SERVICE}/ListModels"
 API_KEY_HEADER = "x-illustrious-api-key"
 IDEMPOTENCY_HEADER = "idempotency-key"
 MAX_IDEMPOTENCY_KEY = 255
+# Known keys are remembered this long, saving a database read per request. Revocation still
+# takes effect at once for generation: the reservation refuses a revoked key.
+KEY_CACHE_SECONDS = 5.0
 
 
 def client_address(context: grpc.aio.ServicerContext) -> str:
@@ -77,8 +81,11 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         self.started_at = utcnow()
         # Ledger calls block on the database; they get their own threads so a slow database
         # cannot starve other users of the default executor.
-        self._db = ThreadPoolExecutor(16, thread_name_prefix="t2i-ledger")
+        self._db = ThreadPoolExecutor(8, thread_name_prefix="t2i-ledger")
+        # Reserves and commits of concurrent requests share transactions (group commit).
+        self._batched = GroupCommitter(ledger)
         self._maintenance: asyncio.Task | None = None
+        self._known_keys: dict[str, tuple[KeyRecord, float]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -109,6 +116,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         if self._maintenance is not None:
             self._maintenance.cancel()
         await self.limiter.close()
+        self._batched.close()
         self._db.shutdown(wait=True)
         self.ledger.engine.dispose()
 
@@ -125,23 +133,21 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     async def _list_models(self, inner, request, context):
-        await self._authenticate(context)
+        _, address = await self._authenticate(context)
+        blocked = await self.limiter.address_blocked(address)
+        if not blocked.allowed:
+            metrics.RATE_LIMITED.labels(limit=blocked.verdict.value).inc()
+            raise refusal(blocked)
         return await inner(request, context)
 
     async def _generate(self, inner, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext):
-        key = await self._authenticate(context)
+        key, address = await self._authenticate(context)
         tier = self.settings.tiers.get(key.tier) or self.settings.tiers[self.settings.default_tier]
-        decision = await self.limiter.check_rate(key.id, tier)
-        if not decision.allowed:
-            metrics.RATE_LIMITED.labels(limit="rate").inc()
-            raise rate_limited(f"{tier.requests_per_minute:g} requests per minute (burst {tier.burst}) for key {key.id}", decision)
         slot = request_id_var.get() or uuid.uuid4().hex
-        if not await self.limiter.acquire_slot(key.id, slot, tier):
-            metrics.RATE_LIMITED.labels(limit="concurrency").inc()
-            raise RateLimited(
-                f"rate limit exceeded: key {key.id} already has {tier.max_concurrent} requests in flight, the most it may have",
-                retry_after=1.0, headers=decision.headers(),
-            )
+        decision = await self.limiter.admit(address, key.id, tier, slot)
+        if not decision.allowed:
+            metrics.RATE_LIMITED.labels(limit=decision.verdict.value).inc()
+            raise refusal(decision, key.id, tier)
         try:
             return await self._charged(inner, request, context, key, decision.headers())
         finally:
@@ -154,10 +160,15 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         cost = pricing.price(params, self.catalog.spec(params.model_id).price_multiplier, self.settings)
         claim = self._idempotency_claim(context, request)
         request_id = request_id_var.get()
-        outcome = await self._call(
-            "reserve", self.ledger.reserve, key.id, cost, owner=self.instance_id, model_id=params.model_id,
-            request_id=request_id, idempotency=claim,
-        )
+        if claim is None:
+            outcome = await self._timed("reserve", self._batched.reserve(
+                ReserveOp(key.id, cost, self.instance_id, params.model_id, request_id)
+            ))
+        else:
+            outcome = await self._call(
+                "reserve", self.ledger.reserve, key.id, cost, owner=self.instance_id, model_id=params.model_id,
+                request_id=request_id, idempotency=claim,
+            )
         if isinstance(outcome, Replay):
             metrics.IDEMPOTENT_REPLAYS.inc()
             response = pb.GenerateImageResponse.FromString(outcome.response)
@@ -172,10 +183,14 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             raise
         try:
             # Shielded: once the image exists, a cancellation must not interrupt the charge.
-            balance = await asyncio.shield(self._call(
-                "commit", self.ledger.commit, reservation, model_id=params.model_id, request_id=request_id,
-                idempotent_response=response.SerializeToString() if claim else None,
-            ))
+            if claim is None:
+                charge = self._timed("commit", self._batched.commit(CommitOp(reservation, params.model_id, request_id)))
+            else:
+                charge = self._call(
+                    "commit", self.ledger.commit, reservation, model_id=params.model_id, request_id=request_id,
+                    idempotent_response=response.SerializeToString(),
+                )
+            balance = await asyncio.shield(charge)
         except InternalError:
             raise  # the reservation was already resolved (it expired): nothing was charged
         except Exception:
@@ -191,29 +206,41 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
 
     # --- pieces --------------------------------------------------------------------------------
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> KeyRecord:
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[KeyRecord, str]:
         address = client_address(context)
-        blocked = await self.limiter.auth_blocked(address)
-        if not blocked.allowed:
-            metrics.RATE_LIMITED.labels(limit="auth_failures").inc()
-            raise rate_limited("too many failed authentications from this address", blocked)
         key = metadata_value(context, API_KEY_HEADER)
         if not key:
             await self._auth_failed(address, "missing")
             raise Unauthenticated(f"missing API key: send it in the {API_KEY_HEADER} header")
-        record = await self._call("find_key", self.ledger.find_key, key)
+        record = await self._find_key(key)
         if record is None:
             await self._auth_failed(address, "unknown")
             raise Unauthenticated("unknown API key")
         if record.revoked:
             await self._auth_failed(address, "revoked")
             raise PermissionDenied(f"API key {record.id} has been revoked")
-        log.debug("authenticated", extra={"key_id": record.id})
+        return record, address
+
+    async def _find_key(self, key: str) -> KeyRecord | None:
+        now = time.monotonic()
+        cached = self._known_keys.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        record = await self._call("find_key", self.ledger.find_key, key)
+        if record is not None and not record.revoked:
+            if len(self._known_keys) > 10_000:
+                self._known_keys.clear()
+            self._known_keys[key] = (record, now + KEY_CACHE_SECONDS)
         return record
 
     async def _auth_failed(self, address: str, reason: str) -> None:
+        """Count the failure against the address; once it is over its limit, refuse with 429
+        instead of answering the guess."""
         metrics.AUTH_FAILURES.labels(reason=reason).inc()
-        await self.limiter.auth_failed(address)
+        decision = await self.limiter.auth_failed(address)
+        if not decision.allowed:
+            metrics.RATE_LIMITED.labels(limit=decision.verdict.value).inc()
+            raise refusal(decision)
 
     @staticmethod
     def _idempotency_claim(context, request: pb.GenerateImageRequest) -> IdempotencyClaim | None:
@@ -232,10 +259,15 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             metrics.STARDUST_RELEASED.labels(model=model).inc(reservation.amount)
 
     async def _call(self, operation: str, function, *args, **kwargs):
-        started = time.perf_counter()
+        """Run a ledger method in a worker thread, timed."""
         loop = asyncio.get_running_loop()
+        return await self._timed(operation, loop.run_in_executor(self._db, lambda: function(*args, **kwargs)))
+
+    @staticmethod
+    async def _timed(operation: str, awaitable):
+        started = time.perf_counter()
         try:
-            return await loop.run_in_executor(self._db, lambda: function(*args, **kwargs))
+            return await awaitable
         finally:
             metrics.LEDGER_LATENCY.labels(operation=operation).observe(time.perf_counter() - started)
 

@@ -16,6 +16,7 @@ tip a price over an integer boundary.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -27,7 +28,14 @@ PIXELS_PER_MEGAPIXEL = 2**20
 
 
 def evaluations(request: GenerateRequest) -> int:
-    return count_evaluations(request.sampler, get_sigmas(request.scheduler, request.steps, request.sampler))
+    return _evaluations(request.sampler, request.scheduler, request.steps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _evaluations(sampler: str, scheduler: str, steps: int) -> int:
+    # Depends on the schedule only through its length and its zeros; cached because building
+    # a schedule costs more than everything else in pricing.
+    return count_evaluations(sampler, get_sigmas(scheduler, steps, sampler))
 
 
 def price(request: GenerateRequest, multiplier: float, settings: BillingSettings) -> int:

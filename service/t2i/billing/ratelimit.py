@@ -3,13 +3,20 @@ failed authentications per client address.
 
 GCRA keeps one number per key, the theoretical arrival time (TAT). With an emission interval
 T = 60 / requests_per_minute, a request at `now` is allowed when max(TAT, now) + T - now stays
-within burst * T; it then becomes the new TAT. Two implementations with one interface:
-in-process (the embedded default, one server) and Redis (atomic Lua scripts using Redis' own
-clock, so every replica shares one limit).
+within burst * T; it then becomes the new TAT.
+
+Two implementations with one interface: in-process (the embedded default, one server) and
+Redis (one atomic Lua script per decision, on Redis' own clock, so every replica shares one
+limit). A request with a valid key costs one decision (`admit`: address not blocked, rate,
+concurrency slot, all or nothing) and one `release_slot`; a failed authentication costs one
+`auth_failed`, which also says whether the address is now blocked.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import inspect
 import logging
 import math
 import time
@@ -26,13 +33,24 @@ log = logging.getLogger(__name__)
 SLOT_LIFETIME = 900.0
 
 
+class Verdict(enum.Enum):
+    ALLOWED = "allowed"
+    ADDRESS_BLOCKED = "auth_failures"  # too many failed authentications from the address
+    RATE = "rate"  # requests per minute
+    CONCURRENCY = "concurrency"  # requests in flight
+
+
 @dataclass(frozen=True)
 class Decision:
-    allowed: bool
+    verdict: Verdict
     limit: int
     remaining: int
     retry_after: float  # seconds until a request would be allowed (0 if allowed)
     reset_after: float  # seconds until the burst is fully available again
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict is Verdict.ALLOWED
 
     def headers(self) -> dict[str, str]:
         return {
@@ -42,22 +60,13 @@ class Decision:
         }
 
 
-def gcra(tat: float, now: float, interval: float, burst: int) -> tuple[Decision, float]:
-    """One GCRA step: the decision and the TAT to store (unchanged when refused)."""
+def gcra(tat: float, now: float, interval: float, burst: int) -> tuple[bool, float, float, float, int]:
+    """One GCRA step: (allowed, TAT to store, retry_after, reset_after, remaining)."""
     new_tat = max(tat, now) + interval
     debt = new_tat - now
     if debt > burst * interval + 1e-9:
-        current = max(tat, now) - now
-        return Decision(False, burst, 0, debt - burst * interval, current), tat
-    return Decision(True, burst, int((burst * interval - debt) // interval), 0.0, debt), new_tat
-
-
-def rate_limited(what: str, decision: Decision) -> RateLimited:
-    return RateLimited(
-        f"rate limit exceeded: {what}; retry in {math.ceil(decision.retry_after)} s",
-        retry_after=decision.retry_after,
-        headers=decision.headers(),
-    )
+        return False, tat, debt - burst * interval, max(tat, now) - now, 0
+    return True, new_tat, 0.0, debt, int((burst * interval - debt + 1e-9) // interval)
 
 
 class LocalLimiter:
@@ -68,36 +77,42 @@ class LocalLimiter:
         self._tat: dict[str, float] = {}
         self._slots: dict[str, dict[str, float]] = {}
 
-    async def check_rate(self, key_id: str, tier: Tier) -> Decision:
-        decision, self._tat[f"rate:{key_id}"] = gcra(
-            self._tat.get(f"rate:{key_id}", 0.0), time.monotonic(), 60.0 / tier.requests_per_minute, tier.burst
-        )
-        return decision
-
-    async def acquire_slot(self, key_id: str, slot: str, tier: Tier) -> bool:
+    async def admit(self, address: str, key_id: str, tier: Tier, slot: str) -> Decision:
         now = time.monotonic()
+        interval, burst = self._auth_params()
+        allowed, _, retry, reset, _ = gcra(self._tat.get(f"auth:{address}", 0.0), now, interval, burst)
+        if not allowed:
+            return Decision(Verdict.ADDRESS_BLOCKED, burst, 0, retry, reset)
+        rate_interval = 60.0 / tier.requests_per_minute
+        allowed, tat, retry, reset, remaining = gcra(self._tat.get(f"rate:{key_id}", 0.0), now, rate_interval, tier.burst)
+        if not allowed:
+            return Decision(Verdict.RATE, tier.burst, 0, retry, reset)
         slots = self._slots.setdefault(key_id, {})
         for stale in [s for s, at in slots.items() if now - at > SLOT_LIFETIME]:
             del slots[stale]
         if len(slots) >= tier.max_concurrent:
-            return False
+            return Decision(Verdict.CONCURRENCY, tier.burst, remaining, 1.0, reset)
         slots[slot] = now
-        return True
+        self._tat[f"rate:{key_id}"] = tat
+        return Decision(Verdict.ALLOWED, tier.burst, remaining, 0.0, reset)
 
     async def release_slot(self, key_id: str, slot: str) -> None:
         self._slots.get(key_id, {}).pop(slot, None)
 
-    async def auth_blocked(self, address: str) -> Decision:
-        tat = self._tat.get(f"auth:{address}", 0.0)
-        decision, _ = gcra(tat, time.monotonic(), *self._auth_params())
-        return decision
+    async def address_blocked(self, address: str) -> Decision:
+        interval, burst = self._auth_params()
+        allowed, _, retry, reset, remaining = gcra(self._tat.get(f"auth:{address}", 0.0), time.monotonic(), interval, burst)
+        return Decision(Verdict.ALLOWED if allowed else Verdict.ADDRESS_BLOCKED, burst, remaining, retry, reset)
 
-    async def auth_failed(self, address: str) -> None:
+    async def auth_failed(self, address: str) -> Decision:
+        """Count a failed authentication; the decision says whether the address was blocked."""
         key = f"auth:{address}"
         now = time.monotonic()
         interval, burst = self._auth_params()
+        allowed, _, retry, reset, remaining = gcra(self._tat.get(key, 0.0), now, interval, burst)
         # Failures always count, capped so that an attacker cannot push recovery out forever.
         self._tat[key] = min(max(self._tat.get(key, 0.0), now) + interval, now + (burst + 1) * interval)
+        return Decision(Verdict.ALLOWED if allowed else Verdict.ADDRESS_BLOCKED, burst, remaining, retry, reset)
 
     def _auth_params(self) -> tuple[float, int]:
         return 60.0 / self.settings.auth_failures_per_minute, self.settings.auth_failure_burst
@@ -106,43 +121,95 @@ class LocalLimiter:
         pass
 
 
-# Redis scripts: every decision is one atomic script, timed by Redis' clock (TIME), so all
-# replicas agree. Times in milliseconds.
-_GCRA = """
+# Redis scripts, times in milliseconds from Redis' TIME so that all replicas agree.
+_PREAMBLE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local mode = ARGV[3]
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + interval
-local debt = new_tat - now
-if mode == 'record' then
-  local capped = math.min(new_tat, now + (burst + 1) * interval)
-  redis.call('SET', KEYS[1], capped, 'PX', math.ceil(capped - now) + 1000)
-  return {1, 0, 0, 0}
+local function debt_of(key, interval)
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  return tat, tat + interval - now
 end
-if debt > burst * interval then
-  return {0, debt - burst * interval, tat - now, 0}
-end
-if mode == 'take' then
-  redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(debt) + 1000)
-end
-return {1, 0, debt, math.floor((burst * interval - debt) / interval)}
 """
 
-_ACQUIRE_SLOT = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
+# KEYS: auth, rate, slots. ARGV: auth interval, auth burst, rate interval, rate burst, slot,
+# max concurrent, slot lifetime. Returns {verdict, retry ms, reset ms, remaining}; verdict
+# 0 allowed, 1 address blocked, 2 rate, 3 concurrency. Nothing is taken unless all pass.
+_ADMIT = _PREAMBLE + """
+local auth_interval, auth_burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local atat, adebt = debt_of(KEYS[1], auth_interval)
+if adebt > auth_burst * auth_interval then
+  return {1, adebt - auth_burst * auth_interval, atat - now, 0}
 end
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
+local interval, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+local tat, debt = debt_of(KEYS[2], interval)
+if debt > burst * interval then
+  return {2, debt - burst * interval, tat - now, 0}
+end
+local remaining = math.floor((burst * interval - debt) / interval)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[7]))
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
+  return {3, 1000, debt, remaining}
+end
+redis.call('ZADD', KEYS[3], now, ARGV[5])
+redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[7]))
+redis.call('SET', KEYS[2], tat + interval, 'PX', math.ceil(debt) + 1000)
+return {0, 0, debt, remaining}
 """
+
+# KEYS: auth. ARGV: interval, burst, record (1 or 0). Returns {verdict, retry, reset, remaining}.
+_AUTH = _PREAMBLE + """
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat, debt = debt_of(KEYS[1], interval)
+if ARGV[3] == '1' then
+  local capped = math.min(tat + interval, now + (burst + 1) * interval)
+  redis.call('SET', KEYS[1], capped, 'PX', math.ceil(capped - now) + 1000)
+end
+if debt > burst * interval then
+  return {1, debt - burst * interval, tat - now, 0}
+end
+return {0, 0, debt, math.floor((burst * interval - debt) / interval)}
+"""
+
+_VERDICTS = [Verdict.ALLOWED, Verdict.ADDRESS_BLOCKED, Verdict.RATE, Verdict.CONCURRENCY]
+
+
+class _Coalescer:
+    """Redis calls made in the same event-loop turn travel together in one pipeline (one round
+    trip, one parse), much as the ledger's group commit shares transactions."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.pending: list[tuple] = []
+
+    async def call(self, add):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self.pending:
+            loop.call_soon(lambda: asyncio.ensure_future(self._flush()))
+        self.pending.append((add, future))
+        return await future
+
+    async def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        pipeline = self.client.pipeline(transaction=False)
+        try:
+            for add, _ in batch:
+                queued = add(pipeline)  # scripts queue through a coroutine, plain commands directly
+                if inspect.isawaitable(queued):
+                    await queued
+            results = await pipeline.execute(raise_on_error=False)
+            if len(results) != len(batch):
+                raise RuntimeError(f"redis pipeline answered {len(results)} of {len(batch)} calls")
+        except Exception as error:
+            results = [error] * len(batch)
+        for (_, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
 
 class RedisLimiter:
@@ -156,40 +223,44 @@ class RedisLimiter:
         self.settings = settings
         self.url = url
         self.client = redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
-        self._gcra = self.client.register_script(_GCRA)
-        self._acquire = self.client.register_script(_ACQUIRE_SLOT)
+        self._admit = self.client.register_script(_ADMIT)
+        self._auth = self.client.register_script(_AUTH)
+        self._calls = _Coalescer(self.client)
 
-    async def check_rate(self, key_id: str, tier: Tier) -> Decision:
-        return await self._run_gcra(f"rate:{key_id}", 60000.0 / tier.requests_per_minute, tier.burst, "take")
-
-    async def acquire_slot(self, key_id: str, slot: str, tier: Tier) -> bool:
-        keys = [self.PREFIX + f"slots:{key_id}"]
-        acquired = await self._guarded(
-            lambda: self._acquire(keys=keys, args=[slot, tier.max_concurrent, int(SLOT_LIFETIME * 1000)])
-        )
-        return acquired is None or bool(acquired)
+    async def admit(self, address: str, key_id: str, tier: Tier, slot: str) -> Decision:
+        keys = [self.PREFIX + f"auth:{address}", self.PREFIX + f"rate:{key_id}", self.PREFIX + f"slots:{key_id}"]
+        args = [*self._auth_params(), 60000.0 / tier.requests_per_minute, tier.burst, slot, tier.max_concurrent,
+                int(SLOT_LIFETIME * 1000)]
+        result = await self._guarded(lambda: self._calls.call(lambda p: self._admit(keys=keys, args=args, client=p)))
+        limit = self.settings.auth_failure_burst if result and int(result[0]) == 1 else tier.burst
+        return self._decision(result, limit)
 
     async def release_slot(self, key_id: str, slot: str) -> None:
         try:
-            await self._guarded(lambda: self.client.zrem(self.PREFIX + f"slots:{key_id}", slot))
+            await self._guarded(lambda: self._calls.call(lambda p: p.zrem(self.PREFIX + f"slots:{key_id}", slot)))
         except Unavailable:
             pass  # the slot expires on its own after SLOT_LIFETIME
 
-    async def auth_blocked(self, address: str) -> Decision:
-        return await self._run_gcra(f"auth:{address}", *self._auth_params(), "peek")
+    async def address_blocked(self, address: str) -> Decision:
+        return await self._auth_call(address, record=False)
 
-    async def auth_failed(self, address: str) -> None:
-        await self._run_gcra(f"auth:{address}", *self._auth_params(), "record")
+    async def auth_failed(self, address: str) -> Decision:
+        return await self._auth_call(address, record=True)
+
+    async def _auth_call(self, address: str, record: bool) -> Decision:
+        keys, args = [self.PREFIX + f"auth:{address}"], [*self._auth_params(), "1" if record else "0"]
+        result = await self._guarded(lambda: self._calls.call(lambda p: self._auth(keys=keys, args=args, client=p)))
+        return self._decision(result, self.settings.auth_failure_burst)
 
     def _auth_params(self) -> tuple[float, int]:
         return 60000.0 / self.settings.auth_failures_per_minute, self.settings.auth_failure_burst
 
-    async def _run_gcra(self, name: str, interval_ms: float, burst: int, mode: str) -> Decision:
-        result = await self._guarded(lambda: self._gcra(keys=[self.PREFIX + name], args=[interval_ms, burst, mode]))
-        if result is None:  # fail-open
-            return Decision(True, burst, burst, 0.0, 0.0)
-        allowed, retry_ms, reset_ms, remaining = (float(v) for v in result)
-        return Decision(bool(allowed), burst, int(remaining), retry_ms / 1000, reset_ms / 1000)
+    @staticmethod
+    def _decision(result, limit: int) -> Decision:
+        if result is None:  # Redis unreachable and the policy is fail-open
+            return Decision(Verdict.ALLOWED, limit, limit, 0.0, 0.0)
+        verdict, retry_ms, reset_ms, remaining = (float(v) for v in result)
+        return Decision(_VERDICTS[int(verdict)], limit, int(remaining), retry_ms / 1000, reset_ms / 1000)
 
     async def _guarded(self, call):
         """Run one Redis call; when Redis is unreachable apply the failure policy: None means
@@ -227,3 +298,15 @@ def _redacted(url: str) -> str:
 
 def create_limiter(redis_url: str | None, settings: BillingSettings) -> LocalLimiter | RedisLimiter:
     return RedisLimiter(redis_url, settings) if redis_url else LocalLimiter(settings)
+
+
+def refusal(decision: Decision, key_id: str | None = None, tier: Tier | None = None) -> RateLimited:
+    """The RESOURCE_EXHAUSTED error for a refused decision, with Retry-After and limit headers."""
+    retry = max(1, math.ceil(decision.retry_after))
+    if decision.verdict is Verdict.ADDRESS_BLOCKED:
+        what = "too many failed authentications from this address"
+    elif decision.verdict is Verdict.RATE:
+        what = f"{tier.requests_per_minute:g} requests per minute (burst {tier.burst}) for key {key_id}"
+    else:
+        what = f"key {key_id} already has {tier.max_concurrent} requests in flight, the most it may have"
+    return RateLimited(f"rate limit exceeded: {what}; retry in {retry} s", retry_after=decision.retry_after, headers=decision.headers())

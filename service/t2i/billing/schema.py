@@ -59,6 +59,8 @@ ledger_entries = Table(
     CheckConstraint("kind IN ('credit', 'reserve', 'commit', 'release')", name="ck_ledger_entries_kind"),
     Index("ix_ledger_entries_key_id", "key_id", "id"),
     Index("ix_ledger_entries_reservation_id", "reservation_id"),
+    # Nothing reads the new id back; not asking for it saves work on every insert.
+    implicit_returning=False,
 )
 
 reservations = Table(
@@ -76,6 +78,7 @@ reservations = Table(
     Column("resolved_at", DateTime(timezone=True)),
     CheckConstraint("state IN ('open', 'committed', 'released')", name="ck_reservations_state"),
     Index("ix_reservations_state_owner", "state", "owner"),
+    implicit_returning=False,
 )
 
 idempotency_records = Table(
