@@ -21,8 +21,10 @@ node_modules/.installed: package.json package-lock.json
 
 install: $(VENV)/.installed node_modules/.installed
 
+# The service and the Envoy REST edge on the demo model, with a demo API key; prints a curl
+# command for the documented example. Ctrl-C stops both.
 run: $(VENV)/.installed
-	$(VENV)/bin/t2i --log-format text serve --print-usage
+	$(VENV)/bin/t2i --log-format text up --http-port 8080 --grpc-port 50051 --metrics-port 9464 --data-dir data
 
 test: install proto-check
 	$(PY) -m pytest
@@ -30,6 +32,7 @@ test: install proto-check
 # Regenerate the Python protobuf code after editing proto/ (the result is committed).
 proto: install
 	PY=$(PY) BUF=$(BUF) scripts/proto.sh python
+	PY=$(PY) BUF=$(BUF) scripts/proto.sh openapi
 
 # buf lint, buf breaking against the first published v1, and generated code up to date.
 proto-check: install

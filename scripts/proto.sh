@@ -3,7 +3,8 @@
 #   deps      copy google/api/{annotations,http}.proto from the pinned googleapis-common-protos
 #             package into build/proto-deps (never committed, so never stale)
 #   python D  generate the Python messages and gRPC stubs into D (default: service/)
-#   check     buf lint, buf breaking against the first published v1, generated code fresh
+#   openapi F generate the OpenAPI description of the REST API into F (default: edge/openapi.json)
+#   check     buf lint, buf breaking against the first published v1, generated files fresh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,16 @@ python_code() {
   for d in illustrious illustrious/texttoimage illustrious/texttoimage/v1; do
     : >"$out/$d/__init__.py"
   done
+}
+
+openapi() {
+  local out=${1:-edge/openapi.json} work
+  deps
+  work=$(mktemp -d)
+  "$PY" -m grpc_tools.protoc -I proto -I "$DEPS" --include_imports --include_source_info \
+    --descriptor_set_out="$work/api.pb" "proto/$PROTO"
+  "$PY" scripts/openapi.py "$work/api.pb" "$out"
+  rm -rf "$work"
 }
 
 check() {
@@ -55,13 +66,19 @@ check() {
     echo "proto: generated code in service/illustrious is stale; run 'make proto'" >&2
     exit 1
   fi
+  openapi "$fresh/openapi.json"
+  if ! diff -q "$fresh/openapi.json" edge/openapi.json; then
+    echo "proto: edge/openapi.json is stale; run 'make proto'" >&2
+    exit 1
+  fi
   rm -rf "$fresh"
-  echo "proto: lint clean, generated code fresh"
+  echo "proto: lint clean, generated code and OpenAPI fresh"
 }
 
 case "${1:-}" in
   deps) deps ;;
   python) python_code "${2:-service}" ;;
+  openapi) openapi "${2:-edge/openapi.json}" ;;
   check) check ;;
-  *) echo "usage: $0 deps|python [DIR]|check" >&2; exit 2 ;;
+  *) echo "usage: $0 deps|python [DIR]|openapi [FILE]|check" >&2; exit 2 ;;
 esac

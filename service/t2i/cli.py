@@ -105,6 +105,45 @@ def serve(
 
 
 @app.command()
+def up(
+    http_port: int = typer.Option(8080, envvar="T2I_HTTP_PORT", help="Envoy port: the REST API and gRPC."),
+    grpc_port: int = typer.Option(50051, envvar="T2I_GRPC_PORT", help="The service's own gRPC port."),
+    metrics_port: int = typer.Option(9464, envvar="T2I_METRICS_PORT", help="The service's Prometheus port."),
+    admin_port: int = typer.Option(9901, envvar="T2I_ENVOY_ADMIN_PORT", help="Envoy's admin port (127.0.0.1 only)."),
+    host: str = typer.Option("127.0.0.1", envvar="T2I_HTTP_HOST", help="Address Envoy listens on."),
+    data_dir: Path = DATA_DIR,
+    route_timeout: float = typer.Option(300.0, envvar="T2I_ROUTE_TIMEOUT", help="Seconds Envoy waits for a generation."),
+    billing: bool = typer.Option(True, "--billing/--no-billing", envvar="T2I_BILLING"),
+    database_url: str | None = DATABASE_URL,
+    demo_key: bool = typer.Option(True, "--demo-key/--no-demo-key", help="Create (or reuse) a demo API key and print it."),
+    edge_config: Path | None = typer.Option(None, "--edge-config", help="Envoy config to run (default: edge/envoy.yaml)."),
+    models: Path | None = typer.Option(None, "--models", envvar="T2I_MODELS", help="Models file (default: the demo model)."),
+) -> None:
+    """Run the service and the Envoy REST edge together (Ctrl-C stops both)."""
+    from .edge.envoy_config import CANONICAL
+    from .edge.launcher import UpSettings, run
+
+    settings = UpSettings(
+        data_dir=data_dir, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+        admin_port=admin_port, route_timeout=route_timeout, billing=billing, database_url=database_url,
+        demo_key=demo_key, edge_config=edge_config or CANONICAL, serve_args=["--models", str(models)] if models else [],
+    )
+    raise typer.Exit(run(settings))
+
+
+edge_app = typer.Typer(help="The Envoy edge's generated files.", no_args_is_help=True)
+app.add_typer(edge_app, name="edge")
+
+
+@edge_app.command("descriptor")
+def edge_descriptor(out: Path = typer.Option(..., "--out", help="Where to write the descriptor set.")) -> None:
+    """Write the descriptor set that Envoy's gRPC-JSON transcoder loads."""
+    from .edge.descriptor import write_descriptor
+
+    typer.echo(str(write_descriptor(out)))
+
+
+@app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="What to draw."),
     out: Path = typer.Option(Path("image.png"), "--out", "-o", help="PNG file to write."),

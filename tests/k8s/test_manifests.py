@@ -467,7 +467,6 @@ def test_edge_configmap_holds_edge_envoy_yaml_byte_for_byte(rendered: Rendered):
     services = {f"{f.package}.{s.name}" for f in files for s in f.service}
     assert SERVICE_NAME in services
     assert "google/api/annotations.proto" in {f.name for f in files}, "--include_imports"
-    assert any(f.HasField("source_code_info") for f in files), "--include_source_info"
     # Small enough for a ConfigMap (1 MiB including the base64 overhead).
     assert len(yaml.safe_dump(descriptor_map)) < 900_000
 

@@ -51,10 +51,14 @@ KEY_CACHE_SECONDS = 5.0
 
 
 def client_address(context: grpc.aio.ServicerContext) -> str:
-    """The caller's address: the first x-forwarded-for hop (set by the edge), else the peer."""
+    """The caller's address: the last x-forwarded-for hop, else the peer.
+
+    The edge appends the address of the peer it saw to whatever x-forwarded-for the client
+    sent, so only the last hop is trustworthy; earlier ones are the client's to forge.
+    """
     forwarded = metadata_value(context, "x-forwarded-for")
     if forwarded:
-        return forwarded.split(",")[0].strip()
+        return forwarded.rsplit(",", 1)[-1].strip()
     peer = context.peer() or "unknown"
     kind, _, rest = peer.partition(":")
     if kind == "ipv6":

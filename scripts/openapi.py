@@ -1,0 +1,167 @@
+"""Generate the OpenAPI 3.1 description of the REST API from the protobuf contract.
+
+    python scripts/openapi.py DESCRIPTOR_SET OUT.json
+
+DESCRIPTOR_SET is protoc's output with --include_imports --include_source_info (see
+scripts/proto.sh openapi). Paths and verbs come from the google.api.http annotations, schemas
+from the messages with their proto3 JSON names, descriptions from the proto comments. What the
+proto cannot say is stated here once, as the edge implements it: POST answers 201, errors have
+one JSON shape, int64 values are strings in responses, and the API key header.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+
+PACKAGE_FILE = "illustrious/texttoimage/v1/text_to_image.proto"
+F = descriptor_pb2.FieldDescriptorProto
+SCALARS = {
+    F.TYPE_INT32: {"type": "integer", "format": "int32"},
+    F.TYPE_UINT32: {"type": "integer", "format": "int32", "minimum": 0},
+    F.TYPE_DOUBLE: {"type": "number", "format": "double"},
+    F.TYPE_FLOAT: {"type": "number", "format": "float"},
+    F.TYPE_BOOL: {"type": "boolean"},
+    F.TYPE_STRING: {"type": "string"},
+    F.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
+}
+INT64 = (F.TYPE_INT64, F.TYPE_UINT64, F.TYPE_SINT64, F.TYPE_FIXED64, F.TYPE_SFIXED64)
+ERRORS = {
+    "400": "Invalid request (the message names the field, the value and what is allowed), or not enough stardust",
+    "401": "Missing or unknown API key",
+    "403": "Revoked API key",
+    "404": "Unknown model or path",
+    "409": "A request with the same Idempotency-Key is still running",
+    "413": "Request body over 1 MiB",
+    "429": "Rate limited; see Retry-After",
+    "500": "Server error; not charged",
+    "503": "Overloaded, starting or shutting down; retry later",
+    "504": "The generation did not finish within the edge's timeout; not charged",
+}
+
+
+def comments(file: descriptor_pb2.FileDescriptorProto) -> dict[tuple, str]:
+    return {
+        tuple(location.path): " ".join(line.strip() for line in location.leading_comments.strip().splitlines())
+        for location in file.source_code_info.location
+        if location.leading_comments
+    }
+
+
+def field_schema(field: F, request: bool, package: str) -> dict:
+    if field.type == F.TYPE_MESSAGE:
+        schema = {"$ref": "#/components/schemas/" + field.type_name.removeprefix(f".{package}.")}
+    elif field.type in INT64:
+        # proto3 JSON: int64 is printed as a string; a number or a string is accepted.
+        schema = {"type": ["integer", "string"], "format": "int64"} if request else {"type": "string", "format": "int64"}
+    else:
+        schema = dict(SCALARS[field.type])
+    if field.label == F.LABEL_REPEATED:
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
+    (file,) = [f for f in files.file if f.name == PACKAGE_FILE]
+    notes = comments(file)
+    package = file.package
+    request_messages = {m.input_type.removeprefix(f".{package}.") for s in file.service for m in s.method}
+    schemas: dict[str, dict] = {}
+    for index, message in enumerate(file.message_type):
+        request = message.name in request_messages
+        properties = {}
+        for field_index, field in enumerate(message.field):
+            schema = field_schema(field, request, package)
+            description = notes.get((4, index, 2, field_index))
+            if description:
+                schema["description"] = description
+            properties[field.json_name] = schema
+        schemas[message.name] = {"type": "object", "properties": properties}
+        if notes.get((4, index)):
+            schemas[message.name]["description"] = notes[(4, index)]
+    schemas["Error"] = {
+        "type": "object",
+        "description": "The one error shape, whoever produced the error (the service or the edge).",
+        "required": ["error"],
+        "properties": {"error": {
+            "type": "object",
+            "required": ["code", "status", "message", "requestId"],
+            "properties": {
+                "code": {"type": "integer", "description": "The HTTP status."},
+                "status": {"type": "string", "description": "The gRPC status name, e.g. INVALID_ARGUMENT."},
+                "message": {"type": "string", "description": "What went wrong, for people."},
+                "requestId": {"type": ["string", "null"], "description": "Equals the x-request-id response header."},
+            },
+        }},
+    }
+
+    paths: dict[str, dict] = {}
+    for service_index, service in enumerate(file.service):
+        for method_index, method in enumerate(service.method):
+            rule = method.options.Extensions[annotations_pb2.http]
+            verb = rule.WhichOneof("pattern")
+            path = getattr(rule, verb)
+            success = "201" if verb == "post" else "200"
+            output = method.output_type.removeprefix(f".{package}.")
+            operation = {
+                "operationId": method.name,
+                "summary": notes.get((6, service_index, 2, method_index), "").split(". ")[0],
+                "description": notes.get((6, service_index, 2, method_index), ""),
+                "security": [{"apiKey": []}],
+                "parameters": [
+                    {"name": "x-request-id", "in": "header", "required": False, "schema": {"type": "string"},
+                     "description": "Kept if sent, generated otherwise; echoed in the response."},
+                ],
+                "responses": {
+                    success: {"description": "Success", "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{output}"}}}},
+                    **{
+                        code: {
+                            "description": text,
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                            **({"headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}}
+                               if code == "429" else {}),
+                        }
+                        for code, text in ERRORS.items()
+                    },
+                },
+            }
+            if rule.body == "*":
+                operation["parameters"].append(
+                    {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
+                     "description": "Retries with the same key and body within 24 hours are not charged twice."}
+                )
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/" + method.input_type.removeprefix(f".{package}.")}}},
+                }
+            paths.setdefault(path, {})[verb] = operation
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Illustrious Text-to-Image API",
+            "version": package.rsplit(".", 1)[-1],
+            "description": "Generated from proto/" + PACKAGE_FILE + " by scripts/openapi.py; do not edit. "
+                           "Request fields also accept their proto names (e.g. negative_prompt).",
+        },
+        "servers": [{"url": "http://localhost:8080", "description": "`make run`"}],
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-illustrious-api-key"}},
+            "schemas": schemas,
+        },
+        "paths": paths,
+    }
+
+
+def main() -> None:
+    descriptor, out = Path(sys.argv[1]), Path(sys.argv[2])
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes())
+    out.write_text(json.dumps(generate(files), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

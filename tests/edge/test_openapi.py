@@ -1,0 +1,35 @@
+"""The shipped OpenAPI description is valid and describes what the edge actually answers."""
+
+import json
+from pathlib import Path
+
+from openapi_schema_validator import OAS31Validator
+from openapi_spec_validator import validate
+
+from .test_rest import SMALL, headers
+
+SPEC = json.loads((Path(__file__).resolve().parents[2] / "edge" / "openapi.json").read_text())
+
+
+def schema(name: str) -> OAS31Validator:
+    return OAS31Validator({"$ref": f"#/components/schemas/{name}", "components": SPEC["components"]})
+
+
+def test_the_description_is_valid_openapi():
+    validate(SPEC)
+    assert set(SPEC["paths"]) == {"/text-to-image/generate", "/model/list"}
+    assert "201" in SPEC["paths"]["/text-to-image/generate"]["post"]["responses"]
+    assert SPEC["components"]["securitySchemes"]["apiKey"]["name"] == "x-illustrious-api-key"
+
+
+def test_real_replies_match_the_description(edge):
+    created = edge.request("POST", "/text-to-image/generate", SMALL, headers(edge.demo_key))
+    assert created.status == 201
+    schema("GenerateImageResponse").validate(created.json())
+    schema("GenerateImageRequest").validate(SMALL)
+    listed = edge.request("GET", "/model/list", headers=headers(edge.demo_key))
+    schema("ListModelsResponse").validate(listed.json())
+    refused = edge.request("POST", "/text-to-image/generate", {**SMALL, "width": 7}, headers(edge.demo_key))
+    schema("Error").validate(refused.json())
+    wrong = {**created.json(), "stardustUsage": 3}  # an int64 must be a string in a response
+    assert not schema("GenerateImageResponse").is_valid(wrong)
