@@ -45,3 +45,11 @@ bench: install
 # Billing overhead: no billing vs SQLite ledger vs PostgreSQL + Redis.
 bench-billing: install
 	$(PY) -m benchmarks.billing
+
+# REST through Envoy vs direct gRPC on the same service.
+bench-edge: install
+	$(PY) -m benchmarks.edge
+
+# Scale-out proof: two replicas + one Envoy + PostgreSQL + Redis; writes docs/scale-out.md.
+scaleout: install
+	$(PY) -m benchmarks.scaleout

@@ -52,6 +52,9 @@ def serve(
         20.0, envvar="T2I_ADMISSION_WINDOW_MS", help="How long an idle engine waits for companions of a first request."
     ),
     max_queue: int = typer.Option(64, envvar="T2I_MAX_QUEUE", help="Waiting requests before RESOURCE_EXHAUSTED."),
+    torch_threads: int = typer.Option(
+        0, envvar="T2I_TORCH_THREADS", help="PyTorch intra-op threads; 0: cores - 1 on a CPU, PyTorch's default on CUDA."
+    ),
     grace_period: float = typer.Option(60.0, envvar="T2I_GRACE_PERIOD", help="Seconds to finish in-flight work on SIGTERM."),
     billing: bool = typer.Option(True, "--billing/--no-billing", envvar="T2I_BILLING", help="API keys, stardust and rate limits."),
     database_url: str | None = DATABASE_URL,
@@ -80,7 +83,10 @@ def serve(
         data_dir=data_dir,
         device=device,
         attention=attention,
-        engine=EngineConfig(max_batch_size=max_batch_size, admission_window=admission_window_ms / 1000, max_queue=max_queue),
+        engine=EngineConfig(
+            max_batch_size=max_batch_size, admission_window=admission_window_ms / 1000, max_queue=max_queue,
+            torch_threads=torch_threads or None,
+        ),
         grace_period=grace_period,
         print_usage=print_usage,
     )
