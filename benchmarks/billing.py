@@ -175,6 +175,10 @@ def main() -> None:
         "Target: the interceptor adds less than 2 ms per request at concurrency 8, with SQLite and with PostgreSQL. "
         "Reserves and commits of concurrent requests share transactions (billing/group_commit.py); "
         "PostgreSQL, Redis, the server and the clients all share the same CPUs here.",
+        "",
+        "Reading: the interceptor-alone rows are what billing itself costs. The end-to-end rows also carry the "
+        "CPU that the PostgreSQL and Redis servers take from the cores the engine runs on, when they share a small "
+        "machine as here; in the Kubernetes deployment they run on their own machines.",
     ]
     print("\n".join(lines))
     if not args.no_write:

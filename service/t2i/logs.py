@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
 import time
 
@@ -37,6 +38,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str = "info", fmt: str = "json") -> None:
+    # Child processes (`t2i up` starts `t2i serve`) log the same way.
+    os.environ["T2I_LOG_LEVEL"], os.environ["T2I_LOG_FORMAT"] = level, fmt
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -5,17 +5,10 @@ import math
 import pytest
 import torch
 
+from t2i.edge.launcher import DOCUMENTED_EXAMPLE
 from t2i.engine.text import CHUNK, WINDOW, encode_prompts, window_ids
 
-DOCUMENTED_PROMPT = (
-    "A vibrant girl with long, flowing pastel pink hair and sparkling violet eyes, seen from the waist up. "
-    "She smiles gently with a soft blush, raising one hand in a playful wave. Her outfit is a detailed cropped "
-    "jacket with metallic accents, paired with a layered lace corset and choker adorned with a glowing crystal "
-    "pendant. Her hair is styled in loose twin tails with butterfly clips and ribbon strands. Behind her, soft "
-    "bokeh lights and luminous clouds create a dreamy sunset atmosphere. Petals and sparkles drift in the air. "
-    "Her expression is warm and inviting, full of charm and softness, as if she's about to speak directly to "
-    "the viewer."
-)
+DOCUMENTED_PROMPT = DOCUMENTED_EXAMPLE["prompt"]  # about 150 CLIP tokens
 
 
 def encode(model, *prompts):

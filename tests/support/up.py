@@ -80,21 +80,16 @@ class UpProcess:
             return "".join(self.stdout[-40:]) + "".join(self.stderr[-60:])
 
     def access_log(self) -> list[dict]:
-        with self._lock:
-            lines = list(self.stdout)
-        entries = []
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and "responseFlags" in entry:
-                entries.append(entry)
-        return entries
+        """Envoy's access log entries (JSON lines on stdout)."""
+        return [e for e in self._json_lines(self.stdout) if "responseFlags" in e]
 
     def service_log(self) -> list[dict]:
+        """The service's log entries (JSON lines on stderr)."""
+        return self._json_lines(self.stderr)
+
+    def _json_lines(self, sink: list[str]) -> list[dict]:
         with self._lock:
-            lines = list(self.stderr)
+            lines = list(sink)
         entries = []
         for line in lines:
             try:
