@@ -57,9 +57,9 @@ def load_models(settings: ServeSettings) -> dict[int, LoadedModel]:
 
 def usage_hint(port: int, model_id: int) -> str:
     return (
-        f"\nThe service is ready on port {port}. Generate an image with:\n\n"
-        f"  .venv/bin/t2i generate --target localhost:{port} --model-id {model_id} --width 256 --height 256 "
-        f"--steps 20 --prompt '1girl, masterpiece' --out image.png\n"
+        f"\nThe service is ready on port {port}. Create an API key (t2i keys create --name me --balance 100), then:\n\n"
+        f"  .venv/bin/t2i generate --target localhost:{port} --api-key ilx_... --model-id {model_id} --width 256 "
+        f"--height 256 --steps 20 --prompt '1girl, masterpiece' --out image.png\n"
     )
 
 
