@@ -187,7 +187,6 @@ def run_proof(folder: Path, clients: int = 6, spread_requests: int = 48, balance
 
         # 4. Failover under load.
         stop = threading.Event()
-        kill_time = {"t": None}
         outcomes: list[tuple[float, int, int]] = []  # (finished at, status, usage)
         lock = threading.Lock()
 
@@ -209,7 +208,7 @@ def run_proof(folder: Path, clients: int = 6, spread_requests: int = 48, balance
             t.start()
         time.sleep(failover_seconds / 2)
         kill_wall = time.time()
-        kill_time["t"] = time.monotonic()
+        killed_at = time.monotonic()
         replicas[0].process.send_signal(signal.SIGKILL)
         replicas[0].process.wait(30)
         time.sleep(failover_seconds / 2)
@@ -218,11 +217,11 @@ def run_proof(folder: Path, clients: int = 6, spread_requests: int = 48, balance
             t.join()
         settle = 1.0  # requests that were in flight on the killed replica end within this
         for finished, status, usage in outcomes:
-            if finished < kill_time["t"]:
+            if finished < killed_at:
                 report.failover_before += status == 201
             elif status != 201:
                 report.failover_errors[status] += 1
-            if finished > kill_time["t"] + settle and status == 201:
+            if finished > killed_at + settle and status == 201:
                 report.failover_after += 1
         after = edge.upstreams(since=kill_wall + settle)
         report.failover_after_by_replica = {host_name.get(h, h): c for h, c in after.items()}

@@ -1,7 +1,6 @@
 """The edge's own behaviour: timeouts, a missing service, zero values, per-address auth limits,
 Ctrl-C, and Envoy's validation of the config."""
 
-import os
 import subprocess
 import time
 from pathlib import Path

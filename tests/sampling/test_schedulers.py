@@ -125,11 +125,6 @@ def test_beta_matches_spec_without_duplicates(steps):
     assert torch.equal(get_sigmas("beta", steps)[:-1], TABLE.sigmas[raw])
 
 
-def test_beta_rounds_half_to_even():
-    # np.rint rounds half to even; the spec requires it. A hand-built check of the rounding rule:
-    assert np.rint(2.5) == 2 and np.rint(3.5) == 4
-
-
 def test_karras_and_exponential_follow_their_closed_forms():
     n = 28
     ramp = np.linspace(0, 1, n)

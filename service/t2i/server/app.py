@@ -92,7 +92,6 @@ class Server:
         self.port = self.grpc.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         self.metrics_port: int | None = None
         self.engine: AsyncEngine | None = None
-        self._stopped = asyncio.Event()
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -137,10 +136,6 @@ class Server:
         for interceptor in self.interceptors:
             if hasattr(interceptor, "close"):
                 await interceptor.close()
-        self._stopped.set()
-
-    async def wait(self) -> None:
-        await self._stopped.wait()
 
 
 async def run_until_signal(server: Server) -> None:
