@@ -6,13 +6,16 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 BUF := node_modules/.bin/buf
 
-.PHONY: run test install proto proto-check bench
+.PHONY: run test install proto proto-check render bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt -e '.[test]'
 	# Test-only oracle; --no-deps because its declared deps pull a CUDA torch + torchvision.
 	$(PIP) install -c constraints.txt --no-deps k-diffusion
+	# Not test-only: the demo model (`make run`) takes its CLIP BPE vocabulary from this package's
+	# bpe_simple_vocab_16e6.txt.gz, and no module of it is imported. --no-deps for the same reason.
+	$(PIP) install -c constraints.txt --no-deps open-clip-torch
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -33,6 +36,12 @@ test: install proto-check
 proto: install
 	PY=$(PY) BUF=$(BUF) scripts/proto.sh python
 	PY=$(PY) BUF=$(BUF) scripts/proto.sh openapi
+	$(PY) scripts/render.py
+
+# Rewrite the blocks rendered from Python sources (error table, settings) in envoy.yaml and
+# the READMEs; proto-check fails when one is stale.
+render: install
+	$(PY) scripts/render.py
 
 # buf lint, buf breaking against the first published v1, and generated code up to date.
 proto-check: install

@@ -28,10 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.support.api import Api
-from tests.support.backends import postgres_database, require_redis
-from tests.support.metrics import scrape
-from tests.support.server import ServerProcess
+from testbed.api import Api
+from testbed.backends import postgres_database, require_redis
+from testbed.metrics import scrape
+from testbed.server import ServerProcess
 
 from .report import write_section
 from .serving import free_port

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from t2i.client import Client
 
-from tests.support.up import UpProcess
+from testbed.up import UpProcess
 
 from .report import write_section
 from .serving import OPTIONS, PROMPT, SIZE, STEPS

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
@@ -20,6 +21,7 @@ from t2i.billing.database import open_database
 from t2i.billing.ratelimit import create_limiter
 from t2i.billing.settings import BillingSettings
 from t2i.models.config import ModelSpec
+from t2i.sampling import SigmaTable
 from t2i.server.interceptors import ServingInterceptor
 from t2i.validation import validate
 
@@ -31,11 +33,14 @@ class NoWorkCatalog:
 
     spec_ = ModelSpec(id=1, name="no-op", path=Path("."), min_size=64)
 
-    def spec(self, model_id: int) -> ModelSpec:
-        return self.spec_
+    def model(self, model_id: int) -> SimpleNamespace:
+        return SimpleNamespace(spec=self.spec_, sigma_table=SigmaTable.sdxl())
 
     def check(self, request) -> None:
         validate(request, self.spec_.info())
+
+    def admission_check(self) -> None:
+        pass  # no engine: never shutting down, never full
 
 
 class NoWork(pb_grpc.TextToImageServiceServicer):

@@ -29,7 +29,7 @@ from pathlib import Path
 from t2i.client import Client
 from t2i.domain import GenerateRequest
 
-from tests.support.server import ServerProcess
+from testbed.server import ServerProcess
 
 from .report import write_section
 
@@ -65,7 +65,8 @@ def free_port() -> int:
 async def _raw_engine(data_dir: Path, batch: int, rounds: int) -> Throughput:
     import torch
 
-    from t2i.engine.engine import AsyncEngine, EngineConfig
+    from t2i.engine.engine import AsyncEngine
+    from t2i.settings import EngineConfig
     from t2i.models.demo import demo_spec
     from t2i.models.loader import load_model
 

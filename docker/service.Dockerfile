@@ -37,7 +37,10 @@ RUN /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY service ./service
+# open-clip-torch only for the demo model's CLIP vocabulary file; --no-deps because its declared
+# dependencies would pull torchvision and another torch.
 RUN /opt/venv/bin/pip install -c constraints.txt . \
+    && /opt/venv/bin/pip install -c constraints.txt --no-deps open-clip-torch \
     && /opt/venv/bin/python -c "import torch, xformers, t2i.cli; assert torch.version.cuda, torch.__version__" \
     && /opt/venv/bin/pip uninstall -y pip
 

@@ -18,6 +18,9 @@ from pathlib import Path
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
+from t2i import wire
+from t2i.errors import ERROR_KINDS
+
 PACKAGE_FILE = "illustrious/texttoimage/v1/text_to_image.proto"
 F = descriptor_pb2.FieldDescriptorProto
 SCALARS = {
@@ -30,18 +33,14 @@ SCALARS = {
     F.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
 }
 INT64 = (F.TYPE_INT64, F.TYPE_UINT64, F.TYPE_SINT64, F.TYPE_FIXED64, F.TYPE_SFIXED64)
-ERRORS = {
-    "400": "Invalid request (the message names the field, the value and what is allowed), or not enough stardust",
-    "401": "Missing or unknown API key",
-    "403": "Revoked API key",
-    "404": "Unknown model or path",
-    "409": "A request with the same Idempotency-Key is still running",
-    "413": "Request body over 1 MiB",
-    "429": "Rate limited; see Retry-After",
-    "500": "Server error; not charged",
-    "503": "Overloaded, starting or shutting down; retry later",
-    "504": "The generation did not finish within the edge's timeout; not charged",
-}
+
+
+def error_responses() -> dict[str, str]:
+    """HTTP status -> description, from the one error table (t2i.errors.ERROR_KINDS)."""
+    described: dict[str, list[str]] = {}
+    for kind in sorted(ERROR_KINDS, key=lambda k: k.http):
+        described.setdefault(str(kind.http), []).append(f"{kind.status}: {kind.when}")
+    return {code: "; ".join(texts) for code, texts in described.items()}
 
 
 def comments(file: descriptor_pb2.FileDescriptorProto) -> dict[tuple, str]:
@@ -113,7 +112,7 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
                 "description": notes.get((6, service_index, 2, method_index), ""),
                 "security": [{"apiKey": []}],
                 "parameters": [
-                    {"name": "x-request-id", "in": "header", "required": False, "schema": {"type": "string"},
+                    {"name": wire.REQUEST_ID_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
                      "description": "Kept if sent, generated otherwise; echoed in the response."},
                 ],
                 "responses": {
@@ -125,13 +124,13 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
                             **({"headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}}
                                if code == "429" else {}),
                         }
-                        for code, text in ERRORS.items()
+                        for code, text in error_responses().items()
                     },
                 },
             }
             if rule.body == "*":
                 operation["parameters"].append(
-                    {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
+                    {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": wire.MAX_IDEMPOTENCY_KEY},
                      "description": "Retries with the same key and body within 24 hours are not charged twice."}
                 )
                 operation["requestBody"] = {
@@ -150,7 +149,7 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
         },
         "servers": [{"url": "http://localhost:8080", "description": "`make run`"}],
         "components": {
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-illustrious-api-key"}},
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": wire.API_KEY_HEADER}},
             "schemas": schemas,
         },
         "paths": paths,

@@ -4,7 +4,8 @@
 #             package into build/proto-deps (never committed, so never stale)
 #   python D  generate the Python messages and gRPC stubs into D (default: service/)
 #   openapi F generate the OpenAPI description of the REST API into F (default: edge/openapi.json)
-#   check     buf lint, buf breaking against the first published v1, generated files fresh
+#   check     buf lint, buf breaking against the first published v1, generated files fresh,
+#             and every block scripts/render.py renders (envoy.yaml, READMEs) up to date
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,7 +73,8 @@ check() {
     exit 1
   fi
   rm -rf "$fresh"
-  echo "proto: lint clean, generated code and OpenAPI fresh"
+  "$PY" scripts/render.py --check
+  echo "proto: lint clean, generated code, OpenAPI and rendered blocks fresh"
 }
 
 case "${1:-}" in

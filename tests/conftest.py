@@ -21,7 +21,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def postgres_url():
     """A fresh, empty PostgreSQL database for one test."""
-    from .support.backends import postgres_database
+    from testbed.backends import postgres_database
 
     url, drop = postgres_database()
     yield url
@@ -30,7 +30,7 @@ def postgres_url():
 
 @pytest.fixture
 def redis_url():
-    from .support.backends import require_redis
+    from testbed.backends import require_redis
 
     return require_redis()
 
@@ -41,3 +41,14 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'billing.sqlite3'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="session")
+def demo_model(data_dir):
+    """The demo model loaded in-process on the CPU, through the real loading code."""
+    import torch
+
+    from t2i.models.demo import demo_spec
+    from t2i.models.loader import load_model
+
+    return load_model(demo_spec(data_dir), torch.device("cpu"))

@@ -11,11 +11,16 @@ from pathlib import Path
 
 import typer
 
-from . import logs
+from . import logs, wire
+from .cli_options import option_for, with_options
+from .domain import GenerateRequest
+from .settings import ServeSettings, UpSettings
+
+REQUEST = GenerateRequest()
 
 app = typer.Typer(help="Illustrious text-to-image service.", no_args_is_help=True, add_completion=False)
 
-TARGET = typer.Option("localhost:50051", "--target", envvar="T2I_TARGET", help="gRPC address of the service.")
+TARGET = typer.Option(f"localhost:{wire.GRPC_PORT}", "--target", envvar="T2I_TARGET", help="gRPC address of the service.")
 API_KEY = typer.Option(None, "--api-key", envvar="T2I_API_KEY", help="API key (x-illustrious-api-key).")
 
 
@@ -28,112 +33,48 @@ def main(
     logs.configure(log_level, log_format)
 
 
-DATA_DIR = typer.Option(Path("data"), "--data-dir", envvar="T2I_DATA_DIR", help="Writable folder: demo model cache, SQLite ledger.")
-DATABASE_URL = typer.Option(
-    None, "--database-url", envvar="T2I_DATABASE_URL",
-    help="Billing database (postgresql://user:pass@host/db). Default: SQLite in the data dir.",
-)
-BILLING_CONFIG = typer.Option(None, "--billing-config", envvar="T2I_BILLING_CONFIG", help="Pricing and rate-limit tiers (YAML).")
+DATA_DIR = option_for(ServeSettings, "data_dir")
+DATABASE_URL = option_for(ServeSettings, "database_url")
+BILLING_CONFIG = option_for(ServeSettings, "billing_config")
 
 
 @app.command()
-def serve(
-    grpc_port: int = typer.Option(50051, envvar="T2I_GRPC_PORT", help="gRPC port (0 picks a free one)."),
-    grpc_host: str = typer.Option("0.0.0.0", envvar="T2I_GRPC_HOST", help="Address to bind the gRPC port to."),
-    metrics_port: int = typer.Option(9464, envvar="T2I_METRICS_PORT", help="Prometheus port; -1 disables it."),
-    models: Path | None = typer.Option(
-        None, "--models", envvar="T2I_MODELS", help="Models file (YAML). Without it the demo model is served as modelId 1."
-    ),
-    data_dir: Path = DATA_DIR,
-    device: str = typer.Option("auto", envvar="T2I_DEVICE", help="auto, cpu or cuda."),
-    attention: str = typer.Option("auto", envvar="T2I_ATTENTION", help="auto, sdpa or xformers."),
-    max_batch_size: int = typer.Option(8, envvar="T2I_MAX_BATCH_SIZE", help="Requests per UNet evaluation."),
-    admission_window_ms: float = typer.Option(
-        20.0, envvar="T2I_ADMISSION_WINDOW_MS", help="How long an idle engine waits for companions of a first request."
-    ),
-    max_queue: int = typer.Option(64, envvar="T2I_MAX_QUEUE", help="Waiting requests before RESOURCE_EXHAUSTED."),
-    torch_threads: int = typer.Option(
-        0, envvar="T2I_TORCH_THREADS", help="PyTorch intra-op threads; 0: cores - 1 on a CPU, PyTorch's default on CUDA."
-    ),
-    grace_period: float = typer.Option(60.0, envvar="T2I_GRACE_PERIOD", help="Seconds to finish in-flight work on SIGTERM."),
-    billing: bool = typer.Option(True, "--billing/--no-billing", envvar="T2I_BILLING", help="API keys, stardust and rate limits."),
-    database_url: str | None = DATABASE_URL,
-    redis_url: str | None = typer.Option(
-        None, "--redis-url", envvar="T2I_REDIS_URL", help="Shared rate limits (redis://host:6379/0). Default: in-process."
-    ),
-    billing_config: Path | None = BILLING_CONFIG,
-    instance_id: str | None = typer.Option(
-        None, "--instance-id", envvar="T2I_INSTANCE_ID", help="Stable name of this replica (default: host:port)."
-    ),
-    print_usage: bool = typer.Option(False, "--print-usage", help="Print how to call the service once it is ready."),
-) -> None:
+@with_options(ServeSettings)
+def serve(settings: ServeSettings) -> None:
     """Run the gRPC service."""
     import asyncio
+    import logging
 
-    from .engine.engine import EngineConfig
     from .server.app import Server, run_until_signal
     from .server.catalog import ModelCatalog
-    from .settings import ServeSettings
 
-    settings = ServeSettings(
-        grpc_host=grpc_host,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        models_file=models,
-        data_dir=data_dir,
-        device=device,
-        attention=attention,
-        engine=EngineConfig(
-            max_batch_size=max_batch_size, admission_window=admission_window_ms / 1000, max_queue=max_queue,
-            torch_threads=torch_threads or None,
-        ),
-        grace_period=grace_period,
-        print_usage=print_usage,
-    )
-
-    async def main() -> None:
+    async def main() -> int:
         catalog = ModelCatalog()
         interceptors = []
-        if billing:
+        if settings.billing:
             from .billing.interceptor import default_instance_id
             from .billing.setup import build_billing
 
-            interceptor = build_billing(
-                data_dir=data_dir, database_url=database_url, redis_url=redis_url, config_file=billing_config, catalog=catalog
-            )
+            try:
+                interceptor = build_billing(settings, catalog)
+            except (RuntimeError, ValueError) as error:  # a bad config or an unreachable ledger
+                logging.getLogger("t2i.cli").error(str(error))
+                return 1
             interceptors.append(interceptor)
         server = Server(settings, catalog, interceptors)
-        if billing:
-            interceptor.instance_id = instance_id or default_instance_id(server.port)
-        await run_until_signal(server)
+        if settings.billing:
+            interceptor.instance_id = settings.instance_id or default_instance_id(server.port)
+        return await run_until_signal(server)
 
-    asyncio.run(main())
+    raise typer.Exit(asyncio.run(main()))
 
 
 @app.command()
-def up(
-    http_port: int = typer.Option(8080, envvar="T2I_HTTP_PORT", help="Envoy port: the REST API and gRPC."),
-    grpc_port: int = typer.Option(50051, envvar="T2I_GRPC_PORT", help="The service's own gRPC port."),
-    metrics_port: int = typer.Option(9464, envvar="T2I_METRICS_PORT", help="The service's Prometheus port."),
-    admin_port: int = typer.Option(9901, envvar="T2I_ENVOY_ADMIN_PORT", help="Envoy's admin port (127.0.0.1 only)."),
-    host: str = typer.Option("127.0.0.1", envvar="T2I_HTTP_HOST", help="Address Envoy listens on."),
-    data_dir: Path = DATA_DIR,
-    route_timeout: float = typer.Option(300.0, envvar="T2I_ROUTE_TIMEOUT", help="Seconds Envoy waits for a generation."),
-    billing: bool = typer.Option(True, "--billing/--no-billing", envvar="T2I_BILLING"),
-    database_url: str | None = DATABASE_URL,
-    demo_key: bool = typer.Option(True, "--demo-key/--no-demo-key", help="Create (or reuse) a demo API key and print it."),
-    edge_config: Path | None = typer.Option(None, "--edge-config", help="Envoy config to run (default: edge/envoy.yaml)."),
-    models: Path | None = typer.Option(None, "--models", envvar="T2I_MODELS", help="Models file (default: the demo model)."),
-) -> None:
+@with_options(UpSettings)
+def up(settings: UpSettings) -> None:
     """Run the service and the Envoy REST edge together (Ctrl-C stops both)."""
-    from .edge.envoy_config import CANONICAL
-    from .edge.launcher import UpSettings, run
+    from .edge.launcher import run
 
-    settings = UpSettings(
-        data_dir=data_dir, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        admin_port=admin_port, route_timeout=route_timeout, billing=billing, database_url=database_url,
-        demo_key=demo_key, edge_config=edge_config or CANONICAL, serve_args=["--models", str(models)] if models else [],
-    )
     raise typer.Exit(run(settings))
 
 
@@ -153,15 +94,15 @@ def edge_descriptor(out: Path = typer.Option(..., "--out", help="Where to write 
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="What to draw."),
     out: Path = typer.Option(Path("image.png"), "--out", "-o", help="PNG file to write."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", "-n"),
-    model_id: int = typer.Option(1, "--model-id"),
-    width: int = typer.Option(1024, "--width"),
-    height: int = typer.Option(1024, "--height"),
-    steps: int = typer.Option(28, "--steps"),
-    cfg_scale: float = typer.Option(7.0, "--cfg-scale"),
-    seed: int = typer.Option(-1, "--seed", help="-1 picks a random seed."),
-    sampler: str = typer.Option("euler", "--sampler"),
-    scheduler: str = typer.Option("normal", "--scheduler"),
+    negative_prompt: str = typer.Option(REQUEST.negative_prompt, "--negative-prompt", "-n"),
+    model_id: int = typer.Option(REQUEST.model_id, "--model-id"),
+    width: int = typer.Option(REQUEST.width, "--width"),
+    height: int = typer.Option(REQUEST.height, "--height"),
+    steps: int = typer.Option(REQUEST.steps, "--steps"),
+    cfg_scale: float = typer.Option(REQUEST.cfg_scale, "--cfg-scale"),
+    seed: int = typer.Option(REQUEST.seed, "--seed", help="-1 picks a random seed."),
+    sampler: str = typer.Option(REQUEST.sampler, "--sampler"),
+    scheduler: str = typer.Option(REQUEST.scheduler, "--scheduler"),
     target: str = TARGET,
     api_key: str | None = API_KEY,
 ) -> None:

@@ -1,9 +1,12 @@
 """A small typed client for internal microservices (sync and asyncio flavours).
 
     from t2i.client import Client
-    with Client("localhost:50051", api_key="sk_...") as client:
-        result = client.generate(prompt="1girl, masterpiece", width=768, height=768, steps=28)
+    with Client("localhost:50051", api_key="ilx_...") as client:
+        result = client.generate("1girl, masterpiece", width=768, height=768, steps=28)
         open("out.png", "wb").write(result.images[0])
+
+Both flavours share everything but the call itself (_Calls): request building, metadata and
+the translation of errors into ClientError. Options left out take GenerateRequest's defaults.
 """
 
 from __future__ import annotations
@@ -14,13 +17,11 @@ import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 
+from . import errors, wire
 from .domain import GenerateRequest, GenerateResult, ModelInfo
 from .server import convert
 
-API_KEY_HEADER = "x-illustrious-api-key"
-IDEMPOTENCY_HEADER = "idempotency-key"
-REQUEST_ID_HEADER = "x-request-id"
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", wire.MAX_RESPONSE_BYTES)]
 
 
 class ClientError(Exception):
@@ -32,64 +33,69 @@ class ClientError(Exception):
         self.message = message
         self.retry_after = retry_after
 
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request may succeed later (the service's error table says so)."""
+        return errors.retryable(self.code.name)
+
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
         trailers = dict(error.trailing_metadata() or ())
-        retry_after = trailers.get("retry-after")
+        retry_after = trailers.get(wire.RETRY_AFTER_HEADER)
         return cls(error.code(), error.details() or "", float(retry_after) if retry_after else None)
 
 
 @dataclass(frozen=True)
-class GenerateOptions:
-    model_id: int = 1
-    negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
-    steps: int = 28
-    cfg_scale: float = 7.0
-    seed: int = -1
-    sampler: str = "euler"
-    scheduler: str = "normal"
+class _Call:
+    request: object
+    metadata: tuple[tuple[str, str], ...]
+    timeout: float | None
 
 
-def _metadata(api_key: str | None, idempotency_key: str | None, request_id: str | None) -> tuple[tuple[str, str], ...]:
-    pairs = ((API_KEY_HEADER, api_key), (IDEMPOTENCY_HEADER, idempotency_key), (REQUEST_ID_HEADER, request_id))
-    return tuple((name, value) for name, value in pairs if value)
+class _Calls:
+    """The arguments of each RPC, built the same way for both clients."""
 
-
-def _request(prompt: str, options: GenerateOptions) -> pb.GenerateImageRequest:
-    return convert.request_to_pb(GenerateRequest(prompt=prompt, **vars(options)))
-
-
-class Client:
-    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None, timeout: float | None = 600.0) -> None:
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.TextToImageServiceStub(self._channel)
+    def __init__(self, api_key: str | None, timeout: float | None) -> None:
         self.api_key = api_key
         self.timeout = timeout
 
-    def generate(
-        self, prompt: str, *, idempotency_key: str | None = None, request_id: str | None = None,
-        timeout: float | None = None, **options,
-    ) -> GenerateResult:
+    def _metadata(self, idempotency_key: str | None = None, request_id: str | None = None) -> tuple[tuple[str, str], ...]:
+        pairs = ((wire.API_KEY_HEADER, self.api_key), (wire.IDEMPOTENCY_HEADER, idempotency_key),
+                 (wire.REQUEST_ID_HEADER, request_id))
+        return tuple((name, value) for name, value in pairs if value)
+
+    def generate(self, prompt: str, idempotency_key, request_id, timeout, options: dict) -> _Call:
+        request = convert.request_to_pb(GenerateRequest(prompt=prompt, **options))
+        return _Call(request, self._metadata(idempotency_key, request_id), timeout or self.timeout)
+
+    def list_models(self, timeout) -> _Call:
+        return _Call(pb.ListModelsRequest(), self._metadata(), timeout or self.timeout)
+
+
+def _models(response: pb.ListModelsResponse) -> list[ModelInfo]:
+    return [convert.model_from_pb(m) for m in response.models]
+
+
+class Client:
+    def __init__(self, target: str = f"localhost:{wire.GRPC_PORT}", *, api_key: str | None = None,
+                 timeout: float | None = 600.0) -> None:
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.TextToImageServiceStub(self._channel)
+        self._calls = _Calls(api_key, timeout)
+
+    def _invoke(self, method, call: _Call):
         try:
-            response = self._stub.GenerateImage(
-                _request(prompt, GenerateOptions(**options)),
-                metadata=_metadata(self.api_key, idempotency_key, request_id),
-                timeout=timeout or self.timeout,
-            )
+            return method(call.request, metadata=call.metadata, timeout=call.timeout)
         except grpc.RpcError as error:
             raise ClientError.from_rpc_error(error) from None
-        return convert.result_from_pb(response)
+
+    def generate(self, prompt: str, *, idempotency_key: str | None = None, request_id: str | None = None,
+                 timeout: float | None = None, **options) -> GenerateResult:
+        call = self._calls.generate(prompt, idempotency_key, request_id, timeout, options)
+        return convert.result_from_pb(self._invoke(self._stub.GenerateImage, call))
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        try:
-            response = self._stub.ListModels(
-                pb.ListModelsRequest(), metadata=_metadata(self.api_key, None, None), timeout=timeout or self.timeout
-            )
-        except grpc.RpcError as error:
-            raise ClientError.from_rpc_error(error) from None
-        return [convert.model_from_pb(m) for m in response.models]
+        return _models(self._invoke(self._stub.ListModels, self._calls.list_models(timeout)))
 
     def close(self) -> None:
         self._channel.close()
@@ -102,34 +108,25 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None, timeout: float | None = 600.0) -> None:
+    def __init__(self, target: str = f"localhost:{wire.GRPC_PORT}", *, api_key: str | None = None,
+                 timeout: float | None = 600.0) -> None:
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.TextToImageServiceStub(self._channel)
-        self.api_key = api_key
-        self.timeout = timeout
+        self._calls = _Calls(api_key, timeout)
 
-    async def generate(
-        self, prompt: str, *, idempotency_key: str | None = None, request_id: str | None = None,
-        timeout: float | None = None, **options,
-    ) -> GenerateResult:
+    async def _invoke(self, method, call: _Call):
         try:
-            response = await self._stub.GenerateImage(
-                _request(prompt, GenerateOptions(**options)),
-                metadata=_metadata(self.api_key, idempotency_key, request_id),
-                timeout=timeout or self.timeout,
-            )
+            return await method(call.request, metadata=call.metadata, timeout=call.timeout)
         except grpc.aio.AioRpcError as error:
             raise ClientError.from_rpc_error(error) from None
-        return convert.result_from_pb(response)
+
+    async def generate(self, prompt: str, *, idempotency_key: str | None = None, request_id: str | None = None,
+                       timeout: float | None = None, **options) -> GenerateResult:
+        call = self._calls.generate(prompt, idempotency_key, request_id, timeout, options)
+        return convert.result_from_pb(await self._invoke(self._stub.GenerateImage, call))
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        try:
-            response = await self._stub.ListModels(
-                pb.ListModelsRequest(), metadata=_metadata(self.api_key, None, None), timeout=timeout or self.timeout
-            )
-        except grpc.aio.AioRpcError as error:
-            raise ClientError.from_rpc_error(error) from None
-        return [convert.model_from_pb(m) for m in response.models]
+        return _models(await self._invoke(self._stub.ListModels, self._calls.list_models(timeout)))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -7,16 +7,19 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    model_id: int
-    prompt: str
-    negative_prompt: str
-    height: int
-    width: int
-    steps: int
-    cfg_scale: float
-    seed: int
-    sampler: str
-    scheduler: str
+    """One generation, as validated by t2i.validation. The defaults are what the client and
+    the CLI send when a caller leaves a field out (the REST API has no defaults)."""
+
+    model_id: int = 1
+    prompt: str = ""
+    negative_prompt: str = ""
+    height: int = 1024
+    width: int = 1024
+    steps: int = 28
+    cfg_scale: float = 7.0
+    seed: int = -1  # -1: a random seed, returned in the result
+    sampler: str = "euler"
+    scheduler: str = "normal"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class ModelInfo:
     max_size: int
     max_steps: int
     demo: bool = False
+    # Textual inversions a prompt can name as `embedding:NAME` on this model.
+    embeddings: tuple[str, ...] = ()
 
 
 @dataclass

@@ -48,3 +48,19 @@ LEDGER_BATCH = Histogram(
     "t2i_ledger_batch_ops", "Reserves and commits applied per group-commit transaction",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
 )
+
+# LoRAs (t2i/lora/cache.py, t2i/lora/registry.py)
+LORA_CACHE_HITS = Counter(
+    "t2i_lora_cache_hits_total", "LoRA acquisitions served by weights already on the device (or already loading)", ["model"]
+)
+LORA_CACHE_MISSES = Counter("t2i_lora_cache_misses_total", "LoRA acquisitions that started a load from disk", ["model"])
+LORA_CACHE_EVICTIONS = Counter("t2i_lora_cache_evictions_total", "LoRAs dropped from the device to stay in budget", ["model"])
+LORA_CACHE_BYTES = Gauge("t2i_lora_cache_bytes", "Device bytes held by LoRA weights (resident or loading)", ["model"])
+LORA_LOAD_SECONDS = Histogram(
+    "t2i_lora_load_seconds", "Time to read one LoRA file and place it on the device", ["model"], buckets=STAGE_BUCKETS
+)
+LORAS_REGISTERED = Gauge("t2i_loras_registered", "LoRA files registered for each model", ["model"])
+LORAS_REFUSED = Gauge("t2i_loras_refused", "LoRA files in a model's directory that were refused", ["model"])
+LEDGER_RELEASE_RETRIES = Counter(
+    "t2i_ledger_release_retries_total", "Releases that failed (the ledger was unreachable) and were queued for another try"
+)

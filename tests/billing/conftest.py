@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ..support.server import ServerProcess
+from testbed.server import ServerProcess
 
 # Tight numbers so that limits can be hit quickly; heartbeats fast so that a dead replica is
 # recognised within seconds.
@@ -11,6 +11,8 @@ default_tier: standard
 tiers:
   standard: {requests_per_minute: 6000, burst: 1000, max_concurrent: 100}
   tight: {requests_per_minute: 1, burst: 2, max_concurrent: 1}
+  eight: {requests_per_minute: 6000, burst: 1000, max_concurrent: 8}
+  single: {requests_per_minute: 6000, burst: 1000, max_concurrent: 1}
   unlimited: {requests_per_minute: 1000000, burst: 100000, max_concurrent: 100000}
 auth_failures_per_minute: 1
 auth_failure_burst: 3
@@ -23,7 +25,7 @@ instance_timeout_seconds: 2
 PRICE_MULTIPLIER = 9
 
 
-def write_configs(data_dir: Path, folder: Path) -> tuple[Path, Path]:
+def write_configs(data_dir: Path, folder: Path, extra_config: str = "") -> tuple[Path, Path]:
     from t2i.models.demo import ensure_demo_model
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,16 +36,19 @@ def write_configs(data_dir: Path, folder: Path) -> tuple[Path, Path]:
         f"    min_size: 64\n    price_multiplier: {PRICE_MULTIPLIER}\n"
     )
     billing = folder / "billing.yaml"
-    billing.write_text(BILLING_CONFIG)
+    billing.write_text(BILLING_CONFIG + extra_config)
     return models, billing
 
 
-def start_billing_server(data_dir: Path, folder: Path, database_url: str, *extra: str) -> ServerProcess:
-    models, billing = write_configs(data_dir, folder)
+def start_billing_server(
+    data_dir: Path, folder: Path, database_url: str, *extra: str, extra_config: str = "", wait: bool = True
+) -> ServerProcess:
+    """The service on the demo model with BILLING_CONFIG (plus `extra_config` YAML lines)."""
+    models, billing = write_configs(data_dir, folder, extra_config)
     server = ServerProcess(
         data_dir, "--models", str(models), "--billing-config", str(billing), "--database-url", database_url, *extra
     )
-    return server.wait_serving()
+    return server.wait_serving() if wait else server
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from ..support.api import Api
-from ..support.metrics import scrape, value
+from testbed.api import Api
+from testbed.metrics import scrape, value
 
 DOCUMENTED_COST_REQUEST = dict(width=256, height=256, steps=28, sampler_name="euler", scheduler="normal")  # costs 3
 
@@ -115,7 +115,10 @@ def test_rate_limit_is_resource_exhausted_with_retry_after(api, ledger):
 def test_concurrent_request_cap(api, ledger):
     record, secret = ledger.create_key("tight", 100, "tight")  # max_concurrent 1
     slow = api.generate_future(secret, width=512, height=512, steps=100)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 20
+    while ledger.get_key(record.id).reserved == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)  # in flight once its price is reserved (the slot is taken before that)
+    assert ledger.get_key(record.id).reserved > 0
     second = api.generate(secret)
     assert second.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert second.details == f"rate limit exceeded: key {record.id} already has 1 requests in flight, the most it may have; retry in 1 s"
@@ -195,14 +198,18 @@ def test_idempotent_retry_while_running_is_aborted(api, ledger, key):
 
 
 def test_billing_metrics(billed_server, api, key):
-    api.generate(key[1])
-    api.generate(None)
-    samples = scrape(billed_server.metrics_port)
-    assert value(samples, "t2i_stardust_reserved_total", model="1") >= 1
-    assert value(samples, "t2i_stardust_charged_total", model="1") >= 1
-    assert value(samples, "t2i_auth_failures_total", reason="missing") >= 1
-    assert value(samples, "t2i_ledger_seconds_count", operation="reserve") >= 1
-    assert value(samples, "t2i_ledger_seconds_count", operation="commit") >= 1
+    """Each counter grows by exactly what one charged request and one refused key add."""
+    expected = [
+        ("t2i_stardust_reserved_total", {"model": "1"}, 3), ("t2i_stardust_charged_total", {"model": "1"}, 3),
+        ("t2i_stardust_released_total", {"model": "1"}, 0), ("t2i_auth_failures_total", {"reason": "missing"}, 1),
+        ("t2i_ledger_seconds_count", {"operation": "reserve"}, 1), ("t2i_ledger_seconds_count", {"operation": "commit"}, 1),
+    ]
+    before = scrape(billed_server.metrics_port)
+    assert api.generate(key[1], **DOCUMENTED_COST_REQUEST).response.stardust_usage == 3
+    assert api.generate(None).code is grpc.StatusCode.UNAUTHENTICATED
+    after = scrape(billed_server.metrics_port)
+    grown = [(name, labels, value(after, name, **labels) - value(before, name, **labels)) for name, labels, _ in expected]
+    assert grown == expected
 
 
 def test_keys_never_reach_the_logs(billed_server, ledger):

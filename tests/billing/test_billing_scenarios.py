@@ -13,11 +13,14 @@ from t2i.billing.ledger import Ledger
 from t2i.billing.pricing import price
 from t2i.billing.settings import BillingSettings
 from t2i.domain import GenerateRequest
+from t2i.sampling import SigmaTable
 
-from ..support.api import Api
+from testbed.api import Api
 from .conftest import PRICE_MULTIPLIER, start_billing_server
 
-SLOW_COST = price(GenerateRequest(1, "1girl", "", 256, 256, 150, 5.0, 0, "euler", "normal"), PRICE_MULTIPLIER, BillingSettings())
+SLOW_COST = price(
+    GenerateRequest(1, "1girl", "", 256, 256, 150, 5.0, 0, "euler", "normal"), PRICE_MULTIPLIER, SigmaTable.sdxl(), BillingSettings()
+)
 
 
 @pytest.fixture

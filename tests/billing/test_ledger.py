@@ -25,7 +25,7 @@ def test_keys_are_stored_hashed_and_found_by_key(ledger):
     assert record.id.startswith("key_") and record.prefix == key[:8]
     assert ledger.find_key(key) == record
     assert ledger.find_key(key + "x") is None
-    with ledger.engine.connect() as conn:
+    with ledger.db.connect() as conn:
         rows = [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM api_keys").all()]
     assert key not in repr(rows)  # only the hash and a short prefix are stored
     assert key[8:20] not in repr(rows)
@@ -116,7 +116,7 @@ def test_sweep_releases_what_dead_or_restarted_owners_left(ledger):
     dead = ledger.reserve(record.id, 2, owner="dead")
     mine_before_restart = ledger.reserve(record.id, 4, owner="me")
     expired = ledger.reserve(record.id, 8, owner="alive")
-    with ledger.engine.begin() as conn:
+    with ledger.db.begin() as conn:
         conn.execute(update(instances).where(instances.c.id == "dead").values(heartbeat_at=started - dt.timedelta(minutes=5)))
         conn.execute(update(reservations).where(reservations.c.id == expired.id).values(expires_at=started - dt.timedelta(seconds=1)))
     restarted_at = utcnow()
@@ -175,14 +175,24 @@ def test_verify_detects_a_tampered_balance(ledger):
     record, _ = ledger.create_key("a", 10, "standard")
     from t2i.billing.schema import api_keys
 
-    with ledger.engine.begin() as conn:
+    with ledger.db.begin() as conn:
         conn.execute(update(api_keys).where(api_keys.c.id == record.id).values(balance=11))
     assert any("stored balance 11, journal says 10" in p for p in ledger.verify())
 
 
 def test_migrations_are_idempotent(database_url):
-    open_database(database_url).dispose()
-    open_database(database_url).dispose()  # a second start (or replica) finds the schema current
+    """A second start (or replica) finds the schema current and the data where it was."""
+    first = Ledger(open_database(database_url))
+    record, key = first.create_key("survivor", 42, "standard")
+    first.reserve(record.id, 2, owner="i1")
+    first.close()
+    again = Ledger(open_database(database_url))  # runs the migrations a second time
+    try:
+        kept = again.find_key(key)
+        assert (kept.id, kept.balance, kept.reserved) == (record.id, 40, 2)
+        assert len(again.open_reservations()) == 1 and again.verify() == []
+    finally:
+        again.close()
 
 
 def test_a_batch_applies_each_op_on_its_own(ledger):
@@ -217,11 +227,19 @@ def test_a_batch_applies_each_op_on_its_own(ledger):
 async def test_group_commit_batches_concurrent_ops(ledger):
     import asyncio
 
+    from t2i import metrics
     from t2i.billing.group_commit import GroupCommitter
     from t2i.billing.ledger import CommitOp, ReserveOp
 
+    def batches() -> tuple[float, float]:
+        """(transactions, ops) the group committer has recorded so far."""
+        families = {f.name: f for f in metrics.LEDGER_BATCH.collect()}
+        samples = {s.name: s.value for s in families["t2i_ledger_batch_ops"].samples}
+        return samples["t2i_ledger_batch_ops_count"], samples["t2i_ledger_batch_ops_sum"]
+
     record, _ = ledger.create_key("busy", 50, "standard")
     committer = GroupCommitter(ledger)
+    transactions_before, ops_before = batches()
     try:
         outcomes = await asyncio.gather(
             *(committer.reserve(ReserveOp(record.id, 3, "i1")) for _ in range(20)), return_exceptions=True
@@ -233,6 +251,10 @@ async def test_group_commit_batches_concurrent_ops(ledger):
         assert set(balances) == {2}
     finally:
         committer.close()
+    transactions, ops = batches()
+    assert ops - ops_before == 20 + 16
+    # Submitted together, they shared transactions: far fewer than one per op.
+    assert transactions - transactions_before <= 6, transactions - transactions_before
     record = ledger.get_key(record.id)
     assert (record.balance, record.reserved) == (2, 0)
     assert ledger.verify() == []

@@ -1,6 +1,6 @@
 import pytest
 
-from ..support.up import UpProcess
+from testbed.up import UpProcess
 
 BILLING_CONFIG = """
 default_tier: standard
@@ -34,4 +34,4 @@ def ledger(edge):
 
     ledger = open_ledger(edge.data_dir, None)
     yield ledger
-    ledger.engine.dispose()
+    ledger.close()

@@ -11,7 +11,7 @@ from t2i.edge.descriptor import write_descriptor
 from t2i.edge.envoy_config import CANONICAL, EdgeSettings, load_canonical, route_timeout_seconds, write
 from t2i.edge.launcher import envoy_binary
 
-from ..support.up import UpProcess, free_ports
+from testbed.up import UpProcess, free_ports
 from .conftest import billing_env
 from .test_rest import SMALL, assert_error_shape, headers
 

@@ -8,7 +8,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from ..support.up import Reply
+from testbed.up import Reply
 from .test_rest import SMALL, headers
 
 VALID = {**SMALL, "steps": 1}

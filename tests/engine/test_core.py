@@ -4,10 +4,10 @@ import torch
 
 from t2i.domain import GenerateRequest
 from t2i.engine.core import EngineCore
-from t2i.engine.denoise import Evaluation, evaluate, size_conditioning, stack_contexts
+from t2i.engine.denoise import UNetInput, evaluate, size_conditioning, stack_contexts
 from t2i.engine.request import EngineRequest, RequestState
-from t2i.engine.scheduler import Scheduler
-from t2i.engine.text import encode_prompts
+from t2i.engine.batching import Batcher
+from t2i.engine.text import encode_prompts, prepare_prompt
 
 from .test_text import DOCUMENTED_PROMPT
 
@@ -18,11 +18,21 @@ def params(**overrides) -> GenerateRequest:
     return GenerateRequest(**{**base, **overrides})
 
 
+def engine_request(model, name: str, p: GenerateRequest) -> EngineRequest:
+    """A request as the AsyncEngine makes it: prompts checked and chunked before queueing."""
+    prompts = (prepare_prompt(model, p.prompt), prepare_prompt(model, p.negative_prompt, "negativePrompt"))
+    return EngineRequest(request_id=name, params=p, seed=p.seed, prompts=prompts)
+
+
+def encode(model, *texts):
+    return encode_prompts(model, [prepare_prompt(model, t) for t in texts])
+
+
 def run_core(model, requests: list[GenerateRequest], max_batch: int = 8, stagger: int = 0):
     """Run requests through EngineCore; with `stagger`, request i joins after i*stagger steps.
     Returns the final latents and each request's batch sizes."""
-    core = EngineCore({1: model}, Scheduler(max_batch, admission_window=0.0))
-    engine_requests = [EngineRequest(request_id=str(i), params=p, seed=p.seed) for i, p in enumerate(requests)]
+    core = EngineCore({1: model}, Batcher(max_batch, admission_window=0.0))
+    engine_requests = [engine_request(model, str(i), p) for i, p in enumerate(requests)]
     pending = list(engine_requests)
     steps = 0
     while pending or core.has_work():
@@ -53,12 +63,12 @@ def test_a_request_gives_the_same_latent_alone_and_in_a_busy_mixed_batch(demo_mo
 
 
 def test_padding_and_masking_a_shorter_context_leaves_its_prediction_unchanged(demo_model):
-    short, long = encode_prompts(demo_model.tokenizers, demo_model.text_encoders, ["1girl", DOCUMENTED_PROMPT], demo_model.device)
+    short, long = encode(demo_model, "1girl", DOCUMENTED_PROMPT)
     assert long.tokens > short.tokens
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
     time_ids = size_conditioning(64, 64, demo_model.device)
-    alone = evaluate(demo_model, [Evaluation(x, 3.0, short, short, time_ids)])[0]
-    padded = evaluate(demo_model, [Evaluation(x, 3.0, short, long, time_ids)])[0]
+    alone = evaluate(demo_model, [UNetInput(x, 3.0, short, short, time_ids)])[0]
+    padded = evaluate(demo_model, [UNetInput(x, 3.0, short, long, time_ids)])[0]
     assert torch.allclose(alone[0], padded[0], atol=1e-5)  # cond row was padded and masked
     context, mask = stack_contexts([short.context, long.context])
     assert mask is not None and mask[0].sum() == short.tokens and mask[1].all()
@@ -66,11 +76,11 @@ def test_padding_and_masking_a_shorter_context_leaves_its_prediction_unchanged(d
 
 
 def test_x0_follows_the_eps_parameterisation_with_integer_timesteps(demo_model):
-    cond, = encode_prompts(demo_model.tokenizers, demo_model.text_encoders, ["1girl"], demo_model.device)
+    (cond,) = encode(demo_model, "1girl")
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     sigma = 2.5
     time_ids = size_conditioning(64, 64, demo_model.device)
-    x0, _ = evaluate(demo_model, [Evaluation(x, sigma, cond, cond, time_ids)])[0]
+    x0, _ = evaluate(demo_model, [UNetInput(x, sigma, cond, cond, time_ids)])[0]
     t = demo_model.sigma_table.timestep(sigma)
     with torch.inference_mode():
         eps = demo_model.unet(
@@ -84,8 +94,8 @@ def test_engine_core_runs_every_sampler_and_marks_states(demo_model):
     from t2i.sampling import SAMPLER_NAMES
 
     requests = [params(sampler=name, seed=i, steps=3) for i, name in enumerate(SAMPLER_NAMES)]
-    core = EngineCore({1: demo_model}, Scheduler(4, admission_window=0.0))
-    engine_requests = [EngineRequest(request_id=str(i), params=p, seed=p.seed) for i, p in enumerate(requests)]
+    core = EngineCore({1: demo_model}, Batcher(4, admission_window=0.0))
+    engine_requests = [engine_request(demo_model, str(i), p) for i, p in enumerate(requests)]
     for r in engine_requests:
         core.add(r)
     finished = []

@@ -206,7 +206,7 @@ def configmap_file(r: Rendered, container: dict, pod_spec: dict, path: str) -> s
 
 def test_probes_use_grpc_health_on_the_serving_port(rendered: Rendered):
     container = server_container(rendered)
-    port = int(container_env(rendered, container)["T2I_GRPC_PORT"])
+    port = int(container_env(rendered, container).get("T2I_GRPC_PORT", serve_options()["T2I_GRPC_PORT"].default))
     assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert probe in container, f"{rendered.overlay}: no {probe}"
@@ -239,14 +239,52 @@ def test_termination_grace_covers_the_longest_generation_and_the_drain(rendered:
     assert termination >= prestop + grace_period, (termination, prestop, grace_period)
 
 
+def serve_options() -> dict:
+    from t2i.cli_options import options_of
+    from t2i.settings import ServeSettings
+
+    return {o.env: o for o in options_of(ServeSettings) if o.env}
+
+
+# Where the cluster's server.env deliberately differs from a `t2i serve` default, and why.
+CLUSTER_OVERRIDES = {
+    "T2I_GRPC_HOST": "the edge is another pod: listen on the pod's address, not loopback",
+    "T2I_METRICS_HOST": "Prometheus scrapes from another pod",
+    "T2I_TRUSTED_PROXIES": "the edge pods' addresses; NetworkPolicy lets only them reach the gRPC port",
+    "T2I_DATA_DIR": "the emptyDir mount",
+    "T2I_GRACE_PERIOD": "at least the edge's route timeout",
+    "T2I_BILLING_CONFIG": "the billing ConfigMap",
+}
+LOGGING = {"T2I_LOG_LEVEL", "T2I_LOG_FORMAT"}  # the `t2i` callback's options, not serve's
+
+
 def test_settings_come_from_a_configmap_and_are_known_to_the_cli(rendered: Rendered):
     container = server_container(rendered)
-    known = set(re.findall(r'envvar="(T2I_[A-Z_]+)"', (ROOT / "service/t2i/cli.py").read_text()))
     env = container_env(rendered, container)
-    unknown = {k for k in env if k.startswith("T2I_")} - known
-    assert not unknown, f"settings the CLI does not read: {unknown}"
+    unknown = {k for k in env if k.startswith("T2I_")} - set(serve_options()) - LOGGING
+    assert not unknown, f"settings `t2i serve` does not read: {unknown}"
     assert container["args"] == ["serve"] or container.get("command", [])[-1:] == ["serve"]
     assert env["T2I_INSTANCE_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_the_cluster_env_file_restates_no_default():
+    """server.env sets what the cluster needs differently, nothing that merely repeats a
+    default (which would go stale when the default changes)."""
+    options = serve_options()
+    lines = (ROOT / "k8s/base/config/server.env").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    for name, value in env.items():
+        if not name.startswith("T2I_") or name in LOGGING:
+            continue
+        option = options[name]
+        if name in CLUSTER_OVERRIDES:
+            assert value != str(option.default), f"{name}={value} is the default; drop it or its override note"
+        else:
+            assert str(option.default).lower() == value.lower(), (
+                f"{name}={value} differs from the `t2i serve` default {option.default!r}: "
+                "add it to CLUSTER_OVERRIDES with the reason, or drop it"
+            )
+    assert set(CLUSTER_OVERRIDES) <= set(env), set(CLUSTER_OVERRIDES) - set(env)
 
 
 def test_database_and_redis_urls_come_from_the_secret(rendered: Rendered):
@@ -418,7 +456,7 @@ def test_headless_service_matches_the_envoy_cluster(rendered: Rendered):
 
 def test_metrics_service_and_servicemonitor(rendered: Rendered):
     container = server_container(rendered)
-    metrics_port = int(container_env(rendered, container)["T2I_METRICS_PORT"])
+    metrics_port = int(container_env(rendered, container).get("T2I_METRICS_PORT", serve_options()["T2I_METRICS_PORT"].default))
     pod_labels = server_deployment(rendered)["spec"]["template"]["metadata"]["labels"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     services = [

@@ -135,7 +135,8 @@ def test_the_service_loader_serves_a_single_file_checkpoint(round_trip, tmp_path
     from t2i.domain import GenerateRequest
     from t2i.engine.core import EngineCore
     from t2i.engine.request import EngineRequest
-    from t2i.engine.scheduler import Scheduler
+    from t2i.engine.text import prepare_prompt
+    from t2i.engine.batching import Batcher
     from t2i.models.config import ModelSpec, load_models_file
     from t2i.models.loader import load_model
 
@@ -151,8 +152,10 @@ def test_the_service_loader_serves_a_single_file_checkpoint(round_trip, tmp_path
     from_folder = load_model(ModelSpec(id=5, name="folder", path=demo_dir, min_size=64), torch.device("cpu"))
 
     def latent(model):
-        core = EngineCore({5: model}, Scheduler(1, 0.0))
-        request = EngineRequest("r", GenerateRequest(5, "1girl", "bad", 64, 64, 4, 6.0, 3, "euler", "karras"), seed=3)
+        core = EngineCore({5: model}, Batcher(1, 0.0))
+        prompts = (prepare_prompt(model, "1girl"), prepare_prompt(model, "bad"))
+        request = EngineRequest("r", GenerateRequest(5, "1girl", "bad", 64, 64, 4, 6.0, 3, "euler", "karras"), seed=3,
+                                prompts=prompts)
         core.add(request)
         while core.has_work():
             core.step()

@@ -1,7 +1,7 @@
-"""The scale-out proof (benchmarks/scaleout.py) with less traffic: two replicas, one Envoy,
+"""The scale-out proof (testbed/scaleout.py) with less traffic: two replicas, one Envoy,
 shared PostgreSQL and Redis, one replica killed under load."""
 
-from benchmarks.scaleout import run_proof
+from testbed.scaleout import run_proof
 
 
 def test_two_replicas_behind_one_edge(tmp_path):

@@ -2,7 +2,7 @@ import pytest
 
 from t2i.client import Client
 
-from ..support.server import ServerProcess
+from testbed.server import ServerProcess
 
 
 @pytest.fixture(scope="package")

@@ -138,7 +138,16 @@ def test_invalid_arguments_name_the_field_value_and_rule(client, field, change, 
 
 
 def test_boundary_values_are_accepted(client):
-    result = client.generate("a", negative_prompt="n" * 3000, width=64, height=64, steps=1, cfg_scale=0.0, seed=MAX_SEED)
+    longest = ("masterpiece " * 250)[:3000]  # 3000 characters, 250 CLIP tokens: within the chunk cap
+    result = client.generate("a", negative_prompt=longest, width=64, height=64, steps=1, cfg_scale=0.0, seed=MAX_SEED)
     assert result.seeds == [MAX_SEED]
     assert png_pixels(result.images[0]).shape == (64, 64, 3)
     client.generate("p" * 3000, width=64, height=72, steps=1, cfg_scale=30.0, seed=0)
+
+
+def test_a_prompt_over_the_chunk_cap_is_refused_with_its_token_count(client):
+    with pytest.raises(ClientError) as error:
+        client.generate("a", negative_prompt="n" * 3000, width=64, height=64, steps=1)
+    assert error.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.message.startswith("invalid negativePrompt (3000 characters): is 1499 CLIP tokens")
+    assert "at most 8 chunks (600 tokens) are allowed" in error.value.message

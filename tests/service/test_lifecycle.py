@@ -7,15 +7,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 
+from t2i import wire
 from t2i.client import Client, ClientError
 from t2i.domain import GenerateRequest
 from t2i.server.convert import request_to_pb
 
-from ..support.metrics import scrape, value
-from ..support.server import ServerProcess
+from testbed.metrics import scrape, value
+from testbed.server import ServerProcess
 
 SLOW = GenerateRequest(1, "1girl", "", 512, 512, 150, 5.0, 1, "dpm_2", "normal")  # ~300 evaluations
 
@@ -67,20 +67,27 @@ def test_deadline_exceeded_request_is_dropped(server, client):
 
 
 def test_metrics_cover_requests_stages_batches_and_model(server, client):
+    before = scrape(server.metrics_port)
     client.generate("1girl", width=64, height=64, steps=3)
     samples = scrape(server.metrics_port)
-    assert value(samples, "t2i_requests_total", method="GenerateImage", code="OK") >= 1
+
+    def grown(name, **labels):
+        return value(samples, name, **labels) - value(before, name, **labels)
+
+    assert grown("t2i_requests_total", method="GenerateImage", code="OK") == 1
     for stage in ("queue_wait", "text_encode", "denoise", "vae_decode", "png_encode"):
-        assert value(samples, "t2i_stage_seconds_count", stage=stage) >= 1
-    assert value(samples, "t2i_batch_size_count", model="1") >= 3
+        assert grown("t2i_stage_seconds_count", stage=stage) == 1, stage
+    assert grown("t2i_batch_size_count", model="1") == 3  # one UNet forward per euler step
+    assert grown("t2i_unet_evaluations_total", model="1") == 3
     assert ("t2i_queue_depth", ()) in samples and ("t2i_inflight_requests", ()) in samples
     assert value(samples, "t2i_model_load_seconds", model="1") > 0
     info = [labels for (name, labels), v in samples.items() if name == "t2i_model_info" and v == 1]
     assert any(dict(labels)["attention"] == "sdpa" and dict(labels)["device"] == "cpu" for labels in info)
     with pytest.raises(ClientError):
         client.generate("", width=64, height=64, steps=3)
-    samples = scrape(server.metrics_port)
-    assert value(samples, "t2i_requests_total", method="GenerateImage", code="INVALID_ARGUMENT") >= 1
+    refused = scrape(server.metrics_port)
+    assert value(refused, "t2i_requests_total", method="GenerateImage", code="INVALID_ARGUMENT") - value(
+        samples, "t2i_requests_total", method="GenerateImage", code="INVALID_ARGUMENT") == 1
 
 
 def test_reflection_lists_the_services(server):
@@ -117,7 +124,7 @@ def test_health_goes_serving_after_warm_up_and_sigterm_drains_in_flight_work(tmp
     server = ServerProcess(tmp_path, "--no-billing", "--grace-period", "60")
     try:
         server.wait_listening()
-        statuses = {server.health(), server.health(pb.DESCRIPTOR.services_by_name["TextToImageService"].full_name)}
+        statuses = {server.health(), server.health(wire.SERVICE)}
         assert statuses == {health_pb2.HealthCheckResponse.NOT_SERVING}
         with Client(server.target) as client:
             with pytest.raises(ClientError) as error:
@@ -125,7 +132,9 @@ def test_health_goes_serving_after_warm_up_and_sigterm_drains_in_flight_work(tmp
             assert error.value.code is grpc.StatusCode.UNAVAILABLE
             assert "models are still loading" in error.value.message
             server.wait_serving()
-            assert server.logged("model warmed up"), "warm-up must run before SERVING"
+            assert wait_for(lambda: server.logged("serving"))
+            order = [e["msg"] for e in server.logs if e.get("msg") in ("model warmed up", "serving")]
+            assert order == ["model warmed up", "serving"], "warm-up must finish before the server reports SERVING"
 
             with grpc.insecure_channel(server.target) as channel:
                 stub = pb_grpc.TextToImageServiceStub(channel)

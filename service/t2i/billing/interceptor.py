@@ -16,6 +16,8 @@ ListModels needs a valid key and costs nothing. Health and reflection are open.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import ipaddress
 import logging
 import socket
 import time
@@ -25,40 +27,41 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
-from .. import metrics
+from .. import metrics, wire
 from ..errors import InternalError, InvalidArgument, PermissionDenied, Unauthenticated
 from ..logs import request_id_var
 from ..server import convert
 from ..server.catalog import ModelCatalog
 from ..server.interceptors import metadata_value, wrap_unary
+from ..settings import ServeSettings
 from . import pricing
 from .group_commit import GroupCommitter
-from .ledger import CommitOp, IdempotencyClaim, KeyRecord, Ledger, Replay, Reservation, ReserveOp, utcnow
+from .keycache import KeyCache
+from .database import redact, unavailable_error
+from .ledger import CommitOp, IdempotencyClaim, KeyRecord, Ledger, ReleaseOp, Replay, Reservation, ReservationExpired, ReserveOp, utcnow
 from .ratelimit import LocalLimiter, RedisLimiter, refusal
 from .settings import BillingSettings
 
 log = logging.getLogger(__name__)
 
-SERVICE = pb.DESCRIPTOR.services_by_name["TextToImageService"].full_name
-GENERATE = f"/{SERVICE}/GenerateImage"
-LIST_MODELS = f"/{SERVICE}/ListModels"
-API_KEY_HEADER = "x-illustrious-api-key"
-IDEMPOTENCY_HEADER = "idempotency-key"
-MAX_IDEMPOTENCY_KEY = 255
-# Known keys are remembered this long, saving a database read per request. Revocation still
-# takes effect at once for generation: the reservation refuses a revoked key.
+# Known keys are remembered this long, saving a database read per request. Revocation evicts
+# them within a poll (revocation_poll_seconds), and a reservation refuses a revoked key anyway.
 KEY_CACHE_SECONDS = 5.0
 
 
-def client_address(context: grpc.aio.ServicerContext) -> str:
-    """The caller's address: the last x-forwarded-for hop, else the peer.
+def parse_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Comma-separated CIDRs (or addresses); ValueError names the bad entry."""
+    networks = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"trusted_proxies: {part!r} is not an IP address or CIDR network") from None
+    return tuple(networks)
 
-    The edge appends the address of the peer it saw to whatever x-forwarded-for the client
-    sent, so only the last hop is trustworthy; earlier ones are the client's to forge.
-    """
-    forwarded = metadata_value(context, "x-forwarded-for")
-    if forwarded:
-        return forwarded.rsplit(",", 1)[-1].strip()
+
+def peer_address(context: grpc.aio.ServicerContext) -> str:
+    """The address of the connection's other end (gRPC peer strings: ipv4:a.b.c.d:port, ipv6:[..]:port)."""
     peer = context.peer() or "unknown"
     kind, _, rest = peer.partition(":")
     if kind == "ipv6":
@@ -68,6 +71,30 @@ def client_address(context: grpc.aio.ServicerContext) -> str:
     return peer
 
 
+def client_address(context: grpc.aio.ServicerContext, trusted: tuple = ()) -> str:
+    """The caller's address: the last x-forwarded-for hop when the peer is a trusted proxy
+    (the edge), else the peer itself.
+
+    The edge appends the address of the peer it saw to whatever x-forwarded-for the client
+    sent, so only the last hop is trustworthy, and only when the edge is the one who sent it:
+    a caller reaching the service directly could otherwise claim any address (dodging the
+    failed-authentication limit, or getting a victim's address blocked).
+    """
+    peer = peer_address(context)
+    forwarded = metadata_value(context, wire.FORWARDED_FOR_HEADER)
+    if forwarded and _trusted(peer, trusted):
+        return forwarded.rsplit(",", 1)[-1].strip()
+    return peer
+
+
+def _trusted(address: str, networks: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks if network.version == ip.version)
+
+
 def default_instance_id(port: int) -> str:
     return f"{socket.gethostname()}:{port}"
 
@@ -75,9 +102,10 @@ def default_instance_id(port: int) -> str:
 class BillingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self, ledger: Ledger, limiter: LocalLimiter | RedisLimiter, settings: BillingSettings, catalog: ModelCatalog,
-        instance_id: str | None = None,
+        instance_id: str | None = None, trusted_proxies: str = ServeSettings.trusted_proxies,
     ) -> None:
         self.ledger = ledger
+        self.trusted_proxies = parse_networks(trusted_proxies)
         self.limiter = limiter
         self.settings = settings
         self.catalog = catalog
@@ -86,43 +114,79 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         # Ledger calls block on the database; they get their own threads so a slow database
         # cannot starve other users of the default executor.
         self._db = ThreadPoolExecutor(8, thread_name_prefix="t2i-ledger")
-        # Reserves and commits of concurrent requests share transactions (group commit).
-        self._batched = GroupCommitter(ledger)
-        self._maintenance: asyncio.Task | None = None
-        self._known_keys: dict[str, tuple[KeyRecord, float]] = {}
+        # Every reserve, commit and release goes through the group committer (one money path).
+        self._money = GroupCommitter(ledger, where=redact(ledger.db.url.render_as_string(hide_password=False)))
+        self._loops: list[asyncio.Task] = []
+        self._keys = KeyCache(KEY_CACHE_SECONDS)
+        # Requests in flight: their tasks per key (so revocation can stop them) and their
+        # concurrency slots (whose leases are renewed while they run).
+        self._inflight: dict[str, set[asyncio.Task]] = {}
+        self._revoked: set[str] = set()
+        self._slots: set[tuple[str, str]] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Release what an earlier run left open, then heartbeat and sweep in the background."""
+        """Release what an earlier run left open, then, in the background: heartbeat and sweep,
+        renew concurrency slots, and watch for revoked keys."""
         await self._call("heartbeat", self.ledger.heartbeat, self.instance_id, self.started_at)
         released = await self._call("sweep", self.ledger.sweep, self.instance_id, self.started_at, self.settings.instance_timeout_seconds)
         log.info("billing ready", extra={"instance": self.instance_id, "released_reservations": released})
-        self._maintenance = asyncio.create_task(self._maintain())
+        self._revocations_since = utcnow()
+        self._loops = [
+            asyncio.create_task(self._every(self.settings.heartbeat_seconds, self._heartbeat, "heartbeat")),
+            # Renewals at a third of the lease at most, and failed releases retried every second.
+            asyncio.create_task(self._every(min(1.0, self.settings.concurrency_slot_lease_seconds / 3), self._renew_slots, "slot leases")),
+            asyncio.create_task(self._every(self.settings.revocation_poll_seconds, self._watch_revocations, "revocations")),
+        ]
 
-    async def _maintain(self) -> None:
-        rounds = 0
+    @staticmethod
+    async def _every(seconds: float, step, what: str) -> None:
         while True:
-            await asyncio.sleep(self.settings.heartbeat_seconds)
+            await asyncio.sleep(seconds)
             try:
-                await self._call("heartbeat", self.ledger.heartbeat, self.instance_id, self.started_at)
-                rounds += 1
-                if rounds % 3 == 0:
-                    released = await self._call(
-                        "sweep", self.ledger.sweep, self.instance_id, self.started_at, self.settings.instance_timeout_seconds
-                    )
-                    if released:
-                        log.warning("released abandoned reservations", extra={"count": released})
+                await step()
             except Exception:
-                log.exception("billing maintenance failed; will retry")
+                log.exception(f"billing maintenance ({what}) failed; will retry")
+
+    async def _heartbeat(self) -> None:
+        await self._call("heartbeat", self.ledger.heartbeat, self.instance_id, self.started_at)
+        self._beats = getattr(self, "_beats", 0) + 1
+        if self._beats % 3 == 0:
+            released = await self._call(
+                "sweep", self.ledger.sweep, self.instance_id, self.started_at, self.settings.instance_timeout_seconds
+            )
+            if released:
+                log.warning("released abandoned reservations", extra={"count": released})
+
+    async def _renew_slots(self) -> None:
+        await self.limiter.maintain(set(self._slots))
+
+    async def _watch_revocations(self) -> None:
+        """Keys revoked anywhere (any replica, `t2i keys revoke`) stop working here within a
+        poll: cached entries go, and the key's queued and running requests are stopped
+        (answered PERMISSION_DENIED, released, not charged)."""
+        # A margin for clocks that disagree between the machine that revoked and this one.
+        since = self._revocations_since - dt.timedelta(seconds=30)
+        self._revocations_since = utcnow()
+        revoked = set(await self._call("revocations", self.ledger.revoked_since, since))
+        if not revoked:
+            return
+        self._keys.evict(revoked)
+        for key_id in revoked & set(self._inflight):
+            tasks = self._inflight.get(key_id, set())
+            log.info("stopping the requests of a revoked key", extra={"key_id": key_id, "requests": len(tasks)})
+            self._revoked.add(key_id)
+            for task in tasks:
+                task.cancel()
 
     async def close(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.cancel()
+        for loop in self._loops:
+            loop.cancel()
         await self.limiter.close()
-        self._batched.close()
+        self._money.close()
         self._db.shutdown(wait=True)
-        self.ledger.engine.dispose()
+        self.ledger.close()
 
     # --- interception --------------------------------------------------------------------------
 
@@ -130,9 +194,9 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        if details.method == GENERATE:
+        if details.method == wire.GENERATE_METHOD:
             return wrap_unary(handler, self._generate)
-        if details.method == LIST_MODELS:
+        if details.method == wire.LIST_MODELS_METHOD:
             return wrap_unary(handler, self._list_models)
         return handler
 
@@ -152,55 +216,64 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         if not decision.allowed:
             metrics.RATE_LIMITED.labels(limit=decision.verdict.value).inc()
             raise refusal(decision, key.id, tier)
+        task = asyncio.current_task()
+        self._slots.add((key.id, slot))
+        self._inflight.setdefault(key.id, set()).add(task)
         try:
             return await self._charged(inner, request, context, key, decision.headers())
+        except asyncio.CancelledError:
+            if key.id not in self._revoked:
+                raise
+            task.uncancel()  # stopped by revocation, not by the caller: tell them why
+            raise PermissionDenied(
+                f"API key {key.id} was revoked while this request was running; it was stopped and not charged"
+            ) from None
         finally:
+            tasks = self._inflight.get(key.id, set())
+            tasks.discard(task)
+            if not tasks:
+                self._inflight.pop(key.id, None)
+                self._revoked.discard(key.id)
+            self._slots.discard((key.id, slot))
             await self.limiter.release_slot(key.id, slot)
 
     async def _charged(self, inner, request, context, key: KeyRecord, headers: dict[str, str]):
         params = convert.request_from_pb(request)
+        # Everything that can refuse the request is asked before money moves: a request the
+        # engine would refuse (bad field, shutting down, queue full) never reserves.
         self.catalog.check(params)
+        self.catalog.admission_check()
+        loaded = self.catalog.model(params.model_id)
+        cost = pricing.price(params, loaded.spec.price_multiplier, loaded.sigma_table, self.settings)
         model = str(params.model_id)
-        cost = pricing.price(params, self.catalog.spec(params.model_id).price_multiplier, self.settings)
         claim = self._idempotency_claim(context, request)
         request_id = request_id_var.get()
-        if claim is None:
-            outcome = await self._timed("reserve", self._batched.reserve(
-                ReserveOp(key.id, cost, self.instance_id, params.model_id, request_id)
-            ))
-        else:
-            outcome = await self._call(
-                "reserve", self.ledger.reserve, key.id, cost, owner=self.instance_id, model_id=params.model_id,
-                request_id=request_id, idempotency=claim,
-            )
+        outcome = await self._timed("reserve", self._money.reserve(
+            ReserveOp(key.id, cost, self.instance_id, params.model_id, request_id, claim)
+        ))
         if isinstance(outcome, Replay):
             metrics.IDEMPOTENT_REPLAYS.inc()
             response = pb.GenerateImageResponse.FromString(outcome.response)
             response.stardust_usage, response.stardust_balance = outcome.usage, outcome.balance
+            await context.send_initial_metadata(tuple(headers.items()))
             return response
         reservation: Reservation = outcome
         metrics.STARDUST_RESERVED.labels(model=model).inc(cost)
         try:
             response = await inner(request, context)
         except BaseException:
-            await self._release(reservation, model, "generation failed or was cancelled")
+            self._release(reservation, model, "generation failed or was cancelled")
             raise
+        commit = CommitOp(reservation, params.model_id, request_id, response.SerializeToString() if claim else None)
         try:
             # Shielded: once the image exists, a cancellation must not interrupt the charge.
-            if claim is None:
-                charge = self._timed("commit", self._batched.commit(CommitOp(reservation, params.model_id, request_id)))
-            else:
-                charge = self._call(
-                    "commit", self.ledger.commit, reservation, model_id=params.model_id, request_id=request_id,
-                    idempotent_response=response.SerializeToString(),
-                )
-            balance = await asyncio.shield(charge)
-        except InternalError:
-            raise  # the reservation was already resolved (it expired): nothing was charged
+            balance = await asyncio.shield(self._timed("commit", self._money.commit(commit)))
+        except ReservationExpired:
+            raise  # the sweeper released it after its time to live: nothing was charged
         except Exception:
             # No charge recorded means no image delivered; the caller may simply retry.
             log.exception("ledger commit failed", extra={"key_id": key.id})
-            await self._release(reservation, model, "the charge could not be recorded")
+            self._release(reservation, model, "the charge could not be recorded")
             raise InternalError("the charge could not be recorded, so the image is withheld; nothing was charged") from None
         metrics.STARDUST_CHARGED.labels(model=model).inc(cost)
         response.stardust_usage = cost
@@ -211,11 +284,11 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
     # --- pieces --------------------------------------------------------------------------------
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[KeyRecord, str]:
-        address = client_address(context)
-        key = metadata_value(context, API_KEY_HEADER)
+        address = client_address(context, self.trusted_proxies)
+        key = metadata_value(context, wire.API_KEY_HEADER)
         if not key:
             await self._auth_failed(address, "missing")
-            raise Unauthenticated(f"missing API key: send it in the {API_KEY_HEADER} header")
+            raise Unauthenticated(f"missing API key: send it in the {wire.API_KEY_HEADER} header")
         record = await self._find_key(key)
         if record is None:
             await self._auth_failed(address, "unknown")
@@ -226,15 +299,12 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         return record, address
 
     async def _find_key(self, key: str) -> KeyRecord | None:
-        now = time.monotonic()
-        cached = self._known_keys.get(key)
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        cached = self._keys.get(key)
+        if cached is not None:
+            return cached
         record = await self._call("find_key", self.ledger.find_key, key)
         if record is not None and not record.revoked:
-            if len(self._known_keys) > 10_000:
-                self._known_keys.clear()
-            self._known_keys[key] = (record, now + KEY_CACHE_SECONDS)
+            self._keys.put(key, record)
         return record
 
     async def _auth_failed(self, address: str, reason: str) -> None:
@@ -248,24 +318,34 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _idempotency_claim(context, request: pb.GenerateImageRequest) -> IdempotencyClaim | None:
-        value = metadata_value(context, IDEMPOTENCY_HEADER)
+        value = metadata_value(context, wire.IDEMPOTENCY_HEADER)
         if not value:
             return None
-        if len(value) > MAX_IDEMPOTENCY_KEY:
-            raise InvalidArgument("idempotency-key", value, f"must be at most {MAX_IDEMPOTENCY_KEY} characters")
+        if len(value) > wire.MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument("idempotency-key", value, f"must be at most {wire.MAX_IDEMPOTENCY_KEY} characters")
         payload = request.SerializeToString(deterministic=True)
-        return IdempotencyClaim(value, IdempotencyClaim.fingerprint_of(GENERATE, payload))
+        return IdempotencyClaim(value, IdempotencyClaim.fingerprint_of(wire.GENERATE_METHOD, payload))
 
-    async def _release(self, reservation: Reservation, model: str, note: str) -> None:
-        # Shielded: a cancelled call must still give the money back.
-        released = await asyncio.shield(self._call("release", self.ledger.release, reservation.id, note))
-        if released:
-            metrics.STARDUST_RELEASED.labels(model=model).inc(reservation.amount)
+    def _release(self, reservation: Reservation, model: str, note: str) -> None:
+        """Give the money back. Not awaited: the group committer retries it until it succeeds,
+        whatever happens to this call."""
+        def released(future) -> None:
+            if not future.cancelled() and future.exception() is None and future.result():
+                metrics.STARDUST_RELEASED.labels(model=model).inc(reservation.amount)
+
+        self._money.release(ReleaseOp(reservation.id, note)).add_done_callback(released)
 
     async def _call(self, operation: str, function, *args, **kwargs):
-        """Run a ledger method in a worker thread, timed."""
+        """Run a ledger method in a worker thread, timed; an unreachable ledger is Unavailable."""
         loop = asyncio.get_running_loop()
-        return await self._timed(operation, loop.run_in_executor(self._db, lambda: function(*args, **kwargs)))
+        try:
+            return await self._timed(operation, loop.run_in_executor(self._db, lambda: function(*args, **kwargs)))
+        except Exception as error:
+            unreachable = unavailable_error(error, self._money.where)
+            if unreachable is None:
+                raise
+            log.error("the ledger cannot be reached", extra={"operation": operation, "error": str(error)[:300]})
+            raise unreachable from None
 
     @staticmethod
     async def _timed(operation: str, awaitable):

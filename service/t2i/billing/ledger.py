@@ -7,6 +7,11 @@ reservation, so a reservation can never be charged twice or charged after a rele
 balance can never go negative (a conditional UPDATE plus a CHECK constraint). Every change is
 journalled in `ledger_entries`; `verify()` recomputes all balances from the journal.
 
+Every reservation operation (ReserveOp, CommitOp, ReleaseOp, idempotent or not) goes through
+one path, `apply_batch`: the group committer hands it many ops in one transaction, and the
+single-op methods `reserve`, `commit` and `release` are batches of one. Each op still succeeds
+or fails on its own.
+
 Methods are synchronous (SQLAlchemy Core); the interceptor runs them in worker threads.
 """
 
@@ -36,11 +41,6 @@ _TAKE = (
     update(api_keys)
     .where(api_keys.c.id == bindparam("p_key"), api_keys.c.revoked_at.is_(None), api_keys.c.balance >= bindparam("p_amount"))
     .values(balance=api_keys.c.balance - bindparam("p_amount"), reserved=api_keys.c.reserved + bindparam("p_amount"))
-)
-_RESOLVE = (
-    update(reservations)
-    .where(reservations.c.id == bindparam("p_reservation"), reservations.c.state == "open")
-    .values(state=bindparam("p_state"), resolved_at=bindparam("p_at"))
 )
 _RESOLVE_COMMITTED = (
     update(reservations)
@@ -102,35 +102,60 @@ class Replay:
     balance: int
 
 
+class ReservationExpired(InternalError):
+    """A commit found its reservation already resolved (the sweeper released it after its time
+    to live): nothing was charged."""
+
+    def __init__(self) -> None:
+        super().__init__("the stardust reservation for this request expired before it finished; nothing was charged")
+
+
 @dataclass
 class ReserveOp:
-    """A reservation without an idempotency key, to be applied in a batch."""
+    """Set `amount` aside for one request; with an idempotency claim, or answer its replay."""
 
     key_id: str
     amount: int
     owner: str
     model_id: int | None = None
     request_id: str | None = None
+    idempotency: IdempotencyClaim | None = None
 
 
 @dataclass
 class CommitOp:
-    """A charge of a reservation whose response need not be stored, to be applied in a batch."""
+    """Charge a reservation; `response` is stored for idempotent replays when given."""
 
     reservation: Reservation
     model_id: int | None = None
     request_id: str | None = None
+    response: bytes | None = None
+
+
+@dataclass
+class ReleaseOp:
+    """Give a reservation back (a no-op, answering False, if it is resolved already)."""
+
+    reservation_id: str
+    note: str = "request failed"
+
+
+Op = ReserveOp | CommitOp | ReleaseOp
 
 
 class Ledger:
-    def __init__(self, engine: Engine, *, reservation_ttl: float = 1800, idempotency_ttl: float = 24 * 3600) -> None:
-        self.engine = engine
+    def __init__(self, db: Engine, *, reservation_ttl: float = 1800, idempotency_ttl: float = 24 * 3600) -> None:
+        self.db = db  # a SQLAlchemy Engine: the connection pool
         self.reservation_ttl = dt.timedelta(seconds=reservation_ttl)
         self.idempotency_ttl = dt.timedelta(seconds=idempotency_ttl)
 
+    def close(self) -> None:
+        """Close the pooled database connections."""
+        self.db.dispose()
+
     def _read(self):
         """A read-only transaction, ended (not left open on a pooled connection) on exit."""
-        return self.engine.execution_options(read_only=True).begin()
+        return self.db.execution_options(read_only=True).begin()
 
     # --- keys --------------------------------------------------------------------------------
 
@@ -139,7 +164,7 @@ class Ledger:
         if balance < 0:
             raise InvalidArgument("balance", balance, "must be 0 or more")
         key, key_id, now = apikeys.new_key(), apikeys.new_key_id(), utcnow()
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             conn.execute(
                 insert(api_keys).values(
                     id=key_id, key_hash=apikeys.hash_key(key), key_prefix=apikeys.display_prefix(key), name=name,
@@ -167,7 +192,7 @@ class Ledger:
             return [_key(row) for row in conn.execute(select(api_keys).order_by(api_keys.c.created_at))]
 
     def revoke(self, key_id: str) -> KeyRecord:
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             result = conn.execute(
                 update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=utcnow())
             )
@@ -176,10 +201,15 @@ class Ledger:
             raise NotFound(f"API key {key_id} does not exist")
         return record
 
+    def revoked_since(self, since: dt.datetime) -> list[str]:
+        """Ids of the keys revoked at or after `since` (every replica polls this)."""
+        with self._read() as conn:
+            return list(conn.execute(select(api_keys.c.id).where(api_keys.c.revoked_at >= since)).scalars())
+
     def topup(self, key_id: str, amount: int, note: str = "top-up") -> KeyRecord:
         if amount <= 0:
             raise InvalidArgument("amount", amount, "must be a positive number of stardust")
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             result = conn.execute(
                 update(api_keys).where(api_keys.c.id == key_id).values(balance=api_keys.c.balance + amount)
             )
@@ -214,110 +244,75 @@ class Ledger:
         idempotency: IdempotencyClaim | None = None,
     ) -> Reservation | Replay:
         """Set `amount` aside for one request, or return the stored result of an idempotent retry."""
-        if amount <= 0:
-            raise ValueError(f"a reservation must be positive, got {amount}")
-        now = utcnow()
-        reservation_id = str(uuid.uuid4())
-        try:
-            with self.engine.begin() as conn:
-                if idempotency is not None:
-                    replay = self._claim(conn, key_id, idempotency, reservation_id, now)
-                    if replay is not None:
-                        return replay
-                moved = conn.execute(_TAKE, {"p_key": key_id, "p_amount": amount}).rowcount
-                if moved != 1:
-                    row = conn.execute(select(api_keys.c.balance, api_keys.c.revoked_at).where(api_keys.c.id == key_id)).one_or_none()
-                    if row is None:
-                        raise NotFound(f"API key {key_id} does not exist")
-                    if row.revoked_at is not None:
-                        raise PermissionDenied(f"API key {key_id} has been revoked")
-                    raise InsufficientBalance(amount, row.balance)
-                conn.execute(
-                    _INSERT_RESERVATION,
-                    {
-                        "id": reservation_id, "key_id": key_id, "amount": amount, "model_id": model_id,
-                        "request_id": request_id, "owner": owner, "state": "open", "created_at": now,
-                        "expires_at": now + self.reservation_ttl, "resolved_at": None,
-                    },
-                )
-                self._journal(conn, key_id, "reserve", amount, reservation_id, model_id, request_id)
-        except IntegrityError:
-            if idempotency is None:
-                raise
-            # Two requests inserted the same idempotency key at once; the other one won.
-            raise AlreadyProcessing(f"a request with idempotency key {idempotency.key!r} is already being processed") from None
-        return Reservation(reservation_id, key_id, amount)
+        return self._one(ReserveOp(key_id, amount, owner, model_id, request_id, idempotency))
 
     def commit(
         self, reservation: Reservation, *, model_id: int | None = None, request_id: str | None = None,
         idempotent_response: bytes | None = None,
     ) -> int:
-        """Charge a reservation; returns the key's balance afterwards. Raises if it was already
-        resolved (then nothing is charged)."""
-        with self.engine.begin() as conn:
-            resolved = conn.execute(
-                _RESOLVE, {"p_reservation": reservation.id, "p_state": "committed", "p_at": utcnow()}
-            ).rowcount
-            if resolved != 1:
-                raise InternalError("the stardust reservation for this request expired before it finished; nothing was charged")
-            balance = conn.execute(_CHARGE, {"p_key": reservation.key_id, "p_amount": reservation.amount}).scalar_one()
-            self._journal(conn, reservation.key_id, "commit", reservation.amount, reservation.id, model_id, request_id)
-            if idempotent_response is not None:
-                conn.execute(
-                    update(idempotency_records)
-                    .where(idempotency_records.c.reservation_id == reservation.id)
-                    .values(state="done", response=idempotent_response, usage=reservation.amount, balance=balance)
-                )
-        return balance
+        """Charge a reservation; returns the key's balance afterwards. ReservationExpired if it
+        was already resolved (then nothing is charged)."""
+        return self._one(CommitOp(reservation, model_id, request_id, idempotent_response))
 
-    def apply_batch(self, ops: list[ReserveOp | CommitOp]) -> list[Reservation | int | Exception]:
-        """Apply many reserves and commits in ONE transaction (group commit).
+    def release(self, reservation_id: str, note: str = "request failed") -> bool:
+        """Return a reservation to the balance; False if it was already resolved."""
+        return self._one(ReleaseOp(reservation_id, note))
 
-        Each op still succeeds or fails on its own: the result list holds a Reservation
-        (reserve), the key's balance after the batch (commit), or that op's error. The
-        statements are per key, not per op: one conditional UPDATE takes all of a key's
-        reserves when its balance covers them (else they are tried one by one, in order), one
-        UPDATE ... RETURNING resolves every commit of the batch, and the journal and
-        reservation rows go in with one executemany each; one durable commit for everything.
+    def _one(self, op: Op):
+        (result,) = self.apply_batch([op])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def apply_batch(self, ops: list[Op]) -> list[Reservation | Replay | int | bool | Exception]:
+        """Apply reserves, commits and releases in ONE transaction (group commit).
+
+        Each op succeeds or fails on its own: the result list holds, per op, a Reservation or
+        Replay (reserve), the key's balance after the batch (commit), True/False (release), or
+        that op's error. Plain reserves are taken per key with one conditional UPDATE when the
+        balance covers all of them (else one by one, in order); every commit of the batch is
+        resolved by one UPDATE ... RETURNING; journal and reservation rows go in with one
+        executemany each; one durable commit for everything. A database error raises: the
+        caller (the group committer) decides whether to retry the ops one by one.
         """
         now = utcnow()
-        results: list[Reservation | int | Exception | None] = [None] * len(ops)
-        reserves: dict[str, list[int]] = {}
-        commits: list[int] = []
+        results: list = [None] * len(ops)
+        plain: dict[str, list[int]] = {}
+        claimed, commits, releases = [], [], []
         for index, op in enumerate(ops):
             if isinstance(op, ReserveOp):
-                reserves.setdefault(op.key_id, []).append(index)
-            else:
+                if op.amount <= 0:
+                    results[index] = ValueError(f"a reservation must be positive, got {op.amount}")
+                elif op.idempotency is None:
+                    plain.setdefault(op.key_id, []).append(index)
+                else:
+                    claimed.append(index)
+            elif isinstance(op, CommitOp):
                 commits.append(index)
-        reservation_rows, entries = [], []
-        with self.engine.begin() as conn:
-            for key_id, indexes in reserves.items():
+            else:
+                releases.append(index)
+        rows, entries = [], []
+        with self.db.begin() as conn:
+            for index in claimed:
+                results[index] = self._claimed_reserve(conn, ops[index], rows, entries, now)
+            for key_id, indexes in plain.items():
                 total = sum(ops[i].amount for i in indexes)
                 if conn.execute(_TAKE, {"p_key": key_id, "p_amount": total}).rowcount == 1:
                     granted = indexes
                 else:
                     granted = [i for i in indexes if conn.execute(_TAKE, {"p_key": key_id, "p_amount": ops[i].amount}).rowcount == 1]
                 for i in granted:
-                    op = ops[i]
-                    reservation = Reservation(str(uuid.uuid4()), op.key_id, op.amount)
-                    reservation_rows.append({
-                        "id": reservation.id, "key_id": op.key_id, "amount": op.amount, "model_id": op.model_id,
-                        "request_id": op.request_id, "owner": op.owner, "state": "open", "created_at": now,
-                        "expires_at": now + self.reservation_ttl, "resolved_at": None,
-                    })
-                    entries.append(_entry(op.key_id, "reserve", op.amount, reservation.id, op.model_id, op.request_id, now))
-                    results[i] = reservation
+                    results[i] = self._reserved(ops[i], rows, entries, now)
+                for i in set(indexes) - set(granted):
+                    results[i] = self._refusal(conn, ops[i].key_id, ops[i].amount)
             charged: dict[str, int] = {}
             if commits:
                 ids = [ops[i].reservation.id for i in commits]
                 resolved = set(conn.execute(_RESOLVE_COMMITTED, {"p_reservations": ids, "p_at": now}).scalars())
                 for i in commits:
-                    op = ops[i]
-                    r = op.reservation
+                    op, r = ops[i], ops[i].reservation
                     if r.id not in resolved:
-                        results[i] = InternalError(
-                            "the stardust reservation for this request expired before it finished; nothing was charged"
-                        )
+                        results[i] = ReservationExpired()
                         continue
                     charged[r.key_id] = charged.get(r.key_id, 0) + r.amount
                     entries.append(_entry(r.key_id, "commit", r.amount, r.id, op.model_id, op.request_id, now))
@@ -325,30 +320,61 @@ class Ledger:
                 key_id: conn.execute(_CHARGE, {"p_key": key_id, "p_amount": amount}).scalar_one()
                 for key_id, amount in charged.items()
             }
-            if reservation_rows:
-                conn.execute(_INSERT_RESERVATION, reservation_rows)
+            for i in commits:
+                if results[i] is None:
+                    op = ops[i]
+                    results[i] = balances[op.reservation.key_id]
+                    if op.response is not None:
+                        conn.execute(
+                            update(idempotency_records)
+                            .where(idempotency_records.c.reservation_id == op.reservation.id)
+                            .values(state="done", response=op.response, usage=op.reservation.amount, balance=results[i])
+                        )
+            for i in releases:
+                results[i] = self._release(conn, ops[i].reservation_id, ops[i].note)
+            if rows:
+                conn.execute(_INSERT_RESERVATION, rows)
             if entries:
                 conn.execute(_INSERT_ENTRY, entries)
-        for index, op in enumerate(ops):
-            if results[index] is None and isinstance(op, CommitOp):
-                results[index] = balances[op.reservation.key_id]
-            elif results[index] is None:
-                results[index] = self._refusal(op.key_id, op.amount)
         return results
 
-    def _refusal(self, key_id: str, amount: int) -> Exception:
-        with self._read() as conn:
-            row = conn.execute(select(api_keys.c.balance, api_keys.c.revoked_at).where(api_keys.c.id == key_id)).one_or_none()
+    def _reserved(self, op: ReserveOp, rows: list, entries: list, now: dt.datetime, reservation_id: str | None = None) -> Reservation:
+        reservation = Reservation(reservation_id or str(uuid.uuid4()), op.key_id, op.amount)
+        rows.append({
+            "id": reservation.id, "key_id": op.key_id, "amount": op.amount, "model_id": op.model_id,
+            "request_id": op.request_id, "owner": op.owner, "state": "open", "created_at": now,
+            "expires_at": now + self.reservation_ttl, "resolved_at": None,
+        })
+        entries.append(_entry(op.key_id, "reserve", op.amount, reservation.id, op.model_id, op.request_id, now))
+        return reservation
+
+    def _claimed_reserve(self, conn, op: ReserveOp, rows: list, entries: list, now: dt.datetime):
+        """An idempotent reserve: the stored result, a refusal, or a new reservation. Runs in a
+        savepoint so that a refused claim leaves no record behind for the rest of the batch."""
+        reservation_id = str(uuid.uuid4())
+        try:
+            with conn.begin_nested():
+                replay = self._claim(conn, op.key_id, op.idempotency, reservation_id, now)
+                if replay is not None:
+                    return replay
+                if conn.execute(_TAKE, {"p_key": op.key_id, "p_amount": op.amount}).rowcount != 1:
+                    raise self._refusal(conn, op.key_id, op.amount)
+        except IntegrityError:
+            # Two requests inserted the same idempotency key at once; the other one won.
+            return AlreadyProcessing(f"a request with idempotency key {op.idempotency.key!r} is already being processed")
+        except (AlreadyProcessing, InvalidArgument, InsufficientBalance, NotFound, PermissionDenied) as refused:
+            return refused
+        return self._reserved(op, rows, entries, now, reservation_id)
+
+    @staticmethod
+    def _refusal(conn, key_id: str, amount: int) -> Exception:
+        """Why a reserve could not take its amount: the one place that classifies refusals."""
+        row = conn.execute(select(api_keys.c.balance, api_keys.c.revoked_at).where(api_keys.c.id == key_id)).one_or_none()
         if row is None:
             return NotFound(f"API key {key_id} does not exist")
         if row.revoked_at is not None:
             return PermissionDenied(f"API key {key_id} has been revoked")
         return InsufficientBalance(amount, row.balance)
-
-    def release(self, reservation_id: str, note: str = "request failed") -> bool:
-        """Return a reservation to the balance; False if it was already resolved."""
-        with self.engine.begin() as conn:
-            return self._release(conn, reservation_id, note)
 
     def _release(self, conn, reservation_id: str, note: str) -> bool:
         row = conn.execute(select(reservations).where(reservations.c.id == reservation_id)).one_or_none()
@@ -410,7 +436,7 @@ class Ledger:
 
     def heartbeat(self, owner: str, started_at: dt.datetime) -> None:
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             updated = conn.execute(update(instances).where(instances.c.id == owner).values(heartbeat_at=now)).rowcount
             if not updated:
                 conn.execute(insert(instances).values(id=owner, started_at=started_at, heartbeat_at=now))
@@ -435,9 +461,9 @@ class Ledger:
             ).scalars().all()
         released = 0
         for reservation_id in ids:
-            with self.engine.begin() as conn:
+            with self.db.begin() as conn:
                 released += self._release(conn, reservation_id, "released after its server stopped")
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             conn.execute(
                 delete(idempotency_records).where(
                     idempotency_records.c.created_at < now - self.idempotency_ttl, idempotency_records.c.state != "running"

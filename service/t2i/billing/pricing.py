@@ -21,24 +21,29 @@ import math
 from fractions import Fraction
 
 from ..domain import GenerateRequest
-from ..sampling import count_evaluations, get_sigmas
+from ..sampling import SigmaTable, compute_sigmas, count_evaluations
 from .settings import BillingSettings
 
 PIXELS_PER_MEGAPIXEL = 2**20
 
 
-def evaluations(request: GenerateRequest) -> int:
-    return _evaluations(request.sampler, request.scheduler, request.steps)
+def evaluations(request: GenerateRequest, table: SigmaTable) -> int:
+    """The UNet evaluations the engine will run for `request` on a model with this sigma table
+    (the same count SamplingRun makes: one function, the model's own table)."""
+    return _evaluations(table, request.sampler, request.scheduler, request.steps)
 
 
 @functools.lru_cache(maxsize=4096)
-def _evaluations(sampler: str, scheduler: str, steps: int) -> int:
-    # Depends on the schedule only through its length and its zeros; cached because building
-    # a schedule costs more than everything else in pricing.
-    return count_evaluations(sampler, get_sigmas(scheduler, steps, sampler))
+def _evaluations(table: SigmaTable, sampler: str, scheduler: str, steps: int) -> int:
+    # Cached because building a schedule costs more than everything else in pricing; tables
+    # are hashed by identity (one per loaded model).
+    return count_evaluations(sampler, compute_sigmas(table, scheduler, steps, sampler).tolist())
 
 
-def price(request: GenerateRequest, multiplier: float, settings: BillingSettings) -> int:
+def price(request: GenerateRequest, multiplier: float, table: SigmaTable, settings: BillingSettings) -> int:
     megapixels = Fraction(request.width * request.height, PIXELS_PER_MEGAPIXEL)
-    amount = Fraction(str(multiplier)) * megapixels * evaluations(request) / Fraction(str(settings.megapixel_evaluations_per_stardust))
+    amount = (
+        Fraction(str(multiplier)) * megapixels * evaluations(request, table)
+        / Fraction(str(settings.megapixel_evaluations_per_stardust))
+    )
     return max(settings.minimum_price, math.ceil(amount))

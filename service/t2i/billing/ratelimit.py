@@ -10,12 +10,19 @@ Redis (one atomic Lua script per decision, on Redis' own clock, so every replica
 limit). A request with a valid key costs one decision (`admit`: address not blocked, rate,
 concurrency slot, all or nothing) and one `release_slot`; a failed authentication costs one
 `auth_failed`, which also says whether the address is now blocked.
+
+A concurrency slot is a lease, not a promise: it expires `slot_lease` seconds after it was
+last renewed. `maintain()`, which the billing interceptor calls every third of a lease,
+renews the slots of the requests still running and retries releases that failed, so a slot
+never outlives its request by more than a lease, even if Redis vanished at the moment of the
+release (a Redis blip once left every slot of a key taken for 15 minutes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+from collections import OrderedDict
 import inspect
 import logging
 import math
@@ -28,9 +35,9 @@ from .settings import BillingSettings, Tier
 
 log = logging.getLogger(__name__)
 
-# A slot of the concurrency cap is forgotten after this long even if never released (a crashed
-# replica cannot hold slots forever).
-SLOT_LIFETIME = 900.0
+# The in-process limiter forgets at most this many client addresses (least recently seen first):
+# its table of failed authentications must not grow with every address that ever called.
+MAX_TRACKED_ADDRESSES = 100_000
 
 
 class Verdict(enum.Enum):
@@ -75,43 +82,57 @@ class LocalLimiter:
     def __init__(self, settings: BillingSettings) -> None:
         self.settings = settings
         self._tat: dict[str, float] = {}
-        self._slots: dict[str, dict[str, float]] = {}
+        self._auth: OrderedDict[str, float] = OrderedDict()  # address -> TAT, least recent first
+        self._slots: dict[str, dict[str, float]] = {}  # key -> slot -> lease expiry
 
     async def admit(self, address: str, key_id: str, tier: Tier, slot: str) -> Decision:
         now = time.monotonic()
         interval, burst = self._auth_params()
-        allowed, _, retry, reset, _ = gcra(self._tat.get(f"auth:{address}", 0.0), now, interval, burst)
+        allowed, _, retry, reset, _ = gcra(self._auth.get(address, 0.0), now, interval, burst)
         if not allowed:
             return Decision(Verdict.ADDRESS_BLOCKED, burst, 0, retry, reset)
         rate_interval = 60.0 / tier.requests_per_minute
-        allowed, tat, retry, reset, remaining = gcra(self._tat.get(f"rate:{key_id}", 0.0), now, rate_interval, tier.burst)
+        allowed, tat, retry, reset, remaining = gcra(self._tat.get(key_id, 0.0), now, rate_interval, tier.burst)
         if not allowed:
             return Decision(Verdict.RATE, tier.burst, 0, retry, reset)
         slots = self._slots.setdefault(key_id, {})
-        for stale in [s for s, at in slots.items() if now - at > SLOT_LIFETIME]:
+        for stale in [s for s, expiry in slots.items() if expiry <= now]:
             del slots[stale]
         if len(slots) >= tier.max_concurrent:
             return Decision(Verdict.CONCURRENCY, tier.burst, remaining, 1.0, reset)
-        slots[slot] = now
-        self._tat[f"rate:{key_id}"] = tat
+        slots[slot] = now + self.settings.concurrency_slot_lease_seconds
+        self._tat[key_id] = tat
         return Decision(Verdict.ALLOWED, tier.burst, remaining, 0.0, reset)
 
     async def release_slot(self, key_id: str, slot: str) -> None:
-        self._slots.get(key_id, {}).pop(slot, None)
+        slots = self._slots.get(key_id, {})
+        slots.pop(slot, None)
+        if not slots:
+            self._slots.pop(key_id, None)
+
+    async def maintain(self, live: set[tuple[str, str]]) -> None:
+        expiry = time.monotonic() + self.settings.concurrency_slot_lease_seconds
+        for key_id, slot in live:
+            slots = self._slots.get(key_id)
+            if slots is not None and slot in slots:
+                slots[slot] = expiry
 
     async def address_blocked(self, address: str) -> Decision:
         interval, burst = self._auth_params()
-        allowed, _, retry, reset, remaining = gcra(self._tat.get(f"auth:{address}", 0.0), time.monotonic(), interval, burst)
+        allowed, _, retry, reset, remaining = gcra(self._auth.get(address, 0.0), time.monotonic(), interval, burst)
         return Decision(Verdict.ALLOWED if allowed else Verdict.ADDRESS_BLOCKED, burst, remaining, retry, reset)
 
     async def auth_failed(self, address: str) -> Decision:
         """Count a failed authentication; the decision says whether the address was blocked."""
-        key = f"auth:{address}"
         now = time.monotonic()
         interval, burst = self._auth_params()
-        allowed, _, retry, reset, remaining = gcra(self._tat.get(key, 0.0), now, interval, burst)
+        tat = self._auth.get(address, 0.0)
+        allowed, _, retry, reset, remaining = gcra(tat, now, interval, burst)
         # Failures always count, capped so that an attacker cannot push recovery out forever.
-        self._tat[key] = min(max(self._tat.get(key, 0.0), now) + interval, now + (burst + 1) * interval)
+        self._auth[address] = min(max(tat, now) + interval, now + (burst + 1) * interval)
+        self._auth.move_to_end(address)
+        while len(self._auth) > MAX_TRACKED_ADDRESSES:
+            self._auth.popitem(last=False)
         return Decision(Verdict.ALLOWED if allowed else Verdict.ADDRESS_BLOCKED, burst, remaining, retry, reset)
 
     def _auth_params(self) -> tuple[float, int]:
@@ -133,8 +154,9 @@ end
 """
 
 # KEYS: auth, rate, slots. ARGV: auth interval, auth burst, rate interval, rate burst, slot,
-# max concurrent, slot lifetime. Returns {verdict, retry ms, reset ms, remaining}; verdict
+# max concurrent, slot lease. Returns {verdict, retry ms, reset ms, remaining}; verdict
 # 0 allowed, 1 address blocked, 2 rate, 3 concurrency. Nothing is taken unless all pass.
+# A slot's score is the end of its lease: expired slots are dropped before counting.
 _ADMIT = _PREAMBLE + """
 local auth_interval, auth_burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local atat, adebt = debt_of(KEYS[1], auth_interval)
@@ -147,11 +169,11 @@ if debt > burst * interval then
   return {2, debt - burst * interval, tat - now, 0}
 end
 local remaining = math.floor((burst * interval - debt) / interval)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[7]))
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
   return {3, 1000, debt, remaining}
 end
-redis.call('ZADD', KEYS[3], now, ARGV[5])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), ARGV[5])
 redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[7]))
 redis.call('SET', KEYS[2], tat + interval, 'PX', math.ceil(debt) + 1000)
 return {0, 0, debt, remaining}
@@ -171,6 +193,19 @@ end
 return {0, 0, debt, math.floor((burst * interval - debt) / interval)}
 """
 
+# KEYS: slot sets. ARGV: lease ms, then for each key its slot. Extends each listed slot that
+# still exists to now + lease (XX: a released or expired slot is not brought back).
+_RENEW = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local lease = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + lease, ARGV[i + 1])
+  redis.call('PEXPIRE', key, lease)
+end
+return #KEYS
+"""
+
 _VERDICTS = [Verdict.ALLOWED, Verdict.ADDRESS_BLOCKED, Verdict.RATE, Verdict.CONCURRENCY]
 
 
@@ -181,14 +216,20 @@ class _Coalescer:
     def __init__(self, client) -> None:
         self.client = client
         self.pending: list[tuple] = []
+        self._flushes: set[asyncio.Task] = set()  # referenced until done, so none is collected mid-way
 
     async def call(self, add):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self.pending:
-            loop.call_soon(lambda: asyncio.ensure_future(self._flush()))
+            loop.call_soon(self._start_flush)
         self.pending.append((add, future))
         return await future
+
+    def _start_flush(self) -> None:
+        task = asyncio.ensure_future(self._flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
 
     async def _flush(self) -> None:
         batch, self.pending = self.pending, []
@@ -222,24 +263,64 @@ class RedisLimiter:
 
         self.settings = settings
         self.url = url
-        self.client = redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        # A pooled connection that broke while Redis was away is replaced on its first use
+        # (one reconnect) instead of failing the first requests after Redis is back.
+        self.client = redis.from_url(
+            url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self._admit = self.client.register_script(_ADMIT)
         self._auth = self.client.register_script(_AUTH)
+        self._renew = self.client.register_script(_RENEW)
         self._calls = _Coalescer(self.client)
+        self._unreleased: set[tuple[str, str]] = set()  # releases that failed, retried by maintain()
 
     async def admit(self, address: str, key_id: str, tier: Tier, slot: str) -> Decision:
         keys = [self.PREFIX + f"auth:{address}", self.PREFIX + f"rate:{key_id}", self.PREFIX + f"slots:{key_id}"]
         args = [*self._auth_params(), 60000.0 / tier.requests_per_minute, tier.burst, slot, tier.max_concurrent,
-                int(SLOT_LIFETIME * 1000)]
+                self._lease_ms()]
         result = await self._guarded(lambda: self._calls.call(lambda p: self._admit(keys=keys, args=args, client=p)))
         limit = self.settings.auth_failure_burst if result and int(result[0]) == 1 else tier.burst
         return self._decision(result, limit)
 
     async def release_slot(self, key_id: str, slot: str) -> None:
         try:
-            await self._guarded(lambda: self._calls.call(lambda p: p.zrem(self.PREFIX + f"slots:{key_id}", slot)))
-        except Unavailable:
-            pass  # the slot expires on its own after SLOT_LIFETIME
+            await self._zrem(key_id, slot)
+        except Exception as error:  # retried by maintain(); the lease ends it anyway
+            log.warning("could not release a concurrency slot; will retry", extra={"key_id": key_id, "error": str(error)[:200]})
+            self._unreleased.add((key_id, slot))
+
+    async def _zrem(self, key_id: str, slot: str) -> None:
+        await self._calls.call(lambda p: p.zrem(self.PREFIX + f"slots:{key_id}", slot))
+
+    async def maintain(self, live: set[tuple[str, str]]) -> None:
+        """Renew the leases of the slots still in use and retry failed releases (one round trip
+        each, all slots together). Errors are logged: the next round tries again."""
+        for key_id, slot in list(self._unreleased):
+            try:
+                await self._zrem(key_id, slot)
+                self._unreleased.discard((key_id, slot))
+            except Exception:
+                break  # Redis is still away; the next round retries
+        if not live:
+            return
+        ordered = sorted(live)
+        keys = [self.PREFIX + f"slots:{key_id}" for key_id, _ in ordered]
+        args = [self._lease_ms(), *(slot for _, slot in ordered)]
+        try:
+            await self._calls.call(lambda p: self._renew(keys=keys, args=args, client=p))
+        except Exception as error:
+            metrics.RATE_LIMITER_ERRORS.inc()
+            log.warning("could not renew concurrency slots", extra={"slots": len(ordered), "error": str(error)[:200]})
+
+    def _lease_ms(self) -> int:
+        return int(self.settings.concurrency_slot_lease_seconds * 1000)
 
     async def address_blocked(self, address: str) -> Decision:
         return await self._auth_call(address, record=False)

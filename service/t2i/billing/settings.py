@@ -53,6 +53,14 @@ class BillingSettings(BaseModel):
     instance_timeout_seconds: float = Field(default=60, gt=0)
     heartbeat_seconds: float = Field(default=10, gt=0)
     idempotency_ttl_seconds: float = Field(default=24 * 3600, gt=0)
+    # A concurrency slot lives this long unless the request holding it renews it (every third
+    # of this): a slot never outlives its request by more, whatever happened to its release.
+    concurrency_slot_lease_seconds: float = Field(default=15, gt=0)
+    # Start-up waits this long for an unreachable ledger database, then fails.
+    database_startup_timeout_seconds: float = Field(default=120, gt=0)
+    # How often every replica looks for keys revoked elsewhere (their queued and running
+    # requests are then stopped, released and not charged).
+    revocation_poll_seconds: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
     def _default_tier_exists(self) -> BillingSettings:

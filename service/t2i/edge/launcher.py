@@ -16,12 +16,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ..settings import UpSettings
 from .descriptor import write_descriptor
 from .envoy_config import CANONICAL, EdgeSettings, load_canonical, write
 
@@ -52,22 +52,6 @@ DOCUMENTED_EXAMPLE = {
     "samplerName": "euler",
     "scheduler": "normal",
 }
-
-
-@dataclass
-class UpSettings:
-    data_dir: Path = Path("data")
-    host: str = "127.0.0.1"
-    http_port: int = 8080
-    grpc_port: int = 50051
-    metrics_port: int = 9464
-    admin_port: int = 9901
-    route_timeout: float = 300.0
-    billing: bool = True
-    database_url: str | None = None
-    demo_key: bool = True
-    edge_config: Path = CANONICAL
-    serve_args: list[str] = field(default_factory=list)
 
 
 def envoy_binary() -> str:
@@ -129,7 +113,7 @@ def ensure_demo_key(data_dir: Path, database_url: str | None) -> tuple[str, int]
         path.chmod(0o600)
         return key, record.balance
     finally:
-        ledger.engine.dispose()
+        ledger.close()
 
 
 def usage(settings: UpSettings, key: str | None, balance: int | None) -> str:
@@ -179,13 +163,17 @@ def run(settings: UpSettings) -> int:
             route_timeout=settings.route_timeout,
         ),
         edge_dir / "envoy.yaml",
-        load_canonical(settings.edge_config),
+        load_canonical(settings.edge_config or CANONICAL),
     )
+    # The service listens on loopback only: callers go through the edge, which is the only
+    # peer whose x-forwarded-for the service trusts.
     serve_command = [
-        sys.executable, "-m", "t2i", "serve", "--grpc-port", str(settings.grpc_port),
-        "--metrics-port", str(settings.metrics_port), "--data-dir", str(settings.data_dir),
-        "--billing" if settings.billing else "--no-billing", *settings.serve_args,
+        sys.executable, "-m", "t2i", "serve", "--grpc-host", "127.0.0.1", "--grpc-port", str(settings.grpc_port),
+        "--metrics-host", "127.0.0.1", "--metrics-port", str(settings.metrics_port), "--data-dir", str(settings.data_dir),
+        "--grace-period", f"{settings.grace_period:g}", "--billing" if settings.billing else "--no-billing",
     ]
+    if settings.models_file:
+        serve_command += ["--models", str(settings.models_file)]
     if settings.database_url:
         serve_command += ["--database-url", settings.database_url]
 

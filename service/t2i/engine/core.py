@@ -1,7 +1,17 @@
-"""The synchronous engine core: `step()` = `schedule()`, `execute(plan)`, `update(plan, outputs)`.
+"""The synchronous engine core, shaped like vLLM's: one step is
+
+    plan = schedule()          who is admitted, who is evaluated, who is dropped (batching.py)
+    outputs = execute(plan)    prefill the admitted, run ONE UNet evaluation; changes no queue
+    result = update(plan, outputs)   advance each sampler, move finished and failed requests out
 
 It owns no threads and no event loop, so it can be driven directly (tests, the raw-engine
-benchmark) or from the AsyncEngine's worker thread. The batching rule lives in scheduler.py.
+benchmark) or from the AsyncEngine's worker thread.
+
+Errors are attributed as narrowly as possible: a failed prompt encode or sampler set-up fails
+the requests it concerns, a failed UNet forward fails that forward's batch, a failed sampler
+advance fails its request. Everything else escapes `step()` for the caller to escalate.
+`consecutive_failures` counts UNet forwards that failed in a row, so the caller can tell a
+broken device from one bad batch.
 """
 
 from __future__ import annotations
@@ -9,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -17,86 +27,105 @@ from .. import metrics
 from ..errors import InternalError, ServiceError
 from ..models.loader import LoadedModel
 from ..sampling import AncestralNoise, SamplingRun, compute_sigmas, initial_noise, latent_shape, starting_latent
+from .batching import Batcher, StepPlan
 from .denoise import evaluate, size_conditioning
 from .request import EngineRequest, RequestState
-from .scheduler import Scheduler, StepPlan
 from .text import encode_prompts
 
 log = logging.getLogger(__name__)
 
+Failure = tuple[EngineRequest, ServiceError]
 
-@dataclass
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """What execute() did: the rows that actually took part in the forward and their
+    predictions, in the same order, and the requests that failed on the way."""
+
+    ran: tuple[EngineRequest, ...] = ()
+    predictions: tuple[tuple[Tensor, Tensor], ...] = ()
+    failed: tuple[Failure, ...] = ()
+
+
+@dataclass(frozen=True)
 class StepResult:
-    finished: list[EngineRequest] = field(default_factory=list)  # sampling done: decode next
-    dropped: list[EngineRequest] = field(default_factory=list)  # cancelled or expired
-    failed: list[tuple[EngineRequest, ServiceError]] = field(default_factory=list)
+    finished: tuple[EngineRequest, ...] = ()  # sampling done: decode next
+    failed: tuple[Failure, ...] = ()
+    dropped: tuple[EngineRequest, ...] = ()  # cancelled or expired
     wait: float = 0.0  # nothing ran: the admission window holds this much longer
-    ran: bool = False
 
 
 class EngineCore:
-    def __init__(self, models: dict[int, LoadedModel], scheduler: Scheduler) -> None:
+    def __init__(self, models: dict[int, LoadedModel], batcher: Batcher) -> None:
         self.models = models
-        self.scheduler = scheduler
+        self.batcher = batcher
+        self.consecutive_failures = 0
 
     def add(self, request: EngineRequest) -> None:
-        self.scheduler.add(request)
+        self.batcher.add(request)
+
+    def abort(self, request: EngineRequest) -> None:
+        self.batcher.abort(request)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.batcher.has_work()
 
     def step(self, now: float | None = None) -> StepResult:
-        plan = self.scheduler.schedule(time.monotonic() if now is None else now)
-        result = StepResult(dropped=plan.dropped, wait=plan.wait)
-        if plan.wait or not (plan.admit or plan.evaluate):
-            return result
-        outputs = self.execute(plan, result)
-        self.update(plan, outputs, result)
-        result.ran = True
-        return result
+        plan = self.batcher.schedule(time.monotonic() if now is None else now)
+        if plan.wait or not plan.evaluate:
+            return StepResult(dropped=plan.dropped, wait=plan.wait)
+        return self.update(plan, self.execute(plan))
 
-    def execute(self, plan: StepPlan, result: StepResult) -> list[tuple[Tensor, Tensor]] | None:
-        """Prepare newly admitted requests, then run one UNet evaluation for `plan.evaluate`."""
-        self._prefill(plan.admit, result)
-        failed = {id(r) for r, _ in result.failed}
-        plan.evaluate = [r for r in plan.evaluate if id(r) not in failed]
-        if not plan.evaluate:
-            return None
-        model = self.models[plan.evaluate[0].params.model_id]
+    def execute(self, plan: StepPlan) -> StepOutputs:
+        """Prepare newly admitted requests, then run one UNet evaluation for the plan's rows."""
+        failed = self._prefill(plan.admit)
+        failed_requests = {request for request, _ in failed}
+        rows = tuple(r for r in plan.evaluate if r not in failed_requests)
+        if not rows:
+            return StepOutputs(failed=tuple(failed))
+        model = self.models[rows[0].params.model_id]
         started = time.perf_counter()
         try:
-            outputs = evaluate(model, [r.pending_evaluation() for r in plan.evaluate])
-        except Exception as error:  # a failed forward fails its batch, never the engine
-            log.exception("UNet evaluation failed", extra={"model_id": model.id, "batch": len(plan.evaluate)})
-            for request in plan.evaluate:
-                self._fail(request, InternalError(f"generation failed: {type(error).__name__}"), result)
-            plan.evaluate = []
-            return None
+            predictions = evaluate(model, [r.pending_input() for r in rows])
+        except Exception as error:  # a failed forward fails its batch; the caller decides about the engine
+            self.consecutive_failures += 1
+            log.exception("UNet evaluation failed", extra={"model_id": model.id, "batch": len(rows)})
+            failure = InternalError(f"generation failed: {type(error).__name__}")
+            return StepOutputs(failed=(*failed, *((r, failure) for r in rows)))
+        self.consecutive_failures = 0
         seconds = time.perf_counter() - started
-        size = len(plan.evaluate)
-        metrics.BATCH_SIZE.labels(model=str(model.id)).observe(size)
+        metrics.BATCH_SIZE.labels(model=str(model.id)).observe(len(rows))
         metrics.EVALUATIONS.labels(model=str(model.id)).inc()
-        for request in plan.evaluate:
+        for request in rows:
             request.times.denoise += seconds
-            request.times.batch_sizes.append(size)
-        return outputs
+            request.times.batch_sizes.append(len(rows))
+        return StepOutputs(ran=rows, predictions=tuple(predictions), failed=tuple(failed))
 
-    def update(self, plan: StepPlan, outputs: list[tuple[Tensor, Tensor]] | None, result: StepResult) -> None:
-        """Hand each request its predictions; finished ones leave the running set at once."""
-        if outputs is None:
-            return
+    def update(self, plan: StepPlan, outputs: StepOutputs) -> StepResult:
+        """Hand each request its predictions; finished and failed ones leave the running set."""
+        failed = list(outputs.failed)
+        finished = []
         now = time.monotonic()
-        for request, (cond, uncond) in zip(plan.evaluate, outputs):
-            request.run.advance(cond, uncond)
+        for request, (cond, uncond) in zip(outputs.ran, outputs.predictions):
+            try:
+                request.run.advance(cond, uncond)
+            except Exception as error:
+                log.exception("sampler step failed", extra={"request_id": request.request_id})
+                failed.append((request, InternalError(f"sampling failed: {type(error).__name__}")))
+                continue
             request.last_evaluated = now
             request.times.evaluations += 1
             if request.run.done:
-                self.scheduler.finish(request)
-                request.state = RequestState.DECODING
-                result.finished.append(request)
+                self.batcher.finish(request)
+                request.advance(RequestState.DECODING)
+                finished.append(request)
+        for request, _ in failed:
+            self.batcher.finish(request)
+        return StepResult(finished=tuple(finished), failed=tuple(failed), dropped=plan.dropped)
 
-    def _prefill(self, admitted: list[EngineRequest], result: StepResult) -> None:
+    def _prefill(self, admitted: tuple[EngineRequest, ...]) -> list[Failure]:
         """Encode prompts (batched per model) and set up each admitted request's sampler."""
+        failed: list[Failure] = []
         by_model: dict[int, list[EngineRequest]] = defaultdict(list)
         for request in admitted:
             by_model[request.params.model_id].append(request)
@@ -104,12 +133,11 @@ class EngineCore:
             model = self.models[model_id]
             started = time.perf_counter()
             try:
-                prompts = [text for r in requests for text in (r.params.prompt, r.params.negative_prompt)]
-                encoded = encode_prompts(model.tokenizers, model.text_encoders, prompts, model.device)
+                encoded = encode_prompts(model, [prompt for r in requests for prompt in r.prompts])
             except Exception as error:
                 log.exception("prompt encoding failed", extra={"model_id": model_id})
-                for request in requests:
-                    self._fail(request, InternalError(f"prompt encoding failed: {type(error).__name__}"), result)
+                failure = InternalError(f"prompt encoding failed: {type(error).__name__}")
+                failed += [(request, failure) for request in requests]
                 continue
             seconds = time.perf_counter() - started
             for index, request in enumerate(requests):
@@ -119,7 +147,8 @@ class EngineCore:
                     self._start_sampling(model, request)
                 except Exception as error:
                     log.exception("sampler setup failed", extra={"request_id": request.request_id})
-                    self._fail(request, InternalError(f"sampler setup failed: {type(error).__name__}"), result)
+                    failed.append((request, InternalError(f"sampler setup failed: {type(error).__name__}")))
+        return failed
 
     @staticmethod
     def _start_sampling(model: LoadedModel, request: EngineRequest) -> None:
@@ -129,8 +158,3 @@ class EngineCore:
         x = starting_latent(noise, float(sigmas[0]), model.sigma_table.sigma_max)
         request.time_ids = size_conditioning(p.height, p.width, model.device)
         request.run = SamplingRun(p.sampler, x, sigmas, p.cfg_scale, AncestralNoise(request.seed, x))
-
-    def _fail(self, request: EngineRequest, error: ServiceError, result: StepResult) -> None:
-        self.scheduler.finish(request)
-        request.state = RequestState.FAILED
-        result.failed.append((request, error))

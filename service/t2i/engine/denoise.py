@@ -21,7 +21,7 @@ from .text import TextConditioning
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class UNetInput:
     """One request's pending model evaluation."""
 
     x: Tensor  # (1, 4, h, w), float32 sampler state
@@ -55,7 +55,7 @@ def stack_contexts(contexts: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
 
 
 @torch.inference_mode()
-def evaluate(model: LoadedModel, batch: Sequence[Evaluation]) -> list[tuple[Tensor, Tensor]]:
+def evaluate(model: LoadedModel, batch: Sequence[UNetInput]) -> list[tuple[Tensor, Tensor]]:
     """Run one UNet forward for every evaluation in `batch`; returns (cond_x0, uncond_x0) each."""
     dtype, device = model.dtype, model.device
     x = torch.cat([e.x for e in batch for _ in (0, 1)])

@@ -1,11 +1,22 @@
-"""The asyncio front of the engine: admission, cancellation and the decode/encode stages.
+"""The asyncio front of the engine: admission, cancellation, answers, and the loop's guard.
 
 Threads, and why:
-- the event loop (gRPC) only validates, enqueues and awaits futures;
+- the event loop (gRPC) only validates, enqueues, asks for aborts and awaits futures;
 - one denoise thread runs `EngineCore.step()` back to back, so the GPU is fed without the
-  event loop in between;
-- one decode thread runs the VAE (on CUDA in its own stream, overlapping the next UNet
-  steps), and a small pool encodes PNGs. Neither blocks the denoise thread.
+  event loop in between. New requests and aborts reach it through two queues it drains before
+  every step; it is the only thread that touches the core;
+- the finishing stage (finishing.py) decodes and encodes on its own threads.
+
+A request is answered by entering a terminal state (request.py), through `_settle` only, which
+also keeps the in-flight count that draining waits on.
+
+When the loop fails: an error attributed to requests fails just those (core.py). Any other
+error escaping a step fails every running and queued request with INTERNAL (never charged),
+reports NOT_SERVING, and restarts the loop with an empty core, reporting SERVING again. The
+engine gives up (health stays NOT_SERVING, `fatal` is set and the server exits non-zero so
+that the orchestrator replaces the process) when the loop failed `max_loop_failures` times
+within `loop_failure_window` seconds, or when `max_consecutive_failures` UNet forwards in a
+row failed: that is a broken device, not a bad request.
 """
 
 from __future__ import annotations
@@ -16,74 +27,66 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
 
 import torch
 
 from .. import metrics
 from ..domain import GenerateRequest, GenerateResult, ModelInfo
-from ..errors import InternalError, NotFound, Overloaded, ServiceError, Unavailable
+from ..errors import InternalError, NotFound, Overloaded, RequestAborted, Unavailable
 from ..models.loader import LoadedModel
 from ..sampling import resolve_seed
+from ..settings import EngineConfig
 from ..validation import validate
+from .batching import Batcher
 from .core import EngineCore, StepResult
-from .imaging import decode_latent, encode_png
+from .finishing import ImageFinisher
 from .request import EngineRequest, RequestState
-from .scheduler import Scheduler
+from .text import PreparedPrompt, prepare_prompt
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 8
-    admission_window: float = 0.02
-    max_queue: int = 64
-    png_compress_level: int = 4
-    png_workers: int = 2
-    # PyTorch intra-op threads for the denoise and decode threads; None: on a CPU, one less
-    # than the cores, because OpenMP teams spinning against the gRPC and decode threads on a
-    # fully booked machine cost more than the extra thread gains (measured: 2x at batch 1
-    # on 2 cores); on CUDA, PyTorch's default.
-    torch_threads: int | None = None
-
-
-class RequestAborted(Exception):
-    """The request was dropped because its client went away or its deadline passed."""
 
 
 class AsyncEngine:
     def __init__(self, models: dict[int, LoadedModel], config: EngineConfig = EngineConfig()) -> None:
         self.models = models
         self.config = config
-        self.core = EngineCore(models, Scheduler(config.max_batch_size, config.admission_window))
+        self.core = EngineCore(models, Batcher(config.max_batch_size, config.admission_window_ms / 1000))
+        self.finisher = ImageFinisher(
+            models, self._settle, png_workers=config.png_workers, png_compress_level=config.png_compress_level,
+            thread_setup=self._set_torch_threads,
+        )
         self._wakeup = threading.Condition()
         self._inbox: list[EngineRequest] = []
-        self._futures: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._aborts: deque[EngineRequest] = deque()
         self._admitting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="t2i-decode")
-        self._png_pool = ThreadPoolExecutor(config.png_workers, thread_name_prefix="t2i-png")
-        self._decode_streams = {
-            m.id: torch.cuda.Stream(device=m.device) for m in models.values() if m.device.type == "cuda"
-        }
-        self._inflight = 0
         self._torch_threads: int | None = None
+        self._inflight = 0
         self._idle = threading.Event()
         self._idle.set()
+        self._loop_failures: deque[float] = deque()
+        # Set when the engine gave up; `reason` says why. Health callbacks get (serving, reason).
+        self.fatal = threading.Event()
+        self.fatal_reason = ""
+        self._health_listeners: list[Callable[[bool, str], None]] = []
 
     # --- public API (event loop) ---------------------------------------------------------
 
     def start(self) -> None:
-        threads = self.config.torch_threads
+        threads = self.config.torch_threads or None
         if threads is None and all(m.device.type == "cpu" for m in self.models.values()):
             threads = max(1, (os.cpu_count() or 2) - 1)
         self._torch_threads = threads
-        self._decode_pool.submit(self._set_torch_threads).result()
         self._thread = threading.Thread(target=self._denoise_loop, name="t2i-denoise", daemon=True)
         self._thread.start()
+
+    def on_health(self, listener: Callable[[bool, str], None]) -> None:
+        """Call `listener(serving, reason)` from the denoise thread when the engine's ability
+        to serve changes (a loop failure, its restart, giving up)."""
+        self._health_listeners.append(listener)
 
     def _set_torch_threads(self) -> None:
         # OpenMP settings are per thread: each worker thread sets its own.
@@ -91,7 +94,7 @@ class AsyncEngine:
             torch.set_num_threads(self._torch_threads)
 
     def model_infos(self) -> list[ModelInfo]:
-        return [self.models[i].spec.info() for i in sorted(self.models)]
+        return [self.models[i].info() for i in sorted(self.models)]
 
     def model(self, model_id: int) -> LoadedModel:
         try:
@@ -100,41 +103,54 @@ class AsyncEngine:
             known = ", ".join(str(i) for i in sorted(self.models))
             raise NotFound(f"model {model_id} does not exist; available model ids: {known}") from None
 
-    def check(self, params: GenerateRequest) -> None:
-        """Raise NotFound or InvalidArgument for a request this engine would refuse."""
-        validate(params, self.model(params.model_id).spec.info())
+    def check(self, params: GenerateRequest) -> tuple[PreparedPrompt, PreparedPrompt]:
+        """NotFound or InvalidArgument for a request this engine would refuse; else its prompt
+        and negative prompt, parsed and chunked (no tensor work: fine on the event loop)."""
+        model = self.model(params.model_id)
+        validate(params, model.spec.info())
+        return prepare_prompt(model, params.prompt, "prompt"), prepare_prompt(model, params.negative_prompt, "negativePrompt")
+
+    def admission_error(self) -> Unavailable | Overloaded | None:
+        """Why a new request would be refused right now, if it would."""
+        if self.fatal.is_set():
+            return Unavailable(f"the image engine failed ({self.fatal_reason}); this replica takes no requests")
+        if not self._admitting:
+            return Unavailable("the server is shutting down and takes no new requests")
+        queued = len(self._inbox) + len(self.core.batcher.waiting)
+        if queued >= self.config.max_queue:
+            return Overloaded(
+                f"the generation queue is full ({queued} requests waiting, limit {self.config.max_queue}); retry later",
+                retry_after=1.0,
+            )
+        return None
 
     async def generate(
         self, params: GenerateRequest, *, request_id: str | None = None, deadline: float | None = None
     ) -> GenerateResult:
-        """Generate one image; raises ServiceError subclasses or RequestAborted."""
-        self.check(params)
-        if not self._admitting:
-            raise Unavailable("the server is shutting down and takes no new requests")
-        request = EngineRequest(
-            request_id=request_id or uuid.uuid4().hex, params=params, seed=resolve_seed(params.seed), deadline=deadline
-        )
+        """Generate one image; raises ServiceError subclasses (RequestAborted when dropped)."""
+        prompts = self.check(params)
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        request = EngineRequest(
+            request_id=request_id or uuid.uuid4().hex, params=params, seed=resolve_seed(params.seed), deadline=deadline,
+            prompts=prompts, loop=loop, future=loop.create_future(),
+        )
         with self._wakeup:
-            queued = len(self._inbox) + len(self.core.scheduler.waiting)
-            if queued >= self.config.max_queue:
-                raise Overloaded(
-                    f"the generation queue is full ({queued} requests waiting, limit {self.config.max_queue}); retry later",
-                    retry_after=1.0,
-                )
-            self._futures[id(request)] = (loop, future)
+            refusal = self.admission_error()
+            if refusal is not None:
+                raise refusal
             self._inbox.append(request)
             self._inflight += 1
             self._idle.clear()
             metrics.INFLIGHT.set(self._inflight)
             self._wakeup.notify()
         try:
-            return await future
+            return await request.future
         except asyncio.CancelledError:
-            # The client cancelled or its deadline passed: the scheduler drops the request at
-            # its next step, wherever it is.
-            self._abort(request)
+            # The client cancelled or its deadline passed: the denoise thread drops the
+            # request before its next evaluation, wherever it is.
+            with self._wakeup:
+                self._aborts.append(request)
+                self._wakeup.notify()
             raise
 
     def stop_admitting(self) -> None:
@@ -147,13 +163,11 @@ class AsyncEngine:
     async def close(self) -> None:
         with self._wakeup:
             self._stopping = True
-            for request in self._inbox:
-                request.abort_requested = True
+            self._aborts.extend(self._inbox)
             self._wakeup.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        self._decode_pool.shutdown(wait=True)
-        self._png_pool.shutdown(wait=True)
+        self.finisher.close()
 
     async def warm_up(self) -> None:
         """One small generation per model, so the first real request pays no start-up cost."""
@@ -166,6 +180,17 @@ class AsyncEngine:
             await self.generate(params, request_id=f"warm-up-{info.id}")
             log.info("model warmed up", extra={"model_id": info.id, "seconds": round(time.perf_counter() - started, 2)})
 
+    # --- answers (any thread) ----------------------------------------------------------------
+
+    def _settle(self, request: EngineRequest, state: RequestState, *, result=None, error=None) -> None:
+        if not request.settle(state, result=result, error=error):
+            return
+        with self._wakeup:
+            self._inflight -= 1
+            metrics.INFLIGHT.set(self._inflight)
+            if self._inflight == 0:
+                self._idle.set()
+
     # --- denoise thread -------------------------------------------------------------------
 
     def _denoise_loop(self) -> None:
@@ -175,117 +200,82 @@ class AsyncEngine:
                 for request in self._inbox:
                     self.core.add(request)
                 self._inbox.clear()
-                if not self.core.has_work():
+                aborts = list(self._aborts)
+                self._aborts.clear()
+                if not aborts and not self.core.has_work():
                     if self._stopping:
                         return
                     self._wakeup.wait()
                     continue
-            result = self.core.step()
-            metrics.QUEUE_DEPTH.set(len(self.core.scheduler.waiting))
-            metrics.RUNNING.set(len(self.core.scheduler.running))
+            for request in aborts:
+                self._abort(request)
+            try:
+                result = self.core.step()
+            except Exception as error:  # nothing could be attributed: the loop itself failed
+                if self._loop_failed(error):
+                    return
+                continue
+            metrics.QUEUE_DEPTH.set(len(self.core.batcher.waiting))
+            metrics.RUNNING.set(len(self.core.batcher.running))
+            self._dispatch(result)
+            if self.core.consecutive_failures >= self.config.max_consecutive_failures:
+                self._give_up(f"{self.core.consecutive_failures} UNet evaluations in a row failed")
+                return
             if result.wait:
                 with self._wakeup:
-                    if not self._inbox:
+                    if not self._inbox and not self._aborts:
                         self._wakeup.wait(timeout=result.wait)
-            self._dispatch(result)
+
+    def _abort(self, request: EngineRequest) -> None:
+        if request.state is RequestState.DECODING:
+            # The finishing stage skips it; the denoise side no longer holds it.
+            self._settle(request, RequestState.ABORTED, error=RequestAborted("cancelled before its image was encoded"))
+        elif not request.state.terminal:
+            self.core.abort(request)
 
     def _dispatch(self, result: StepResult) -> None:
         for request in result.dropped:
             log.info("request dropped", extra={"request_id": request.request_id, "reason": "cancelled or deadline"})
-            self._resolve(request, error=RequestAborted("cancelled or past its deadline"))
+            self._settle(request, RequestState.ABORTED, error=RequestAborted("cancelled or past its deadline"))
         for request, error in result.failed:
-            self._resolve(request, error=error)
+            self._settle(request, RequestState.FAILED, error=error)
         for request in result.finished:
-            self._decode_pool.submit(self._decode, request)
+            self.finisher.submit(request)
 
-    def _abort(self, request: EngineRequest) -> None:
-        request.abort_requested = True
+    def _loop_failed(self, error: Exception) -> bool:
+        """Fail everything the loop held and restart it; True when the engine gives up."""
+        log.exception("the engine loop failed; failing its requests and restarting it")
+        now = time.monotonic()
+        self._loop_failures.append(now)
+        while self._loop_failures and self._loop_failures[0] < now - self.config.loop_failure_window:
+            self._loop_failures.popleft()
+        self._notify_health(False, f"engine loop failed: {type(error).__name__}")
+        self._fail_everything(InternalError(f"the image engine failed ({type(error).__name__}); you were not charged"))
+        if len(self._loop_failures) >= self.config.max_loop_failures:
+            self._give_up(f"the engine loop failed {len(self._loop_failures)} times within {self.config.loop_failure_window:g} s")
+            return True
+        self._notify_health(True, "engine loop restarted")
+        return False
+
+    def _give_up(self, reason: str) -> None:
+        log.critical("the engine gives up", extra={"reason": reason})
+        self.fatal_reason = reason
+        self.fatal.set()
+        # Health first: by the time callers hear of the failure, the replica is out of rotation.
+        self._notify_health(False, reason)
+        self._fail_everything(InternalError(f"the image engine failed ({reason}); you were not charged"))
+
+    def _fail_everything(self, error: InternalError) -> None:
         with self._wakeup:
-            self._wakeup.notify()
+            pending = [*self._inbox, *self.core.batcher.clear()]
+            self._inbox.clear()
+            self._aborts.clear()
+        for request in pending:
+            self._settle(request, RequestState.FAILED, error=error)
 
-    # --- decode and encode stages -----------------------------------------------------------
-
-    def _decode(self, request: EngineRequest) -> None:
-        if request.abort_requested:
-            self._resolve(request, error=RequestAborted("cancelled before decoding"))
-            return
-        model = self.models[request.params.model_id]
-        started = time.perf_counter()
-        try:
-            stream = self._decode_streams.get(model.id)
-            if stream is None:
-                pixels = decode_latent(model, request.run.result)
-            else:
-                # Decode in a side stream so the denoise thread's next steps overlap it.
-                stream.wait_stream(torch.cuda.current_stream(model.device))
-                with torch.cuda.stream(stream):
-                    request.run.result.record_stream(stream)
-                    pixels = decode_latent(model, request.run.result)
-        except ServiceError as error:
-            self._resolve(request, error=error)
-            return
-        except Exception as error:
-            log.exception("VAE decode failed", extra={"request_id": request.request_id})
-            self._resolve(request, error=InternalError(f"image decoding failed: {type(error).__name__}"))
-            return
-        request.times.vae_decode = time.perf_counter() - started
-        request.run = None  # the latent and the sampler's tensors are no longer needed
-        self._png_pool.submit(self._encode, request, pixels)
-
-    def _encode(self, request: EngineRequest, pixels) -> None:
-        started = time.perf_counter()
-        try:
-            png = encode_png(pixels, self.config.png_compress_level)
-        except Exception as error:
-            log.exception("PNG encode failed", extra={"request_id": request.request_id})
-            self._resolve(request, error=InternalError(f"PNG encoding failed: {type(error).__name__}"))
-            return
-        request.times.png_encode = time.perf_counter() - started
-        request.state = RequestState.FINISHED
-        times = request.times
-        for stage in ("queue_wait", "text_encode", "denoise", "vae_decode", "png_encode"):
-            metrics.STAGE_LATENCY.labels(stage=stage).observe(getattr(times, stage))
-        log.info(
-            "image generated",
-            extra={
-                "request_id": request.request_id,
-                "model_id": request.params.model_id,
-                "size": f"{request.params.width}x{request.params.height}",
-                "sampler": request.params.sampler,
-                "scheduler": request.params.scheduler,
-                "steps": request.params.steps,
-                "evaluations": times.evaluations,
-                "mean_batch": round(sum(times.batch_sizes) / max(len(times.batch_sizes), 1), 2),
-                "queue_wait_s": round(times.queue_wait, 4),
-                "denoise_s": round(times.denoise, 4),
-                "decode_s": round(times.vae_decode, 4),
-                "png_s": round(times.png_encode, 4),
-            },
-        )
-        self._resolve(request, result=GenerateResult(images=[png], seeds=[request.seed]))
-
-    # --- futures --------------------------------------------------------------------------
-
-    def _resolve(self, request: EngineRequest, *, result: GenerateResult | None = None, error: Exception | None = None) -> None:
-        with self._wakeup:
-            entry = self._futures.pop(id(request), None)
-            if entry is None:
-                return
-            self._inflight -= 1
-            metrics.INFLIGHT.set(self._inflight)
-            if self._inflight == 0:
-                self._idle.set()
-        loop, future = entry
-
-        def settle() -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
-        try:
-            loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+    def _notify_health(self, serving: bool, reason: str) -> None:
+        for listener in self._health_listeners:
+            try:
+                listener(serving, reason)
+            except Exception:
+                log.exception("health listener failed")

@@ -30,8 +30,16 @@ def decode_latent(model: LoadedModel, latent: Tensor) -> np.ndarray:
     image = vae.tiled_decode(z).sample if pixels > TILED_DECODE_PIXELS else vae.decode(z).sample
     if not torch.isfinite(image).all():
         raise InternalError("the VAE produced a non-finite image; the request was not charged")
-    image = (image.float() / 2 + 0.5).clamp(0, 1)
-    return (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+    return to_uint8(image[0])
+
+
+def to_uint8(image: Tensor) -> np.ndarray:
+    """A (3, H, W) VAE output in [-1, 1] as (H, W, 3) 8-bit pixels, as ComfyUI's SaveImage
+    and A1111 write them: clamp to [0, 1], times 255, truncated (not rounded), so the same
+    latent gives the same PNG bytes here as there."""
+    unit = ((image.float() + 1.0) / 2.0).clamp(0, 1)
+    # A float -> uint8 cast truncates toward zero; values are in [0, 255] so it never wraps.
+    return (unit.permute(1, 2, 0) * 255.0).to(torch.uint8).cpu().numpy()
 
 
 def encode_png(pixels: np.ndarray, compress_level: int = 4) -> bytes:

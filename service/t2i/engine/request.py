@@ -1,26 +1,58 @@
-"""A request inside the engine: its state, its sampler program and its conditioning."""
+"""A request inside the engine: its state machine, its sampler program, its conditioning and
+the future its caller awaits.
+
+States and who moves a request between them (no other transition is allowed; `advance`
+raises on any other, so a bug shows up as an error instead of a request answered twice):
+
+    WAITING  -> RUNNING    the batcher admitted it (denoise thread)
+    RUNNING  -> DECODING   its sampler finished (denoise thread)
+    DECODING -> FINISHED   its image is encoded (finisher threads)
+    WAITING, RUNNING, DECODING -> ABORTED   its caller went away or its deadline passed
+    WAITING, RUNNING, DECODING -> FAILED    an error attributed to it
+
+FINISHED, ABORTED and FAILED are terminal: entering one settles the caller's future, exactly
+once, from whichever thread made the transition.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import threading
 import time
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..domain import GenerateRequest, StageTimes
+from ..domain import GenerateRequest, GenerateResult, StageTimes
 from ..sampling import SamplingRun
-from .denoise import Evaluation
-from .text import TextConditioning
+from .denoise import UNetInput
+from .text import PreparedPrompt, TextConditioning
 
 
 class RequestState(enum.Enum):
     WAITING = "waiting"  # queued, not admitted yet
     RUNNING = "running"  # admitted: prompts encoded, denoising one evaluation at a time
-    DECODING = "decoding"  # sampling done: VAE decode and PNG encode
+    DECODING = "decoding"  # sampling done: VAE decode and image encode
     FINISHED = "finished"
     ABORTED = "aborted"  # the client cancelled or its deadline passed
     FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({RequestState.FINISHED, RequestState.ABORTED, RequestState.FAILED})
+_NEXT = {
+    RequestState.WAITING: {RequestState.RUNNING, RequestState.ABORTED, RequestState.FAILED},
+    RequestState.RUNNING: {RequestState.DECODING, RequestState.ABORTED, RequestState.FAILED},
+    RequestState.DECODING: {RequestState.FINISHED, RequestState.ABORTED, RequestState.FAILED},
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
 
 
 @dataclass(eq=False)
@@ -29,16 +61,20 @@ class EngineRequest:
     params: GenerateRequest
     seed: int
     deadline: float | None = None  # time.monotonic() value
+    # The prompt and negative prompt, checked and chunked (engine.check); encoded at admission.
+    prompts: tuple[PreparedPrompt, PreparedPrompt] | None = None
     arrival: float = field(default_factory=time.monotonic)
+    # The caller's future and its loop; None when the core is driven directly (tests).
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future | None = None
     state: RequestState = RequestState.WAITING
-    # Set from other threads (the client went away); the scheduler acts on it.
-    abort_requested: bool = False
     run: SamplingRun | None = None
     cond: TextConditioning | None = None
     uncond: TextConditioning | None = None
     time_ids: Tensor | None = None
     last_evaluated: float = 0.0
     times: StageTimes = field(default_factory=StageTimes)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def bucket(self) -> tuple[int, int, int]:
@@ -48,6 +84,42 @@ class EngineRequest:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
-    def pending_evaluation(self) -> Evaluation:
+    def pending_input(self) -> UNetInput:
         x, sigma = self.run.pending
-        return Evaluation(x=x, sigma=sigma, cond=self.cond, uncond=self.uncond, time_ids=self.time_ids)
+        return UNetInput(x=x, sigma=sigma, cond=self.cond, uncond=self.uncond, time_ids=self.time_ids)
+
+    def advance(self, state: RequestState) -> None:
+        """Move to a non-terminal state; InvalidTransition when the state machine forbids it."""
+        with self._lock:
+            self._check(state)
+            self.state = state
+
+    def settle(self, state: RequestState, *, result: GenerateResult | None = None, error: Exception | None = None) -> bool:
+        """Enter a terminal state and answer the caller. False (and nothing changes) when the
+        request is already terminal: an abort racing a failure, say, is answered once."""
+        if not state.terminal:
+            raise ValueError(f"{state} is not a terminal state")
+        with self._lock:
+            if self.state.terminal:
+                return False
+            self._check(state)
+            self.state = state
+        if self.future is not None:
+            try:
+                self.loop.call_soon_threadsafe(_settle_future, self.future, result, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+        return True
+
+    def _check(self, state: RequestState) -> None:
+        if state not in _NEXT.get(self.state, ()):
+            raise InvalidTransition(f"request {self.request_id}: {self.state.value} -> {state.value} is not allowed")
+
+
+def _settle_future(future: asyncio.Future, result: GenerateResult | None, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

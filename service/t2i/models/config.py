@@ -10,6 +10,8 @@ Example (YAML)::
         min_size: 256
         max_size: 2880
         price_multiplier: 1.0
+        embeddings_dir: /models/embeddings   # optional: SDXL textual inversions (.safetensors)
+        max_prompt_chunks: 8   # optional: longest prompt, in chunks of 75 CLIP tokens
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class ModelSpec(BaseModel):
     max_steps: int = Field(default=150, ge=1, le=1000)
     # Scales the price of every request on this model (see t2i.billing.pricing).
     price_multiplier: float = Field(default=1.0, gt=0)
+    # SDXL textual inversion files (`embedding:NAME` in prompts); loaded once at start.
+    embeddings_dir: Path | None = None
+    # Longest prompt accepted, in CLIP chunks of 75 tokens: each chunk adds 77 context tokens to
+    # every UNet evaluation of the request, so the cap bounds what one request can cost.
+    max_prompt_chunks: int = Field(default=8, ge=1, le=64)
     demo: bool = False
 
     @model_validator(mode="after")
@@ -78,8 +85,13 @@ def load_models_file(path: Path) -> list[ModelSpec]:
         update = {"path": base / spec.path}
         if spec.config is not None:
             update["config"] = base / spec.config
+        if spec.embeddings_dir is not None:
+            update["embeddings_dir"] = base / spec.embeddings_dir
         resolved = spec.model_copy(update=update)
         if not resolved.path.exists():
             raise ValueError(f"models file {path}: model {spec.id} path {resolved.path} does not exist")
+        # A named but missing folder is a typo to report, not "no embeddings".
+        if resolved.embeddings_dir is not None and not resolved.embeddings_dir.is_dir():
+            raise ValueError(f"models file {path}: model {spec.id} embeddings_dir {resolved.embeddings_dir} is not a folder")
         specs.append(resolved)
     return specs

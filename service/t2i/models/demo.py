@@ -4,16 +4,19 @@ It has the real SDXL architecture in miniature: two CLIP text encoders (the seco
 projection for the pooled embedding), a UNet with text-time (size) conditioning, and a VAE
 with the real 8x downscale. Weights come from a fixed seed, so every machine builds the same
 model; it is written once to the data directory as a diffusers folder and then loaded through
-the same code as a real checkpoint. Its images are noise, and its name says so.
+the same code as a real checkpoint. Its images are noise, and its name says so. Its tokenizers
+use the real CLIP vocabulary (from open-clip-torch's BPE file), so prompts tokenize and chunk
+exactly as they do on a real SDXL checkpoint.
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 from .config import ModelSpec
@@ -22,30 +25,20 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL_ID = 1
 DEMO_NAME = "demo-random-sdxl-tiny (random weights, NOT a real model: images are noise)"
-DEMO_VERSION = "v1"
+# v2: the real CLIP BPE vocabulary (v1 had a small learned one); older caches are rebuilt.
+DEMO_VERSION = "v2"
 DEMO_SEED = 20241124
 READY_MARKER = "READY"
-
-# The tokenizer's merges are learned from this text, so that common prompt words become one
-# token (as with the real CLIP vocabulary) and prompt lengths in tokens are realistic.
-_CORPUS = """
-masterpiece best quality amazing quality very aesthetic absurdres newest extremely aesthetic
-highres detailed illustration anime girl boy solo smile looking at viewer long hair short hair
-blonde hair pink hair pastel hair blue eyes violet eyes red eyes sparkling eyes blush open mouth
-upper body from the waist up full body standing sitting outdoors indoors sky clouds sunset
-flowers petals sparkles bokeh lights dreamy atmosphere vibrant colors soft lighting jacket
-dress skirt ribbon choker pendant crystal glowing metallic accents lace corset twin tails
-butterfly clips hand wave playful gentle warm inviting charm softness expression behind her
-with and of in the a to as if she is about speak directly viewer background detailed face
-worst quality low quality lowres low details bad quality poorly drawn bad anatomy bad hands
-multiple views blurry artist sign weibo username watermark text signature jpeg artifacts
-"""
 
 
 def demo_spec(data_dir: Path) -> ModelSpec:
     """The ModelSpec for the demo model, building it first if it is not cached yet."""
     path = ensure_demo_model(data_dir)
-    return ModelSpec(id=DEMO_MODEL_ID, name=DEMO_NAME, path=path, min_size=64, max_size=2880, demo=True)
+    # Textual inversions an operator drops next to the demo model; a missing folder means none.
+    embeddings = Path(data_dir) / "embeddings"
+    return ModelSpec(
+        id=DEMO_MODEL_ID, name=DEMO_NAME, path=path, min_size=64, max_size=2880, demo=True, embeddings_dir=embeddings
+    )
 
 
 def ensure_demo_model(data_dir: Path) -> Path:
@@ -76,7 +69,7 @@ def build_demo_model(path: Path, seed: int = DEMO_SEED) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    vocab, merges = _tokenizer_vocab()
+    vocab, merges = clip_vocabulary()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     # SDXL's second tokenizer pads with "!" rather than the end token, like the real one.
     tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
@@ -146,43 +139,51 @@ def build_demo_model(path: Path, seed: int = DEMO_SEED) -> None:
     pipeline.save_pretrained(path, safe_serialization=True)
 
 
-def _tokenizer_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-format byte-level BPE vocabulary: every byte, every byte ending a word, the
-    merges learned from the corpus, then the start and end tokens (end last, as in CLIP)."""
-    from tokenizers import pre_tokenizers
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges = _learn_merges(_CORPUS.split(), max_merges=600)
-    vocab: dict[str, int] = {}
-    for token in [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges)]:
-        vocab.setdefault(token, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+# The CLIP BPE vocabulary has this layout (OpenAI's tokenizer builds it the same way):
+# 256 byte characters, the same with "</w>" (end of word), one token per merge, then the
+# start and end tokens, 49408 in all.
+CLIP_MERGES = 48894
+CLIP_VOCAB_SIZE = 49408
+CLIP_START, CLIP_END = 49406, 49407
+_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The real CLIP vocabulary and merges, from the BPE file that open-clip-torch ships.
+
+    SDXL's two tokenizers both use it, so the demo model tokenizes prompts exactly as a real
+    checkpoint does (same ids, same lengths, same chunking)."""
+    lines = gzip.decompress(_bpe_path().read_bytes()).decode("utf-8").split("\n")
+    # Line 0 is a version header; the merges in use are the next 48894 lines.
+    merges = [tuple(line.split()) for line in lines[1 : 1 + CLIP_MERGES]]
+    if any(len(merge) != 2 for merge in merges):
+        raise ValueError(f"{_BPE_FILE}: a merge line is not two symbols")
+    characters = byte_characters()
+    tokens = [*characters, *(c + "</w>" for c in characters), *(a + b for a, b in merges), "<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    # Checked rather than assumed: a different vocabulary file would shift every id silently.
+    if len(vocab) != CLIP_VOCAB_SIZE or vocab["<|startoftext|>"] != CLIP_START or vocab["<|endoftext|>"] != CLIP_END:
+        raise ValueError(f"{_BPE_FILE} does not give the CLIP vocabulary ({len(vocab)} distinct tokens)")
     return vocab, merges
 
 
-def _learn_merges(words: list[str], max_merges: int) -> list[tuple[str, str]]:
-    """Byte-pair merges by frequency, ties broken alphabetically so the result is stable."""
-    counts = Counter(words)
-    pieces = {word: [*word[:-1], word[-1] + "</w>"] for word in counts}
-    merges: list[tuple[str, str]] = []
-    while len(merges) < max_merges:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, parts in pieces.items():
-            for pair in zip(parts, parts[1:]):
-                pairs[pair] += counts[word]
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        for word, parts in pieces.items():
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            pieces[word] = merged
-    return merges
+def byte_characters() -> list[str]:
+    """GPT-2/CLIP's printable stand-in for each byte, in vocabulary order.
+
+    Bytes that are printable (and not a space) stand for themselves, in byte order; the other
+    68 bytes follow, mapped in byte order to code points from 256 up. So "!" is id 0."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in set(printable)]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+
+
+def _bpe_path() -> Path:
+    # Found without importing open_clip: its __init__ imports torchvision, which is not installed.
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the demo model needs the CLIP vocabulary from open-clip-torch: `make install`, or "
+            "`pip install --no-deps open-clip-torch` (its own dependencies would replace torch)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / _BPE_FILE

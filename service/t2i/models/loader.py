@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..domain import ModelInfo
+from ..prompts.embeddings import Embeddings, load_embeddings
 from ..sampling import SigmaTable, scaled_linear_betas
 from .config import ModelSpec
 
@@ -38,10 +40,16 @@ class LoadedModel:
     sigma_table: SigmaTable
     attention: str
     load_seconds: float
+    # Textual inversions from spec.embeddings_dir, on the device in the encoders' dtype.
+    embeddings: Embeddings = field(default_factory=Embeddings)
 
     @property
     def id(self) -> int:
         return self.spec.id
+
+    def info(self) -> ModelInfo:
+        """What callers see of the model, including what is only known once loaded."""
+        return replace(self.spec.info(), embeddings=self.embeddings.names)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,6 +97,7 @@ def load_model(spec: ModelSpec, device: torch.device, attention: str = "auto") -
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     backend = select_attention(unet, device, attention)
+    embeddings = load_embeddings(spec.embeddings_dir, text_encoders, device, text_encoders[0].dtype)
     seconds = time.perf_counter() - started
     log.info(
         "model loaded",
@@ -106,6 +115,7 @@ def load_model(spec: ModelSpec, device: torch.device, attention: str = "auto") -
         sigma_table=table,
         attention=backend,
         load_seconds=seconds,
+        embeddings=embeddings,
     )
 
 

@@ -3,6 +3,9 @@
 Order matters for orchestrators: the port and the health service come up first (NOT_SERVING),
 models load and warm up, and only then does health report SERVING. On SIGTERM health goes
 back to NOT_SERVING, new requests are refused, and in-flight ones get `grace_period` to finish.
+Health follows the engine too: NOT_SERVING while its loop restarts after a failure, and for
+good when it gives up, after which the process exits with EXIT_ENGINE_FAILED so that the
+orchestrator replaces it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 from prometheus_client import start_http_server
 
-from .. import metrics
+from .. import metrics, wire
 from ..engine.engine import AsyncEngine
 from ..models.config import ModelSpec, load_models_file
 from ..models.demo import demo_spec
@@ -33,6 +36,8 @@ from .servicer import TextToImageServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextToImageService"].full_name
+assert SERVICE_NAME == wire.SERVICE, "t2i.wire.SERVICE must name the proto's service"
+EXIT_ENGINE_FAILED = 70  # EX_SOFTWARE
 
 
 def model_specs(settings: ServeSettings) -> list[ModelSpec]:
@@ -72,9 +77,11 @@ class Server:
 
     def __init__(
         self, settings: ServeSettings, catalog: ModelCatalog | None = None,
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (), models: dict[int, LoadedModel] | None = None,
     ) -> None:
+        """`models`: already loaded models to serve instead of loading them from the settings."""
         self.settings = settings
+        self._models = models
         self.catalog = catalog or ModelCatalog()
         self.interceptors = list(interceptors)
         self.servicer = TextToImageServicer(self.catalog)
@@ -92,6 +99,9 @@ class Server:
         self.port = self.grpc.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         self.metrics_port: int | None = None
         self.engine: AsyncEngine | None = None
+        self.failed = asyncio.Event()  # the engine gave up: the process should exit non-zero
+        self._stopping = False
+        self._background: set[asyncio.Future] = set()
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -106,8 +116,10 @@ class Server:
             self.metrics_port = http_server.server_address[1]
         log.info("listening", extra={"grpc_port": self.port, "metrics_port": self.metrics_port})
         started = time.perf_counter()
-        models = await asyncio.to_thread(load_models, self.settings)
+        models = self._models or await asyncio.to_thread(load_models, self.settings)
         engine = AsyncEngine(models, self.settings.engine)
+        loop = asyncio.get_running_loop()
+        engine.on_health(lambda serving, reason: loop.call_soon_threadsafe(self._engine_health, serving, reason))
         engine.start()
         await engine.warm_up()
         self.engine = engine
@@ -120,9 +132,25 @@ class Server:
         if self.settings.print_usage:
             print(usage_hint(self.port, sorted(models)[0]), flush=True)
 
+    def _engine_health(self, serving: bool, reason: str) -> None:
+        """The engine's view of its health, on the event loop. SERVING is only restored once
+        start-up is complete and while no shutdown is under way; a failed engine never is."""
+        engine = self.engine
+        fatal = engine is not None and engine.fatal.is_set()
+        log.warning("engine health changed", extra={"serving": serving and not fatal, "reason": reason})
+        if fatal:
+            self.failed.set()
+        if serving and (fatal or engine is None or self._stopping):
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        task = asyncio.ensure_future(self._set_health(status))
+        self._background.add(task)  # referenced until done, so it cannot be collected mid-way
+        task.add_done_callback(self._background.discard)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop admitting, let in-flight requests finish within the grace period, then stop."""
         grace = self.settings.grace_period if grace is None else grace
+        self._stopping = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + grace
         if self.engine is not None:
@@ -138,19 +166,28 @@ class Server:
                 await interceptor.close()
 
 
-async def run_until_signal(server: Server) -> None:
-    """Run a server until SIGTERM or SIGINT, then shut it down gracefully."""
+async def run_until_signal(server: Server) -> int:
+    """Run a server until SIGTERM or SIGINT (exit status 0) or until its engine gives up
+    (EXIT_ENGINE_FAILED), then shut it down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     starting = asyncio.create_task(server.start())
     stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    failed = asyncio.create_task(server.failed.wait())
+    done, _ = await asyncio.wait({starting, stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
     if starting in done:
         starting.result()  # start-up errors end the process with their traceback
-        await stopper
+        done, _ = await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
     else:
         starting.cancel()
+    stopper.cancel()
+    failed.cancel()
+    if server.failed.is_set():
+        log.critical("the engine failed for good; exiting so that this replica is replaced")
+        await server.stop(grace=5)
+        return EXIT_ENGINE_FAILED
     log.info("shutting down", extra={"grace_period_s": server.settings.grace_period})
     await server.stop()
+    return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..domain import GenerateRequest
 from ..engine.engine import AsyncEngine
 from ..errors import Unavailable
-from ..models.config import ModelSpec
+from ..models.loader import LoadedModel
 
 
 class ModelCatalog:
@@ -24,9 +24,15 @@ class ModelCatalog:
             raise Unavailable("the server is starting: models are still loading")
         return self._engine
 
-    def spec(self, model_id: int) -> ModelSpec:
-        """The model's spec; NotFound for an unknown id."""
-        return self.engine().model(model_id).spec
+    def model(self, model_id: int) -> LoadedModel:
+        """The loaded model; NotFound for an unknown id."""
+        return self.engine().model(model_id)
+
+    def admission_check(self) -> None:
+        """Unavailable or Overloaded when the engine would refuse a new request right now."""
+        refusal = self.engine().admission_error()
+        if refusal is not None:
+            raise refusal
 
     def check(self, request: GenerateRequest) -> None:
         """NotFound or InvalidArgument for a request the engine would refuse."""

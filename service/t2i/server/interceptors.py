@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
 
-from .. import metrics
-from ..engine.engine import RequestAborted
+from .. import metrics, wire
 from ..errors import ServiceError
 from ..logs import request_id_var
 from .status import status_for
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "x-request-id"
+# What a request id may look like: it is logged, stored in the ledger and echoed, so one
+# caller's odd header must never break anything (a long one once failed a whole group commit).
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,%d}" % wire.MAX_REQUEST_ID)
 
 
 def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -30,6 +32,18 @@ def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
         if name == key:
             return value
     return None
+
+
+def request_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's x-request-id when it is well-formed, else a new one (the original is logged,
+    truncated, so it can still be traced)."""
+    sent = metadata_value(context, wire.REQUEST_ID_HEADER)
+    if sent is not None and REQUEST_ID.fullmatch(sent):
+        return sent
+    generated = uuid.uuid4().hex
+    if sent is not None:
+        log.info("invalid x-request-id replaced", extra={"sent": sent[:64], "length": len(sent), "request_id": generated})
+    return generated
 
 
 def wrap_unary(
@@ -54,13 +68,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
 
         async def behaviour(inner, request, context):
-            request_id = metadata_value(context, REQUEST_ID_HEADER) or uuid.uuid4().hex
-            token = request_id_var.set(request_id)
+            token = request_id_var.set(request_id_of(context))
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
                 return await inner(request, context)
-            except (ServiceError, RequestAborted) as error:
+            except ServiceError as error:
                 code, message, trailers = status_for(error)
                 log.info("request refused", extra={"method": method, "code": code.name, "error": message})
                 await context.abort(code, message, trailing_metadata=trailers)

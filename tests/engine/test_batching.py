@@ -1,10 +1,10 @@
-"""The batching rule (engine/scheduler.py) on plain requests, no model needed."""
+"""The batching rule (engine/batching.py) on plain requests, no model needed."""
 
 import pytest
 
 from t2i.domain import GenerateRequest
 from t2i.engine.request import EngineRequest, RequestState
-from t2i.engine.scheduler import Scheduler
+from t2i.engine.batching import Batcher
 
 
 def request(name: str, arrival: float, size: int = 64, model_id: int = 1, deadline: float | None = None) -> EngineRequest:
@@ -13,83 +13,84 @@ def request(name: str, arrival: float, size: int = 64, model_id: int = 1, deadli
 
 
 def test_idle_engine_holds_the_first_request_for_the_admission_window():
-    scheduler = Scheduler(max_batch_size=4, admission_window=0.05)
-    scheduler.add(request("a", arrival=10.0))
-    plan = scheduler.schedule(now=10.01)
+    batcher = Batcher(max_batch_size=4, admission_window=0.05)
+    batcher.add(request("a", arrival=10.0))
+    plan = batcher.schedule(now=10.01)
     assert plan.wait == pytest.approx(0.04)
     assert not plan.admit and not plan.evaluate
-    scheduler.add(request("b", arrival=10.02))
-    plan = scheduler.schedule(now=10.06)  # window over: both start together
+    batcher.add(request("b", arrival=10.02))
+    plan = batcher.schedule(now=10.06)  # window over: both start together
     assert [r.request_id for r in plan.admit] == ["a", "b"]
     assert [r.request_id for r in plan.evaluate] == ["a", "b"]
     assert all(r.state is RequestState.RUNNING for r in plan.admit)
 
 
 def test_a_full_batch_does_not_wait_for_the_window():
-    scheduler = Scheduler(max_batch_size=2, admission_window=10.0)
-    scheduler.add(request("a", 0.0))
-    scheduler.add(request("b", 0.0))
-    plan = scheduler.schedule(now=0.001)
+    batcher = Batcher(max_batch_size=2, admission_window=10.0)
+    batcher.add(request("a", 0.0))
+    batcher.add(request("b", 0.0))
+    plan = batcher.schedule(now=0.001)
     assert plan.wait == 0 and len(plan.evaluate) == 2
 
 
 def test_new_arrivals_join_running_requests_at_the_next_evaluation_without_waiting():
-    scheduler = Scheduler(max_batch_size=4, admission_window=1.0)
-    scheduler.add(request("a", 0.0))
-    scheduler.schedule(now=2.0)
-    scheduler.add(request("late", 2.5))
-    plan = scheduler.schedule(now=2.5001)
+    batcher = Batcher(max_batch_size=4, admission_window=1.0)
+    batcher.add(request("a", 0.0))
+    batcher.schedule(now=2.0)
+    batcher.add(request("late", 2.5))
+    plan = batcher.schedule(now=2.5001)
     assert plan.wait == 0
     assert [r.request_id for r in plan.admit] == ["late"]
     assert {r.request_id for r in plan.evaluate} == {"a", "late"}
 
 
 def test_admission_stops_at_max_batch_size_and_resumes_when_a_request_leaves():
-    scheduler = Scheduler(max_batch_size=2, admission_window=0.0)
+    batcher = Batcher(max_batch_size=2, admission_window=0.0)
     for name in "abc":
-        scheduler.add(request(name, 0.0))
-    plan = scheduler.schedule(now=1.0)
+        batcher.add(request(name, 0.0))
+    plan = batcher.schedule(now=1.0)
     assert [r.request_id for r in plan.evaluate] == ["a", "b"]
-    assert [r.request_id for r in scheduler.waiting] == ["c"]
-    scheduler.finish(plan.evaluate[0])
-    plan = scheduler.schedule(now=1.1)
+    assert [r.request_id for r in batcher.waiting] == ["c"]
+    batcher.finish(plan.evaluate[0])
+    plan = batcher.schedule(now=1.1)
     assert [r.request_id for r in plan.admit] == ["c"]
     assert {r.request_id for r in plan.evaluate} == {"b", "c"}
 
 
 def test_buckets_take_turns_by_least_recently_evaluated():
-    scheduler = Scheduler(max_batch_size=8, admission_window=0.0)
-    scheduler.add(request("small-1", 0.0, size=64))
-    scheduler.add(request("big", 0.1, size=128))
-    scheduler.add(request("small-2", 0.2, size=64))
-    first = scheduler.schedule(now=1.0)
+    batcher = Batcher(max_batch_size=8, admission_window=0.0)
+    batcher.add(request("small-1", 0.0, size=64))
+    batcher.add(request("big", 0.1, size=128))
+    batcher.add(request("small-2", 0.2, size=64))
+    first = batcher.schedule(now=1.0)
     assert {r.request_id for r in first.evaluate} == {"small-1", "small-2"}
     for r in first.evaluate:
         r.last_evaluated = 1.0
-    second = scheduler.schedule(now=1.1)
+    second = batcher.schedule(now=1.1)
     assert [r.request_id for r in second.evaluate] == ["big"]
     second.evaluate[0].last_evaluated = 1.1
-    third = scheduler.schedule(now=1.2)
+    third = batcher.schedule(now=1.2)
     assert {r.request_id for r in third.evaluate} == {"small-1", "small-2"}
 
 
 def test_different_models_never_share_a_forward():
-    scheduler = Scheduler(max_batch_size=8, admission_window=0.0)
-    scheduler.add(request("m1", 0.0, model_id=1))
-    scheduler.add(request("m2", 0.0, model_id=2))
-    plan = scheduler.schedule(now=1.0)
+    batcher = Batcher(max_batch_size=8, admission_window=0.0)
+    batcher.add(request("m1", 0.0, model_id=1))
+    batcher.add(request("m2", 0.0, model_id=2))
+    plan = batcher.schedule(now=1.0)
     assert len({r.params.model_id for r in plan.evaluate}) == 1
 
 
 def test_cancelled_and_expired_requests_are_dropped_wherever_they_are():
-    scheduler = Scheduler(max_batch_size=1, admission_window=0.0)
+    batcher = Batcher(max_batch_size=1, admission_window=0.0)
     running = request("running", 0.0)
     waiting = request("waiting", 0.1, deadline=5.0)
-    scheduler.add(running)
-    scheduler.add(waiting)
-    scheduler.schedule(now=1.0)
-    running.abort_requested = True
-    plan = scheduler.schedule(now=6.0)  # `waiting` is past its deadline by now
+    batcher.add(running)
+    batcher.add(waiting)
+    batcher.schedule(now=1.0)
+    batcher.abort(running)
+    plan = batcher.schedule(now=6.0)  # `waiting` is past its deadline by now
     assert {r.request_id for r in plan.dropped} == {"running", "waiting"}
-    assert all(r.state is RequestState.ABORTED for r in plan.dropped)
-    assert not plan.evaluate and not scheduler.has_work()
+    # The batcher only takes them out; the engine answers them (request states are its to set).
+    assert {r.request_id: r.state for r in plan.dropped} == {"running": RequestState.RUNNING, "waiting": RequestState.WAITING}
+    assert not plan.evaluate and not batcher.has_work()

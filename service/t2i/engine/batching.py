@@ -1,9 +1,10 @@
 """The batching rule: which requests share the next UNet evaluation.
 
-Each engine step runs exactly one UNet forward. `Scheduler.schedule()` decides it:
+Each engine step runs exactly one UNet forward. `Batcher.schedule()` decides it and returns a
+StepPlan that nobody changes afterwards:
 
-1. Requests that were cancelled or passed their deadline are dropped, waiting or running; no
-   more work is spent on them.
+1. Requests whose caller went away (`abort`) or whose deadline passed are dropped, waiting or
+   running; no more work is spent on them.
 2. Admission window: when nothing is running, the first waiting request is held for up to
    `admission_window` seconds (or until `max_batch_size` are waiting) so that requests
    arriving together start together. While anything runs, nobody waits: a new arrival joins
@@ -16,30 +17,28 @@ Each engine step runs exactly one UNet forward. `Scheduler.schedule()` decides i
    buckets take turns and nobody starves.
 5. The forward evaluates every running request of that bucket (at most `max_batch_size`),
    each at its own step, sigma, sampler, cfg scale and prompt length; a request that finishes
-   leaves the running set at once.
+   or fails leaves the running set at once (`finish`).
+
+The batcher is a plain function of its state: no model, no threads, unit-testable.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .request import EngineRequest, RequestState
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepPlan:
-    admit: list[EngineRequest] = field(default_factory=list)
-    evaluate: list[EngineRequest] = field(default_factory=list)
-    dropped: list[EngineRequest] = field(default_factory=list)
+    admit: tuple[EngineRequest, ...] = ()  # newly admitted: prefill (encode, sampler set-up) first
+    evaluate: tuple[EngineRequest, ...] = ()  # this step's forward, admitted ones included
+    dropped: tuple[EngineRequest, ...] = ()  # aborted or expired: to be answered, not run
     wait: float = 0.0  # > 0: nothing to run yet, hold the admission window this long
 
-    @property
-    def empty(self) -> bool:
-        return not (self.admit or self.evaluate or self.dropped)
 
-
-class Scheduler:
+class Batcher:
     def __init__(self, max_batch_size: int, admission_window: float) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -47,41 +46,56 @@ class Scheduler:
         self.admission_window = admission_window
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
+        self._aborted: set[EngineRequest] = set()
 
     def add(self, request: EngineRequest) -> None:
         self.waiting.append(request)
+
+    def abort(self, request: EngineRequest) -> None:
+        """Drop the request at the next schedule(), wherever it is."""
+        if request in self.running or request in self.waiting:
+            self._aborted.add(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self, now: float) -> StepPlan:
-        plan = StepPlan()
+        dropped = []
         for queue in (self.waiting, self.running):
-            for request in [r for r in queue if r.abort_requested or r.expired(now)]:
+            for request in [r for r in queue if r in self._aborted or r.expired(now)]:
                 queue.remove(request)
-                request.state = RequestState.ABORTED
-                plan.dropped.append(request)
+                dropped.append(request)
+        self._aborted.clear()
 
         if not self.running and self.waiting and len(self.waiting) < self.max_batch_size:
             held = now - self.waiting[0].arrival
             if held < self.admission_window:
-                plan.wait = self.admission_window - held
-                return plan
+                return StepPlan(dropped=tuple(dropped), wait=self.admission_window - held)
 
+        admit = []
         while self.waiting and len(self.running) < self.max_batch_size:
             request = self.waiting.popleft()
-            request.state = RequestState.RUNNING
+            request.advance(RequestState.RUNNING)
             request.last_evaluated = request.arrival
             request.times.queue_wait = now - request.arrival
             self.running.append(request)
-            plan.admit.append(request)
+            admit.append(request)
 
+        evaluate: tuple[EngineRequest, ...] = ()
         if self.running:
             oldest = min(self.running, key=lambda r: r.last_evaluated)
-            plan.evaluate = [r for r in self.running if r.bucket == oldest.bucket]
-        return plan
+            evaluate = tuple(r for r in self.running if r.bucket == oldest.bucket)
+        return StepPlan(admit=tuple(admit), evaluate=evaluate, dropped=tuple(dropped))
 
     def finish(self, request: EngineRequest) -> None:
         """Take a request out of the running set (sampling done or failed)."""
         if request in self.running:
             self.running.remove(request)
+
+    def clear(self) -> list[EngineRequest]:
+        """Forget every request (the engine loop failed); returns them to be answered."""
+        everyone = [*self.waiting, *self.running]
+        self.waiting.clear()
+        self.running.clear()
+        self._aborted.clear()
+        return everyone

@@ -1,0 +1,180 @@
+"""Render the copies of facts that live outside Python from their one source.
+
+    python scripts/render.py          rewrite every generated block in place
+    python scripts/render.py --check  fail (exit 1) if any generated block is stale
+
+A generated block sits between a line containing `BEGIN GENERATED: <name>` and one containing
+`END GENERATED: <name>` (in a YAML/Lua comment or a Markdown HTML comment); the lines between
+are replaced, indented like the BEGIN line. Sources:
+- the error table, t2i.errors.ERROR_KINDS: the Envoy Lua tables and local-reply mappers in
+  edge/envoy.yaml, the error tables of README.md and edge/README.md (and, through
+  scripts/openapi.py, the OpenAPI error responses);
+- the serving settings, t2i.settings (via t2i.cli_options): the `t2i serve` flag table of README.md.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from t2i.cli_options import options_of
+from t2i.errors import ERROR_KINDS
+from t2i.settings import ServeSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the error table -----------------------------------------------------------------------
+
+def grpc_numbers() -> dict[str, int]:
+    return {code.name: code.value[0] for code in grpc.StatusCode}
+
+
+def http_names() -> dict[int, str]:
+    """HTTP status -> status name, for replies that carry no gRPC code (the first row wins)."""
+    names: dict[int, str] = {}
+    for kind in ERROR_KINDS:
+        names.setdefault(kind.http, kind.status)
+    return dict(sorted(names.items()))
+
+
+def grpc_http() -> dict[int, int]:
+    """gRPC code -> HTTP status of the statuses the service sends."""
+    numbers, table = grpc_numbers(), {}
+    for kind in ERROR_KINDS:
+        if kind.from_service:
+            table.setdefault(numbers[kind.status], kind.http)
+    return dict(sorted(table.items()))
+
+
+def lua_table(name: str, entries: dict, quote: bool) -> list[str]:
+    items = [f'[{k}] = "{v}"' if quote else f"[{k}] = {v}" for k, v in entries.items()]
+    lines, line = [f"local {name} = {{"], "  "
+    for item in items:
+        if len(line) + len(item) > 96:
+            lines.append(line.rstrip())
+            line = "  "
+        line += item + ", "
+    lines.append(line.rstrip())
+    lines.append("}")
+    return lines
+
+
+def envoy_lua_tables() -> list[str]:
+    names = {number: name for name, number in grpc_numbers().items()}
+    return [
+        "-- gRPC code -> name (all of gRPC's codes).",
+        *lua_table("GRPC_NAMES", dict(sorted(names.items())), quote=True),
+        "-- gRPC code -> HTTP status of the codes the service sends; others answer 500.",
+        *lua_table("GRPC_HTTP", grpc_http(), quote=False),
+        "-- HTTP status -> name, for bodies that carry no gRPC code.",
+        *lua_table("HTTP_NAMES", http_names(), quote=True),
+    ]
+
+
+# Statuses whose local reply has a mapper of its own, with a fixed message, earlier in the list.
+DEDICATED_LOCAL_REPLIES = {413}
+
+
+def envoy_local_replies() -> list[str]:
+    lines = []
+    for http, name in http_names().items():
+        if http in DEDICATED_LOCAL_REPLIES:
+            continue
+        lines += [
+            f"- filter: {{status_code_filter: {{comparison: {{op: EQ, value: {{default_value: {http}, runtime_key: edge.lr.{http}}}}}}}}}",
+            "  body_format_override:",
+            "    content_type: application/json",
+            "    json_format:",
+            f'      error: {{code: {http}, status: {name}, message: "%LOCAL_REPLY_BODY%", requestId: "%REQ(X-REQUEST-ID)%"}}',
+        ]
+    return lines
+
+
+def readme_errors() -> list[str]:
+    rows = sorted(ERROR_KINDS, key=lambda k: k.http)
+    return ["| HTTP | `status` | when |", "| --- | --- | --- |", *(f"| {k.http} | {k.status} | {k.when} |" for k in rows)]
+
+
+def edge_readme_errors() -> list[str]:
+    by_http: dict[int, list[str]] = {}
+    for kind in ERROR_KINDS:
+        if kind.from_service and kind.status not in by_http.get(kind.http, []):
+            by_http.setdefault(kind.http, []).append(kind.status)
+    sent = {name for names in by_http.values() for name in names}
+    others = ", ".join(name for name in grpc_numbers() if name not in sent and name != "OK")
+    rows = [f"| {', '.join(names)} | {http}{' + `Retry-After`' if http == 429 else ''} |" for http, names in sorted(by_http.items())]
+    return ["| gRPC | HTTP |", "| --- | --- |", *rows, f"| anything else ({others}) | 500 (status keeps the real name) |"]
+
+
+# --- settings -------------------------------------------------------------------------------
+
+def readme_serve_flags() -> list[str]:
+    rows = [
+        f"| `{o.flags}` | {f'`{o.env}`' if o.env else '-'} | {o.doc_default} | {o.help} |"
+        for o in options_of(ServeSettings)
+    ]
+    return ["| flag | env | default | meaning |", "| --- | --- | --- | --- |", *rows]
+
+
+# --- the files ------------------------------------------------------------------------------
+
+BLOCKS: dict[str, dict[str, Callable[[], list[str]]]] = {
+    "edge/envoy.yaml": {"lua-error-tables": envoy_lua_tables, "local-reply-statuses": envoy_local_replies},
+    "README.md": {"error-table": readme_errors, "serve-flags": readme_serve_flags},
+    "edge/README.md": {"grpc-http-table": edge_readme_errors},
+}
+
+
+def render_text(text: str, blocks: dict[str, Callable[[], list[str]]], path: str) -> str:
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    seen = set()
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        match = re.search(r"BEGIN GENERATED: ([\w-]+)", line)
+        if match:
+            name = match.group(1)
+            if name not in blocks:
+                raise SystemExit(f"{path}: unknown generated block {name!r}")
+            end = next((j for j in range(i + 1, len(lines)) if f"END GENERATED: {name}" in lines[j]), None)
+            if end is None:
+                raise SystemExit(f"{path}: block {name!r} has no END GENERATED line")
+            indent = line[: len(line) - len(line.lstrip())]
+            out += [indent + rendered if rendered else "" for rendered in blocks[name]()]
+            out.append(lines[end])
+            seen.add(name)
+            i = end
+        i += 1
+    missing = set(blocks) - seen
+    if missing:
+        raise SystemExit(f"{path}: generated block(s) {', '.join(sorted(missing))} not found")
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for relative, blocks in BLOCKS.items():
+        path = ROOT / relative
+        current = path.read_text()
+        rendered = render_text(current, blocks, relative)
+        if rendered != current:
+            stale.append(relative)
+            if not check:
+                path.write_text(rendered)
+    if check and stale:
+        print(f"render: stale generated blocks in {', '.join(stale)}; run 'make render'", file=sys.stderr)
+        return 1
+    print("render: generated blocks " + ("fresh" if check else "written"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

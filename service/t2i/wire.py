@@ -1,0 +1,42 @@
+"""Names and limits on the wire, stated once: headers, the service, ports and message sizes.
+
+The service, the client, the billing layer, the Envoy launcher and the renderers of
+edge/envoy.yaml, the OpenAPI description and the README import these; tests check that the
+canonical Envoy config and the Kubernetes manifests agree with them.
+"""
+
+from __future__ import annotations
+
+PACKAGE = "illustrious.texttoimage.v1"
+SERVICE = f"{PACKAGE}.TextToImageService"
+GENERATE_METHOD = f"/{SERVICE}/GenerateImage"
+LIST_MODELS_METHOD = f"/{SERVICE}/ListModels"
+
+# Request metadata (REST: headers of the same names).
+API_KEY_HEADER = "x-illustrious-api-key"
+IDEMPOTENCY_HEADER = "idempotency-key"
+REQUEST_ID_HEADER = "x-request-id"
+FORWARDED_FOR_HEADER = "x-forwarded-for"
+
+# Response metadata of rate-limited and successful calls.
+RETRY_AFTER_HEADER = "retry-after"
+RATE_LIMIT_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
+
+# Lengths the edge and the service both enforce.
+MAX_IDEMPOTENCY_KEY = 255
+MAX_REQUEST_ID = 128
+# The largest request body (REST) or request message (gRPC) anyone accepts: the edge's buffer
+# filter and the service's own gRPC limit are this value, so a caller that reaches the service
+# directly cannot send more than a caller through the edge.
+MAX_REQUEST_BYTES = 1024 * 1024
+# Responses hold PNGs: up to 8 large images.
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+
+# Ports of one machine (`t2i up`, `make run`) and of the Kubernetes Services.
+GRPC_PORT = 50051
+METRICS_PORT = 9464
+HTTP_PORT = 8080
+ENVOY_ADMIN_PORT = 9901
+# Seconds the edge waits for one generation; the service's grace period on SIGTERM in
+# Kubernetes must be at least this.
+ROUTE_TIMEOUT = 300.0
