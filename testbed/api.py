@@ -42,10 +42,13 @@ class Api:
             metadata.append(("idempotency-key", idempotency_key))
         return metadata
 
-    def generate(self, key: str | None, *, idempotency_key: str | None = None, timeout: float = 120, **fields) -> Outcome:
+    def generate(self, key: str | None, *, idempotency_key: str | None = None, timeout: float = 120, metadata=(),
+                 **fields) -> Outcome:
         request = pb.GenerateImageRequest(**{**TINY, **fields})
         try:
-            response, call = self.stub.GenerateImage.with_call(request, metadata=self.metadata(key, idempotency_key), timeout=timeout)
+            response, call = self.stub.GenerateImage.with_call(
+                request, metadata=self.metadata(key, idempotency_key, metadata), timeout=timeout
+            )
         except grpc.RpcError as error:
             return Outcome(None, error.code(), error.details() or "", dict(error.initial_metadata() or ()),
                            dict(error.trailing_metadata() or ()))

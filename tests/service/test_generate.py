@@ -142,7 +142,7 @@ def test_boundary_values_are_accepted(client):
     result = client.generate("a", negative_prompt=longest, width=64, height=64, steps=1, cfg_scale=0.0, seed=MAX_SEED)
     assert result.seeds == [MAX_SEED]
     assert png_pixels(result.images[0]).shape == (64, 64, 3)
-    client.generate("p" * 3000, width=64, height=72, steps=1, cfg_scale=30.0, seed=0)
+    client.generate(longest, width=64, height=72, steps=1, cfg_scale=30.0, seed=0)
 
 
 def test_a_prompt_over_the_chunk_cap_is_refused_with_its_token_count(client):
