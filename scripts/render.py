@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from t2i import wire
 from t2i.cli_options import options_of
 from t2i.errors import ERROR_KINDS
 from t2i.settings import ServeSettings
@@ -67,6 +68,9 @@ def lua_table(name: str, entries: dict, quote: bool) -> list[str]:
 def envoy_lua_tables() -> list[str]:
     names = {number: name for name, number in grpc_numbers().items()}
     return [
+        "-- Limits (t2i.wire).",
+        f"local MAX_HEADER_BYTES = {wire.MAX_HEADER_BYTES}",
+        f"local MAX_REQUEST_ID = {wire.MAX_REQUEST_ID}",
         "-- gRPC code -> name (all of gRPC's codes).",
         *lua_table("GRPC_NAMES", dict(sorted(names.items())), quote=True),
         "-- gRPC code -> HTTP status of the codes the service sends; others answer 500.",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import wire
+
 
 class ServiceError(Exception):
     """Base class of errors that are the caller's to see."""
@@ -27,6 +29,15 @@ class InvalidArgument(ServiceError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"invalid {field} {describe(value)}: {allowed}")
+
+
+class MissingFields(InvalidArgument):
+    """Required request fields were left out."""
+
+    def __init__(self, fields: list[str]) -> None:
+        self.fields = fields
+        ServiceError.__init__(self, f"missing required field{'s' if len(fields) > 1 else ''}: {', '.join(fields)}")
+        self.field, self.value, self.allowed = fields[0], None, "required"
 
 
 class NotFound(ServiceError):
@@ -123,8 +134,8 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("DEADLINE_EXCEEDED", 408, True, "the request body did not arrive within 60 s", from_service=False),
     ErrorKind("ABORTED", 409, True, "the same `Idempotency-Key` is still being processed", (AlreadyProcessing,)),
     ErrorKind("ALREADY_EXISTS", 409, False, "the request conflicts with an earlier one", (Conflict,)),
-    ErrorKind("INVALID_ARGUMENT", 413, False, "request body over 1 MiB", from_service=False),
-    ErrorKind("INVALID_ARGUMENT", 431, False, "request headers over 60 KiB", from_service=False),
+    ErrorKind("INVALID_ARGUMENT", 413, False, f"request body over {wire.MAX_REQUEST_BYTES // 1024 // 1024} MiB", from_service=False),
+    ErrorKind("INVALID_ARGUMENT", 431, False, f"request headers over {wire.MAX_HEADER_BYTES // 1024} KiB", from_service=False),
     ErrorKind("RESOURCE_EXHAUSTED", 429, True,
               "rate limit, concurrency cap, queue full, too many failed keys; `Retry-After` and `x-ratelimit-*` headers",
               (RateLimited, Overloaded)),

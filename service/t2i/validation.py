@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from .domain import GenerateRequest, ModelInfo
-from .errors import InvalidArgument
+from .errors import InvalidArgument, MissingFields
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES
 from .sampling.noise import MAX_SEED, RANDOM_SEED
 
@@ -16,6 +16,20 @@ MAX_PROMPT_CHARS = 3000
 MIN_STEPS = 1
 MAX_CFG_SCALE = 30.0
 SIZE_MULTIPLE = 8
+
+
+# Fields a request must set, with their wire (JSON) names. A protobuf field left out arrives as
+# its zero value, and none of these may be zero, so zero means "missing".
+REQUIRED = (("modelId", "model_id"), ("prompt", "prompt"), ("height", "height"), ("width", "width"),
+            ("steps", "steps"), ("samplerName", "sampler"), ("scheduler", "scheduler"))
+
+
+def check_required(request: GenerateRequest) -> None:
+    """InvalidArgument naming every required field the request left out (an empty body, say),
+    before anything else is judged: "model 0 does not exist" would send the caller astray."""
+    missing = [name for name, attribute in REQUIRED if not getattr(request, attribute)]
+    if missing:
+        raise MissingFields(missing)
 
 
 def validate(request: GenerateRequest, model: ModelInfo) -> None:

@@ -29,6 +29,11 @@ MAX_REQUEST_ID = 128
 # filter and the service's own gRPC limit are this value, so a caller that reaches the service
 # directly cannot send more than a caller through the edge.
 MAX_REQUEST_BYTES = 1024 * 1024
+# The largest request header block the edge forwards (larger: 431). Below gRPC's own metadata
+# limit (which the service raises to MAX_METADATA_BYTES), so that gRPC never answers
+# RESOURCE_EXHAUSTED for headers that the edge let through.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_METADATA_BYTES = 64 * 1024
 # Responses hold PNGs: up to 8 large images.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 

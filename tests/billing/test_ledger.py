@@ -258,3 +258,21 @@ async def test_group_commit_batches_concurrent_ops(ledger):
     record = ledger.get_key(record.id)
     assert (record.balance, record.reserved) == (2, 0)
     assert ledger.verify() == []
+
+
+def test_the_sqlite_ledger_is_readable_by_its_owner_only(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "billing.sqlite3"
+    old_umask = os.umask(0o022)  # what a shell usually has: new files would be 0644
+    try:
+        ledger = Ledger(open_database(f"sqlite:///{path}"))
+        ledger.create_key("someone", 5, "standard")
+        files = [p for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")) if p.exists()]
+        assert len(files) == 3, files  # WAL mode keeps its companions while a connection is open
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
+        assert set(modes.values()) == {0o600}, modes
+        ledger.close()
+    finally:
+        os.umask(old_umask)

@@ -203,3 +203,27 @@ async def test_failed_releases_are_retried_until_they_succeed(postgres_url):
     assert ledger.get_key(record.id).balance == 100
     assert ledger.verify() == []
     ledger.close()
+
+
+def test_requests_refused_while_shutting_down_never_reserve(data_dir, tmp_path):
+    database = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    server = start_billing_server(data_dir, tmp_path, database, "--grace-period", "60")
+    ledger = Ledger(open_database(database))
+    try:
+        record, secret = ledger.create_key("late", 10_000, "unlimited")
+        api = Api(server.target)
+        in_flight = api.generate_future(secret, width=256, height=256, steps=40)
+        deadline = time.monotonic() + 30
+        while not ledger.open_reservations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.process.send_signal(15)
+        time.sleep(0.5)
+        refused = [api.generate(secret, seed=i) for i in range(20)]
+        assert {o.code for o in refused} == {grpc.StatusCode.UNAVAILABLE}, {o.details for o in refused}
+        assert in_flight.result(timeout=120).stardust_usage > 0
+        _, entries, totals = ledger.usage(record.id, limit=100)
+        assert [e["kind"] for e in reversed(entries)] == ["credit", "reserve", "commit"]  # nothing for the 20
+        api.close()
+    finally:
+        server.kill()
+        ledger.close()

@@ -2,11 +2,21 @@
 
 Starts `t2i serve`, waits until it reports SERVING, starts Envoy with a local copy of
 edge/envoy.yaml in front of it, optionally creates (or reuses) a demo API key, prints how to
-call the documented REST example, and stops both on Ctrl-C or SIGTERM.
+call the documented REST example, and stops both on Ctrl-C or SIGTERM, in this order, so that
+no accepted request is cut off:
+
+1. Envoy stops taking new connections (admin /drain_listeners); open ones are drained;
+2. the service gets SIGTERM: it refuses new requests and finishes the in-flight ones within its
+   grace period, while Envoy still carries their answers back;
+3. Envoy gets SIGTERM once the service has exited.
+
+The children run in sessions of their own, so a Ctrl-C in the terminal reaches only this
+process, which then stops them in that order (and they get SIGTERM if it dies).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import shlex
@@ -116,6 +126,43 @@ def ensure_demo_key(data_dir: Path, database_url: str | None) -> tuple[str, int]
         ledger.close()
 
 
+def _child(command: list[str]) -> subprocess.Popen:
+    """A child in its own session (the terminal's Ctrl-C is ours to handle), ended with SIGTERM
+    if this process dies first (Linux: PR_SET_PDEATHSIG)."""
+
+    def die_with_parent() -> None:
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    return subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent)
+
+
+def drain_edge(admin_port: int) -> None:
+    """Envoy stops accepting connections; open ones finish what they carry and close."""
+    request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/drain_listeners?inboundonly", method="POST")
+    try:
+        urllib.request.urlopen(request, timeout=5).read()
+    except OSError as error:
+        log.warning("could not drain the edge's listeners", extra={"error": str(error)})
+
+
+def stop_in_order(serve: subprocess.Popen | None, envoy: subprocess.Popen | None, settings: UpSettings) -> None:
+    if envoy is not None and envoy.poll() is None:
+        drain_edge(settings.admin_port)
+    for process, grace in ((serve, settings.grace_period + 15), (envoy, 15)):
+        if process is None:
+            continue
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def usage(settings: UpSettings, key: str | None, balance: int | None) -> str:
     base = f"http://{'localhost' if settings.host in ('127.0.0.1', '0.0.0.0') else settings.host}:{settings.http_port}"
     headers = "-H 'Content-Type: application/json'"
@@ -183,24 +230,22 @@ def run(settings: UpSettings) -> int:
         stop["requested"] = True
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    processes: list[subprocess.Popen] = []
+    serve = envoy = None
     try:
-        serve = subprocess.Popen(serve_command)
-        processes.append(serve)
+        serve = _child(serve_command)
         log.info("waiting for the service", extra={"grpc_port": settings.grpc_port})
         wait_serving(f"127.0.0.1:{settings.grpc_port}", serve, timeout=900)
         key = balance = None
         if settings.billing and settings.demo_key:
             key, balance = ensure_demo_key(settings.data_dir, settings.database_url)
-        envoy = subprocess.Popen(
+        envoy = _child(
             [envoy_binary(), "-c", str(config), "--log-level", "warn", "--file-flush-interval-msec", "500",
              "--disable-hot-restart"]  # several local Envoys must not share the hot-restart socket
         )
-        processes.append(envoy)
         wait_envoy_ready(settings.admin_port, envoy)
         print(usage(settings, key, balance), flush=True)
         while not stop["requested"]:
-            for process in processes:
+            for process in (serve, envoy):
                 if process.poll() is not None and not stop["requested"]:
                     name = "the service" if process is serve else "Envoy"
                     log.error(f"{name} exited unexpectedly", extra={"status": process.returncode})
@@ -211,14 +256,7 @@ def run(settings: UpSettings) -> int:
         log.error(str(error))
         return 1
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in reversed(processes):
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_in_order(serve, envoy, settings)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         log.info("stopped")

@@ -38,7 +38,7 @@ from ..errors import InternalError, NotFound, Overloaded, RequestAborted, Unavai
 from ..models.loader import LoadedModel
 from ..sampling import resolve_seed
 from ..settings import EngineConfig
-from ..validation import validate
+from ..validation import check_required, validate
 from .batching import Batcher
 from .core import EngineCore, StepResult
 from .finishing import ImageFinisher
@@ -106,6 +106,7 @@ class AsyncEngine:
     def check(self, params: GenerateRequest) -> tuple[PreparedPrompt, PreparedPrompt]:
         """NotFound or InvalidArgument for a request this engine would refuse; else its prompt
         and negative prompt, parsed and chunked (no tensor work: fine on the event loop)."""
+        check_required(params)
         model = self.model(params.model_id)
         validate(params, model.spec.info())
         return prepare_prompt(model, params.prompt, "prompt"), prepare_prompt(model, params.negative_prompt, "negativePrompt")

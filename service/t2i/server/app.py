@@ -91,6 +91,9 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),
+                # Above what the edge forwards, so that its 431 is the only answer to big headers.
+                ("grpc.max_metadata_size", wire.MAX_METADATA_BYTES),
+                ("grpc.absolute_max_metadata_size", wire.MAX_METADATA_BYTES),
             ],
         )
         pb_grpc.add_TextToImageServiceServicer_to_server(self.servicer, self.grpc)
