@@ -59,6 +59,10 @@ bench-billing: install
 bench-edge: install
 	$(PY) -m benchmarks.edge
 
+# Per-request LoRA: mixed batches vs one adapter set per batch; writes docs/benchmarks.md.
+bench-lora: install
+	$(PY) -m benchmarks.lora
+
 # Scale-out proof: two replicas + one Envoy + PostgreSQL + Redis; writes docs/scale-out.md.
 scaleout: install
 	$(PY) -m benchmarks.scaleout

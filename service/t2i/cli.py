@@ -103,6 +103,7 @@ def generate(
     seed: int = typer.Option(REQUEST.seed, "--seed", help="-1 picks a random seed."),
     sampler: str = typer.Option(REQUEST.sampler, "--sampler"),
     scheduler: str = typer.Option(REQUEST.scheduler, "--scheduler"),
+    lora: list[str] = typer.Option([], "--lora", help="A LoRA as NAME[:STRENGTH[:STRENGTH_CLIP]]; repeatable."),
     target: str = TARGET,
     api_key: str | None = API_KEY,
 ) -> None:
@@ -113,7 +114,7 @@ def generate(
         try:
             result = client.generate(
                 prompt, negative_prompt=negative_prompt, model_id=model_id, width=width, height=height, steps=steps,
-                cfg_scale=cfg_scale, seed=seed, sampler=sampler, scheduler=scheduler,
+                cfg_scale=cfg_scale, seed=seed, sampler=sampler, scheduler=scheduler, loras=tuple(map(_lora, lora)),
             )
         except ClientError as error:
             typer.echo(f"error: {error}", err=True)
@@ -123,6 +124,19 @@ def generate(
         "file": str(out), "seed": result.seeds[0], "stardustUsage": result.stardust_usage,
         "stardustBalance": result.stardust_balance,
     }))
+
+
+def _lora(text: str):
+    from .domain import LoraSpec
+
+    name, *strengths = text.split(":")
+    try:
+        values = [float(v) for v in strengths]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: strengths must be numbers (NAME[:STRENGTH[:STRENGTH_CLIP]])") from None
+    if len(values) > 2:
+        raise typer.BadParameter(f"{text!r}: at most two strengths (NAME[:STRENGTH[:STRENGTH_CLIP]])")
+    return LoraSpec(name, *values)
 
 
 @app.command()
@@ -139,6 +153,25 @@ def models(target: str = TARGET, api_key: str | None = API_KEY) -> None:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
     typer.echo(json.dumps([asdict(info) for info in infos], indent=2))
+
+
+@app.command()
+def loras(
+    model_id: int = typer.Option(0, "--model-id", help="Only this model's LoRAs (0: every model's)."),
+    target: str = TARGET, api_key: str | None = API_KEY,
+) -> None:
+    """List the LoRAs a running service offers (add files to a model's lora_dir, then SIGHUP it)."""
+    from dataclasses import asdict
+
+    from .client import Client, ClientError
+
+    with Client(target, api_key=api_key) as client:
+        try:
+            found = client.list_loras(model_id)
+        except ClientError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(json.dumps([asdict(lora) for lora in found], indent=2))
 
 
 @app.command()

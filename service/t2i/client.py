@@ -18,7 +18,7 @@ from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 
 from . import errors, wire
-from .domain import GenerateRequest, GenerateResult, ModelInfo
+from .domain import GenerateRequest, GenerateResult, LoraDescription, ModelInfo
 from .server import convert
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", wire.MAX_RESPONSE_BYTES)]
@@ -71,6 +71,9 @@ class _Calls:
     def list_models(self, timeout) -> _Call:
         return _Call(pb.ListModelsRequest(), self._metadata(), timeout or self.timeout)
 
+    def list_loras(self, model_id: int, timeout) -> _Call:
+        return _Call(pb.ListLorasRequest(model_id=model_id), self._metadata(), timeout or self.timeout)
+
 
 def _models(response: pb.ListModelsResponse) -> list[ModelInfo]:
     return [convert.model_from_pb(m) for m in response.models]
@@ -96,6 +99,9 @@ class Client:
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return _models(self._invoke(self._stub.ListModels, self._calls.list_models(timeout)))
+
+    def list_loras(self, model_id: int = 0, *, timeout: float | None = None) -> list[LoraDescription]:
+        return convert.loras_from_pb(self._invoke(self._stub.ListLoras, self._calls.list_loras(model_id, timeout)))
 
     def close(self) -> None:
         self._channel.close()
@@ -127,6 +133,9 @@ class AsyncClient:
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return _models(await self._invoke(self._stub.ListModels, self._calls.list_models(timeout)))
+
+    async def list_loras(self, model_id: int = 0, *, timeout: float | None = None) -> list[LoraDescription]:
+        return convert.loras_from_pb(await self._invoke(self._stub.ListLoras, self._calls.list_loras(model_id, timeout)))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -6,6 +6,19 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA on a request: ComfyUI LoraLoader's strength_model and strength_clip."""
+
+    name: str
+    strength: float = 1.0
+    strength_clip: float | None = None  # None: the same as strength
+
+    @property
+    def clip_strength(self) -> float:
+        return self.strength if self.strength_clip is None else self.strength_clip
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """One generation, as validated by t2i.validation. The defaults are what the client and
     the CLI send when a caller leaves a field out (the REST API has no defaults)."""
@@ -20,6 +33,7 @@ class GenerateRequest:
     seed: int = -1  # -1: a random seed, returned in the result
     sampler: str = "euler"
     scheduler: str = "normal"
+    loras: tuple[LoraSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,20 @@ class ModelInfo:
     demo: bool = False
     # Textual inversions a prompt can name as `embedding:NAME` on this model.
     embeddings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoraDescription:
+    """A registered LoRA as ListLoras shows it."""
+
+    name: str
+    model_id: int
+    base_model: str
+    rank: int
+    size_bytes: int
+    has_text_encoder: bool
+    trigger_words: tuple[str, ...]
+    hash: str
 
 
 @dataclass

@@ -40,6 +40,8 @@ class EngineConfig:
     loop_failure_window: float = setting(60.0, "Seconds over which engine loop failures are counted.")
     png_compress_level: int = 4
     png_workers: int = 2
+    # Benchmarks only: split batches by LoRA set (the policy this engine is measured against).
+    lora_sets_apart: bool = False
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,13 @@ REQUIRED = (("modelId", "model_id"), ("prompt", "prompt"), ("height", "height"),
 
 def check_required(request: GenerateRequest) -> None:
     """InvalidArgument naming every required field the request left out (an empty body, say),
-    before anything else is judged: "model 0 does not exist" would send the caller astray."""
+    before anything else is judged: "model 0 does not exist" would send the caller astray.
+
+    One zero-valued field among set ones is more likely a value than an omission, so it gets
+    its own rule's message ("invalid steps 0: must be 1 to 150") from validate(); a zero modelId,
+    or two or more zero fields, read as a body that left them out."""
     missing = [name for name, attribute in REQUIRED if not getattr(request, attribute)]
-    if missing:
+    if "modelId" in missing or len(missing) > 1:
         raise MissingFields(missing)
 
 

@@ -11,6 +11,7 @@ PACKAGE = "illustrious.texttoimage.v1"
 SERVICE = f"{PACKAGE}.TextToImageService"
 GENERATE_METHOD = f"/{SERVICE}/GenerateImage"
 LIST_MODELS_METHOD = f"/{SERVICE}/ListModels"
+LIST_LORAS_METHOD = f"/{SERVICE}/ListLoras"
 
 # Request metadata (REST: headers of the same names).
 API_KEY_HEADER = "x-illustrious-api-key"

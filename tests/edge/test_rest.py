@@ -3,11 +3,17 @@
 import base64
 import io
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from t2i.edge.launcher import DOCUMENTED_EXAMPLE
+
+from ..lora.factory import KOHYA_SGM, make_lora
 
 SMALL = {"modelId": 1, "prompt": "1girl", "negativePrompt": "", "width": 64, "height": 64, "steps": 2, "cfgScale": 5,
          "seed": 3, "samplerName": "euler", "scheduler": "normal"}
@@ -192,3 +198,40 @@ def test_grpc_clients_use_the_same_listener(edge):
         result = client.generate("1girl", width=64, height=64, steps=2, seed=3)
         assert result.stardust_usage == 1 and len(result.images) == 1
         assert client.list_models()[0].id == 1
+
+
+def test_loras_through_the_edge(edge, demo_model):
+    """GET /lora/list and a generation naming LoRAs, in the documented JSON spelling."""
+    make_lora(demo_model, seed=8, rank=4, naming=KOHYA_SGM).save(edge.data_dir / "loras" / "edge_style.safetensors")
+    serve = [pid for pid in edge_children(edge.process.pid) if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(serve) == 1
+    os.kill(serve[0], signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while True:
+        listed = edge.request("GET", "/lora/list", headers=headers(edge.demo_key))
+        assert listed.status == 200
+        loras = listed.json()["loras"]
+        if any(lora["name"] == "edge_style" for lora in loras):
+            break
+        assert time.monotonic() < deadline, loras
+        time.sleep(0.2)
+    (style,) = [lora for lora in loras if lora["name"] == "edge_style"]
+    assert style["modelId"] == 1 and style["rank"] == 4 and style["hasTextEncoder"] is True and len(style["hash"]) == 12
+    body = {**SMALL, "loras": [{"name": "edge_style", "strength": 0.8, "strengthClip": 0.5}]}
+    assert edge.request("POST", "/text-to-image/generate", body, headers(edge.demo_key)).status == 201
+    wrong = edge.request("POST", "/text-to-image/generate", {**SMALL, "loras": [{"name": "edge_stlye"}]}, headers(edge.demo_key))
+    error = assert_error_shape(wrong, 400, "INVALID_ARGUMENT", "edge_style")
+    assert "loras[0].name" in error["message"]
+    assert_error_shape(edge.request("POST", "/lora/list", {}, headers(edge.demo_key)), 405, "UNIMPLEMENTED", "GET /lora/list")
+
+
+def edge_children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+    return found

@@ -154,7 +154,10 @@ def test_other_threads_do_not_see_the_loras(demo_model, loras):
         worker = threading.Thread(target=lambda: seen.setdefault("out", run_unet(demo_model.unet, inputs)))
         worker.start()
         worker.join()
-    assert torch.equal(seen["out"], base)
+        patched = run_unet(demo_model.unet, inputs)
+    # Equal up to the reduction order of another thread count; the LoRA itself moves it far more.
+    assert torch.allclose(seen["out"], base, atol=1e-5)
+    assert (patched - base).abs().max() > 1e-2
 
 
 def encode(encoder, ids):

@@ -10,7 +10,7 @@ For GenerateImage, in this order:
 5. run the generation;
 6. commit the reservation and fill stardust_usage / stardust_balance on success, or release
    it on any error, cancellation or deadline.
-ListModels needs a valid key and costs nothing. Health and reflection are open.
+ListModels and ListLoras need a valid key and cost nothing. Health and reflection are open.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             return None
         if details.method == wire.GENERATE_METHOD:
             return wrap_unary(handler, self._generate)
-        if details.method == wire.LIST_MODELS_METHOD:
+        if details.method in (wire.LIST_MODELS_METHOD, wire.LIST_LORAS_METHOD):
             return wrap_unary(handler, self._list_models)
         return handler
 

@@ -12,9 +12,11 @@ StepPlan that nobody changes afterwards:
 3. Admission: waiting requests are admitted in arrival order while fewer than
    `max_batch_size` are running. An admitted request has its prompts encoded in this step and
    takes part in this step's forward if it belongs to the chosen bucket.
-4. Bucket choice: requests can share a forward only with the same model and latent size. The
-   bucket holding the request that has waited longest since its last evaluation goes next, so
-   buckets take turns and nobody starves.
+4. Bucket choice: requests can share a forward only with the same model and latent size; their
+   LoRAs do not matter (each row gets its own deltas inside the one forward, lora/apply.py).
+   The bucket holding the request that has waited longest since its last evaluation goes
+   next, so buckets take turns and nobody starves. (`lora_sets_apart` splits buckets by LoRA
+   set as well: the one-adapter-set-per-batch policy of other servers, kept to measure against.)
 5. The forward evaluates every running request of that bucket (at most `max_batch_size`),
    each at its own step, sigma, sampler, cfg scale and prompt length; a request that finishes
    or fails leaves the running set at once (`finish`).
@@ -39,11 +41,12 @@ class StepPlan:
 
 
 class Batcher:
-    def __init__(self, max_batch_size: int, admission_window: float) -> None:
+    def __init__(self, max_batch_size: int, admission_window: float, *, lora_sets_apart: bool = False) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.admission_window = admission_window
+        self.lora_sets_apart = lora_sets_apart
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self._aborted: set[EngineRequest] = set()
@@ -84,8 +87,13 @@ class Batcher:
         evaluate: tuple[EngineRequest, ...] = ()
         if self.running:
             oldest = min(self.running, key=lambda r: r.last_evaluated)
-            evaluate = tuple(r for r in self.running if r.bucket == oldest.bucket)
+            evaluate = tuple(r for r in self.running if self._bucket(r) == self._bucket(oldest))
         return StepPlan(admit=tuple(admit), evaluate=evaluate, dropped=tuple(dropped))
+
+    def _bucket(self, request: EngineRequest) -> tuple:
+        if not self.lora_sets_apart:
+            return request.bucket
+        return (*request.bucket, tuple((l.weights.name, l.strength_model, l.strength_clip) for l in request.loras))
 
     def finish(self, request: EngineRequest) -> None:
         """Take a request out of the running set (sampling done or failed)."""

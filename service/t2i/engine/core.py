@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import metrics
 from ..errors import InternalError, ServiceError
+from ..lora import text_encoder_wrapper
 from ..models.loader import LoadedModel
 from ..sampling import AncestralNoise, SamplingRun, compute_sigmas, initial_noise, latent_shape, starting_latent
 from .batching import Batcher, StepPlan
@@ -133,7 +134,7 @@ class EngineCore:
             model = self.models[model_id]
             started = time.perf_counter()
             try:
-                encoded = encode_prompts(model, [prompt for r in requests for prompt in r.prompts])
+                encoded = self._encode(model, requests)
             except Exception as error:
                 log.exception("prompt encoding failed", extra={"model_id": model_id})
                 failure = InternalError(f"prompt encoding failed: {type(error).__name__}")
@@ -149,6 +150,16 @@ class EngineCore:
                     log.exception("sampler setup failed", extra={"request_id": request.request_id})
                     failed.append((request, InternalError(f"sampler setup failed: {type(error).__name__}")))
         return failed
+
+    @staticmethod
+    def _encode(model: LoadedModel, requests: list[EngineRequest]):
+        prompts = [prompt for r in requests for prompt in r.prompts]
+        if not any(r.loras for r in requests):
+            return encode_prompts(model, prompts)
+        # Text-encoder LoRAs per request: a request owns both its prompts (and the empty-prompt
+        # row its weights need), so they all see its LoRAs, as in ComfyUI's patched CLIP.
+        owners = [r for r in requests for _ in r.prompts]
+        return encode_prompts(model, prompts, owners=owners, wrap_forward=text_encoder_wrapper({r: r.loras for r in requests}))
 
     @staticmethod
     def _start_sampling(model: LoadedModel, request: EngineRequest) -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..lora import UNET, LoadedLora, batched_loras, unet_rows
 from ..models.loader import LoadedModel
 from .text import TextConditioning
 
@@ -29,6 +31,7 @@ class UNetInput:
     cond: TextConditioning
     uncond: TextConditioning
     time_ids: Tensor  # (1, 6): original size, crop offset, target size
+    loras: tuple[LoadedLora, ...] = ()  # applied to both rows at strength_model
 
 
 def size_conditioning(height: int, width: int, device: torch.device) -> Tensor:
@@ -67,12 +70,15 @@ def evaluate(model: LoadedModel, batch: Sequence[UNetInput]) -> list[tuple[Tenso
     pooled = torch.cat([c.pooled for e in batch for c in (e.cond, e.uncond)])
     time_ids = torch.cat([e.time_ids for e in batch for _ in (0, 1)])
 
-    eps = model.unet(
-        (x * scale_in.view(-1, 1, 1, 1)).to(dtype),
-        timesteps,
-        encoder_hidden_states=context,
-        encoder_attention_mask=mask,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(dtype)},
-    ).sample
+    # Each row's own LoRA deltas on top of one base forward for the whole batch (lora/apply.py).
+    loras = batched_loras(model.unet, UNET, unet_rows([e.loras for e in batch])) if any(e.loras for e in batch) else nullcontext()
+    with loras:
+        eps = model.unet(
+            (x * scale_in.view(-1, 1, 1, 1)).to(dtype),
+            timesteps,
+            encoder_hidden_states=context,
+            encoder_attention_mask=mask,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(dtype)},
+        ).sample
     x0 = x - sigma_column * eps.to(x.dtype)
     return [(x0[2 * i : 2 * i + 1], x0[2 * i + 1 : 2 * i + 2]) for i in range(len(batch))]

@@ -29,12 +29,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .. import metrics
-from ..domain import GenerateRequest, GenerateResult, ModelInfo
+from ..domain import GenerateRequest, GenerateResult, LoraDescription, ModelInfo
 from ..errors import InternalError, NotFound, Overloaded, RequestAborted, Unavailable
+from ..lora import ResolvedLora
 from ..models.loader import LoadedModel
 from ..sampling import resolve_seed
 from ..settings import EngineConfig
@@ -43,16 +45,27 @@ from .batching import Batcher
 from .core import EngineCore, StepResult
 from .finishing import ImageFinisher
 from .request import EngineRequest, RequestState
+from .loras import load_loras, resolve_loras
 from .text import PreparedPrompt, prepare_prompt
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What checking a request produced, for the engine to use once it is admitted."""
+
+    prompts: tuple[PreparedPrompt, PreparedPrompt]
+    loras: tuple[ResolvedLora, ...]
 
 
 class AsyncEngine:
     def __init__(self, models: dict[int, LoadedModel], config: EngineConfig = EngineConfig()) -> None:
         self.models = models
         self.config = config
-        self.core = EngineCore(models, Batcher(config.max_batch_size, config.admission_window_ms / 1000))
+        self.core = EngineCore(
+            models, Batcher(config.max_batch_size, config.admission_window_ms / 1000, lora_sets_apart=config.lora_sets_apart)
+        )
         self.finisher = ImageFinisher(
             models, self._settle, png_workers=config.png_workers, png_compress_level=config.png_compress_level,
             thread_setup=self._set_torch_threads,
@@ -96,6 +109,29 @@ class AsyncEngine:
     def model_infos(self) -> list[ModelInfo]:
         return [self.models[i].info() for i in sorted(self.models)]
 
+    def lora_descriptions(self, model_id: int = 0) -> list[LoraDescription]:
+        """The registered LoRAs of one model (0: of every model), by model, then name."""
+        ids = [model_id] if model_id else sorted(self.models)
+        found = []
+        for i in ids:
+            registry = self.model(i).loras
+            for info in sorted(registry.loras(), key=lambda info: info.name) if registry else ():
+                found.append(LoraDescription(
+                    name=info.name, model_id=i, base_model=info.base_model, rank=info.rank, size_bytes=info.size_bytes,
+                    has_text_encoder=info.has_text_encoder, trigger_words=tuple(info.trigger_words), hash=info.short_hash,
+                ))
+        return found
+
+    def rescan_loras(self) -> None:
+        """Re-read every model's LoRA folder (SIGHUP): operators add LoRAs without a restart."""
+        for model in self.models.values():
+            if model.loras is not None:
+                result = model.loras.rescan()
+                log.info("LoRA folder rescanned", extra={
+                    "model_id": model.id, "added": result.added, "removed": result.removed, "changed": result.changed,
+                    "refused": sorted(result.refused),
+                })
+
     def model(self, model_id: int) -> LoadedModel:
         try:
             return self.models[model_id]
@@ -103,13 +139,15 @@ class AsyncEngine:
             known = ", ".join(str(i) for i in sorted(self.models))
             raise NotFound(f"model {model_id} does not exist; available model ids: {known}") from None
 
-    def check(self, params: GenerateRequest) -> tuple[PreparedPrompt, PreparedPrompt]:
-        """NotFound or InvalidArgument for a request this engine would refuse; else its prompt
-        and negative prompt, parsed and chunked (no tensor work: fine on the event loop)."""
+    def check(self, params: GenerateRequest) -> Checked:
+        """NotFound or InvalidArgument for a request this engine would refuse; else what it
+        needs later: its prompts parsed and chunked, its LoRAs resolved (no tensor work, so
+        fine on the event loop)."""
         check_required(params)
         model = self.model(params.model_id)
         validate(params, model.spec.info())
-        return prepare_prompt(model, params.prompt, "prompt"), prepare_prompt(model, params.negative_prompt, "negativePrompt")
+        prompts = prepare_prompt(model, params.prompt, "prompt"), prepare_prompt(model, params.negative_prompt, "negativePrompt")
+        return Checked(prompts, resolve_loras(model, params.loras))
 
     def admission_error(self) -> Unavailable | Overloaded | None:
         """Why a new request would be refused right now, if it would."""
@@ -129,12 +167,16 @@ class AsyncEngine:
         self, params: GenerateRequest, *, request_id: str | None = None, deadline: float | None = None
     ) -> GenerateResult:
         """Generate one image; raises ServiceError subclasses (RequestAborted when dropped)."""
-        prompts = self.check(params)
+        checked = self.check(params)
         loop = asyncio.get_running_loop()
         request = EngineRequest(
             request_id=request_id or uuid.uuid4().hex, params=params, seed=resolve_seed(params.seed), deadline=deadline,
-            prompts=prompts, loop=loop, future=loop.create_future(),
+            prompts=checked.prompts, loop=loop, future=loop.create_future(),
         )
+        if checked.loras:
+            # Loaded off the denoise thread; the request joins the engine once its LoRAs are on
+            # the device, so a first use never stalls anyone else's steps.
+            request.loras, request.lora_leases = await load_loras(self.model(params.model_id), checked.loras)
         with self._wakeup:
             refusal = self.admission_error()
             if refusal is not None:
@@ -218,10 +260,11 @@ class AsyncEngine:
                 continue
             metrics.QUEUE_DEPTH.set(len(self.core.batcher.waiting))
             metrics.RUNNING.set(len(self.core.batcher.running))
-            self._dispatch(result)
             if self.core.consecutive_failures >= self.config.max_consecutive_failures:
-                self._give_up(f"{self.core.consecutive_failures} UNet evaluations in a row failed")
+                # Out of rotation first, then the answers (this step's failures among them).
+                self._give_up(f"{self.core.consecutive_failures} UNet evaluations in a row failed", result)
                 return
+            self._dispatch(result)
             if result.wait:
                 with self._wakeup:
                     if not self._inbox and not self._aborts:
@@ -258,12 +301,14 @@ class AsyncEngine:
         self._notify_health(True, "engine loop restarted")
         return False
 
-    def _give_up(self, reason: str) -> None:
+    def _give_up(self, reason: str, last: StepResult | None = None) -> None:
         log.critical("the engine gives up", extra={"reason": reason})
         self.fatal_reason = reason
         self.fatal.set()
         # Health first: by the time callers hear of the failure, the replica is out of rotation.
         self._notify_health(False, reason)
+        if last is not None:
+            self._dispatch(last)
         self._fail_everything(InternalError(f"the image engine failed ({reason}); you were not charged"))
 
     def _fail_everything(self, error: InternalError) -> None:

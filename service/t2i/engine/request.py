@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from ..domain import GenerateRequest, GenerateResult, StageTimes
+from ..lora import LoadedLora, RequestLoras
 from ..sampling import SamplingRun
 from .denoise import UNetInput
 from .text import PreparedPrompt, TextConditioning
@@ -63,6 +64,9 @@ class EngineRequest:
     deadline: float | None = None  # time.monotonic() value
     # The prompt and negative prompt, checked and chunked (engine.check); encoded at admission.
     prompts: tuple[PreparedPrompt, PreparedPrompt] | None = None
+    # The request's LoRAs, their weights on the device (pinned until the request ends).
+    loras: tuple[LoadedLora, ...] = ()
+    lora_leases: RequestLoras | None = None
     arrival: float = field(default_factory=time.monotonic)
     # The caller's future and its loop; None when the core is driven directly (tests).
     loop: asyncio.AbstractEventLoop | None = None
@@ -86,7 +90,7 @@ class EngineRequest:
 
     def pending_input(self) -> UNetInput:
         x, sigma = self.run.pending
-        return UNetInput(x=x, sigma=sigma, cond=self.cond, uncond=self.uncond, time_ids=self.time_ids)
+        return UNetInput(x=x, sigma=sigma, cond=self.cond, uncond=self.uncond, time_ids=self.time_ids, loras=self.loras)
 
     def advance(self, state: RequestState) -> None:
         """Move to a non-terminal state; InvalidTransition when the state machine forbids it."""
@@ -104,6 +108,8 @@ class EngineRequest:
                 return False
             self._check(state)
             self.state = state
+        if self.lora_leases is not None:
+            self.lora_leases.release()  # the weights may be evicted from now on
         if self.future is not None:
             try:
                 self.loop.call_soon_threadsafe(_settle_future, self.future, result, error)

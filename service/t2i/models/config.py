@@ -11,6 +11,7 @@ Example (YAML)::
         max_size: 2880
         price_multiplier: 1.0
         embeddings_dir: /models/embeddings   # optional: SDXL textual inversions (.safetensors)
+        lora_dir: /models/loras              # optional: LoRAs requests may name (.safetensors)
         max_prompt_chunks: 8   # optional: longest prompt, in chunks of 75 CLIP tokens
 """
 
@@ -43,6 +44,11 @@ class ModelSpec(BaseModel):
     # Longest prompt accepted, in CLIP chunks of 75 tokens: each chunk adds 77 context tokens to
     # every UNet evaluation of the request, so the cap bounds what one request can cost.
     max_prompt_chunks: int = Field(default=8, ge=1, le=64)
+    # LoRA files (.safetensors) requests may name; scanned at start and on SIGHUP.
+    lora_dir: Path | None = None
+    max_loras_per_request: int = Field(default=5, ge=0, le=16)
+    # Device memory LoRA weights may hold (least recently used ones are evicted beyond it).
+    lora_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
     demo: bool = False
 
     @model_validator(mode="after")
@@ -85,13 +91,16 @@ def load_models_file(path: Path) -> list[ModelSpec]:
         update = {"path": base / spec.path}
         if spec.config is not None:
             update["config"] = base / spec.config
-        if spec.embeddings_dir is not None:
-            update["embeddings_dir"] = base / spec.embeddings_dir
+        for folder in ("embeddings_dir", "lora_dir"):
+            if getattr(spec, folder) is not None:
+                update[folder] = base / getattr(spec, folder)
         resolved = spec.model_copy(update=update)
         if not resolved.path.exists():
             raise ValueError(f"models file {path}: model {spec.id} path {resolved.path} does not exist")
-        # A named but missing folder is a typo to report, not "no embeddings".
-        if resolved.embeddings_dir is not None and not resolved.embeddings_dir.is_dir():
-            raise ValueError(f"models file {path}: model {spec.id} embeddings_dir {resolved.embeddings_dir} is not a folder")
+        # A named but missing folder is a typo to report, not "none of them".
+        for folder in ("embeddings_dir", "lora_dir"):
+            value = getattr(resolved, folder)
+            if value is not None and not value.is_dir():
+                raise ValueError(f"models file {path}: model {spec.id} {folder} {value} is not a folder")
         specs.append(resolved)
     return specs

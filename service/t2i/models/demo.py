@@ -34,10 +34,12 @@ READY_MARKER = "READY"
 def demo_spec(data_dir: Path) -> ModelSpec:
     """The ModelSpec for the demo model, building it first if it is not cached yet."""
     path = ensure_demo_model(data_dir)
-    # Textual inversions an operator drops next to the demo model; a missing folder means none.
-    embeddings = Path(data_dir) / "embeddings"
+    # Textual inversions and LoRAs an operator drops next to the demo model (created empty).
+    embeddings, loras = Path(data_dir) / "embeddings", Path(data_dir) / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
     return ModelSpec(
-        id=DEMO_MODEL_ID, name=DEMO_NAME, path=path, min_size=64, max_size=2880, demo=True, embeddings_dir=embeddings
+        id=DEMO_MODEL_ID, name=DEMO_NAME, path=path, min_size=64, max_size=2880, demo=True, embeddings_dir=embeddings,
+        lora_dir=loras,
     )
 
 

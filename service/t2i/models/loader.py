@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..domain import ModelInfo
+from ..lora import LayerIndex, LoraCache, LoraRegistry
 from ..prompts.embeddings import Embeddings, load_embeddings
 from ..sampling import SigmaTable, scaled_linear_betas
 from .config import ModelSpec
@@ -42,6 +43,9 @@ class LoadedModel:
     load_seconds: float
     # Textual inversions from spec.embeddings_dir, on the device in the encoders' dtype.
     embeddings: Embeddings = field(default_factory=Embeddings)
+    # LoRAs from spec.lora_dir (None without one) and their device-resident weights.
+    loras: LoraRegistry | None = None
+    lora_cache: LoraCache | None = None
 
     @property
     def id(self) -> int:
@@ -98,6 +102,11 @@ def load_model(spec: ModelSpec, device: torch.device, attention: str = "auto") -
         unet.to(memory_format=torch.channels_last)
     backend = select_attention(unet, device, attention)
     embeddings = load_embeddings(spec.embeddings_dir, text_encoders, device, text_encoders[0].dtype)
+    loras = cache = None
+    if spec.lora_dir is not None:
+        index = LayerIndex(unet, text_encoders)
+        loras = LoraRegistry(spec.lora_dir, index, spec.id, max_per_request=spec.max_loras_per_request)
+        cache = LoraCache(index, device, dtype, spec.lora_cache_bytes, model_label=str(spec.id))
     seconds = time.perf_counter() - started
     log.info(
         "model loaded",
@@ -116,6 +125,8 @@ def load_model(spec: ModelSpec, device: torch.device, attention: str = "auto") -
         attention=backend,
         load_seconds=seconds,
         embeddings=embeddings,
+        loras=loras,
+        lora_cache=cache,
     )
 
 

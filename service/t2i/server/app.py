@@ -176,6 +176,8 @@ async def run_until_signal(server: Server) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: re-read the LoRA folders (in a thread: registering a file reads and hashes it).
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.engine and loop.run_in_executor(None, server.engine.rescan_loras))
     starting = asyncio.create_task(server.start())
     stopper = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(server.failed.wait())

@@ -1,19 +1,23 @@
 """Conversion between protobuf messages and domain dataclasses, in one place.
 
-Scalar fields convert by name: a domain field maps to the proto field of the same name unless
-RENAMED says otherwise, so a new scalar request field needs no code here.
+Fields convert by name: a domain field maps to the proto field of the same name unless
+RENAMED says otherwise, so a new scalar request field needs no code here. Fields holding other
+messages name their domain class in NESTED; optional proto fields (presence) map to None.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
-from ..domain import GenerateRequest, GenerateResult, ModelInfo
+from ..domain import GenerateRequest, GenerateResult, LoraDescription, LoraSpec, ModelInfo
 
 # domain field -> proto field, where the names differ (the proto keeps the documented JSON names)
 RENAMED = {GenerateRequest: {"sampler": "sampler_name"}}
+# domain field -> (domain class, proto message class) of fields that hold messages
+NESTED = {(GenerateRequest, "loras"): (LoraSpec, pb.LoraSettings)}
 
 
 def _pairs(cls: type) -> list[tuple[str, str]]:
@@ -23,15 +27,32 @@ def _pairs(cls: type) -> list[tuple[str, str]]:
 
 def _from_pb(cls: type, message):
     values = {}
+    hints = typing.get_type_hints(cls)
+    optional = {f.name for f in message.DESCRIPTOR.fields if f.has_presence and f.type != f.TYPE_MESSAGE}
     for domain_name, proto_name in _pairs(cls):
+        if proto_name in optional and not message.HasField(proto_name):
+            continue  # unset: the domain default decides
         value = getattr(message, proto_name)
-        # Repeated fields arrive as protobuf containers: the domain holds plain lists.
-        values[domain_name] = list(value) if hasattr(value, "extend") else value
+        nested = NESTED.get((cls, domain_name))
+        if nested is not None:
+            value = tuple(_from_pb(nested[0], item) for item in value)
+        elif hasattr(value, "extend"):
+            # Repeated fields arrive as protobuf containers: the domain holds tuples or lists.
+            value = tuple(value) if typing.get_origin(hints[domain_name]) is tuple else list(value)
+        values[domain_name] = value
     return cls(**values)
 
 
 def _to_pb(message_type, value):
-    return message_type(**{proto_name: getattr(value, domain_name) for domain_name, proto_name in _pairs(type(value))})
+    fields = {}
+    for domain_name, proto_name in _pairs(type(value)):
+        item = getattr(value, domain_name)
+        nested = NESTED.get((type(value), domain_name))
+        if nested is not None:
+            item = [_to_pb(nested[1], element) for element in item]
+        if item is not None:
+            fields[proto_name] = item
+    return message_type(**fields)
 
 
 def request_from_pb(message: pb.GenerateImageRequest) -> GenerateRequest:
@@ -56,3 +77,11 @@ def model_from_pb(message: pb.Model) -> ModelInfo:
 
 def models_to_pb(infos: list[ModelInfo]) -> pb.ListModelsResponse:
     return pb.ListModelsResponse(models=[_to_pb(pb.Model, info) for info in infos])
+
+
+def loras_to_pb(loras: list[LoraDescription]) -> pb.ListLorasResponse:
+    return pb.ListLorasResponse(loras=[_to_pb(pb.Lora, lora) for lora in loras])
+
+
+def loras_from_pb(message: pb.ListLorasResponse) -> list[LoraDescription]:
+    return [_from_pb(LoraDescription, lora) for lora in message.loras]

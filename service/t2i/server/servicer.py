@@ -31,3 +31,6 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return convert.models_to_pb(self.catalog.engine().model_infos())
+
+    async def ListLoras(self, request: pb.ListLorasRequest, context: grpc.aio.ServicerContext) -> pb.ListLorasResponse:
+        return convert.loras_to_pb(self.catalog.engine().lora_descriptions(request.model_id))

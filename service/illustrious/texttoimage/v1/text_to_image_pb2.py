@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.illustrious/texttoimage/v1/text_to_image.proto\x12\x1aillustrious.texttoimage.v1\x1a\x1cgoogle/api/annotations.proto\"\xc9\x01\n\x14GenerateImageRequest\x12\x10\n\x08model_id\x18\x01 \x01(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x11\n\tcfg_scale\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x14\n\x0csampler_name\x18\t \x01(\t\x12\x11\n\tscheduler\x18\n \x01(\t\"h\n\x15GenerateImageResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x16\n\x0estardust_usage\x18\x02 \x01(\x03\x12\x18\n\x10stardust_balance\x18\x03 \x01(\x03\x12\r\n\x05seeds\x18\x04 \x03(\x03\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.illustrious.texttoimage.v1.Model\"z\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08min_size\x18\x03 \x01(\x05\x12\x10\n\x08max_size\x18\x04 \x01(\x05\x12\x11\n\tmax_steps\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x65mo\x18\x06 \x01(\x08\x12\x12\n\nembeddings\x18\x07 \x03(\t2\xb2\x02\n\x12TextToImageService\x12\x98\x01\n\rGenerateImage\x12\x30.illustrious.texttoimage.v1.GenerateImageRequest\x1a\x31.illustrious.texttoimage.v1.GenerateImageResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/text-to-image/generate:\x01*\x12\x80\x01\n\nListModels\x12-.illustrious.texttoimage.v1.ListModelsRequest\x1a..illustrious.texttoimage.v1.ListModelsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/model/listb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.illustrious/texttoimage/v1/text_to_image.proto\x12\x1aillustrious.texttoimage.v1\x1a\x1cgoogle/api/annotations.proto\"\x82\x02\n\x14GenerateImageRequest\x12\x10\n\x08model_id\x18\x01 \x01(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x11\n\tcfg_scale\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x14\n\x0csampler_name\x18\t \x01(\t\x12\x11\n\tscheduler\x18\n \x01(\t\x12\x37\n\x05loras\x18\x0b \x03(\x0b\x32(.illustrious.texttoimage.v1.LoraSettings\"n\n\x0cLoraSettings\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\x08strength\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rstrength_clip\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_strengthB\x10\n\x0e_strength_clip\"h\n\x15GenerateImageResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x16\n\x0estardust_usage\x18\x02 \x01(\x03\x12\x18\n\x10stardust_balance\x18\x03 \x01(\x03\x12\r\n\x05seeds\x18\x04 \x03(\x03\"$\n\x10ListLorasRequest\x12\x10\n\x08model_id\x18\x01 \x01(\x05\"D\n\x11ListLorasResponse\x12/\n\x05loras\x18\x01 \x03(\x0b\x32 .illustrious.texttoimage.v1.Lora\"\x9b\x01\n\x04Lora\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\x05\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x18\n\x10has_text_encoder\x18\x06 \x01(\x08\x12\x15\n\rtrigger_words\x18\x07 \x03(\t\x12\x0c\n\x04hash\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.illustrious.texttoimage.v1.Model\"z\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08min_size\x18\x03 \x01(\x05\x12\x10\n\x08max_size\x18\x04 \x01(\x05\x12\x11\n\tmax_steps\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x65mo\x18\x06 \x01(\x08\x12\x12\n\nembeddings\x18\x07 \x03(\t2\xb0\x03\n\x12TextToImageService\x12\x98\x01\n\rGenerateImage\x12\x30.illustrious.texttoimage.v1.GenerateImageRequest\x1a\x31.illustrious.texttoimage.v1.GenerateImageResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/text-to-image/generate:\x01*\x12\x80\x01\n\nListModels\x12-.illustrious.texttoimage.v1.ListModelsRequest\x1a..illustrious.texttoimage.v1.ListModelsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/model/list\x12|\n\tListLoras\x12,.illustrious.texttoimage.v1.ListLorasRequest\x1a-.illustrious.texttoimage.v1.ListLorasResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/lora/listb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,16 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTTOIMAGESERVICE'].methods_by_name['GenerateImage']._serialized_options = b'\202\323\344\223\002\034\"\027/text-to-image/generate:\001*'
   _globals['_TEXTTOIMAGESERVICE'].methods_by_name['ListModels']._loaded_options = None
   _globals['_TEXTTOIMAGESERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\r\022\013/model/list'
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['ListLoras']._loaded_options = None
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['ListLoras']._serialized_options = b'\202\323\344\223\002\014\022\n/lora/list'
   _globals['_GENERATEIMAGEREQUEST']._serialized_start=109
-  _globals['_GENERATEIMAGEREQUEST']._serialized_end=310
-  _globals['_GENERATEIMAGERESPONSE']._serialized_start=312
-  _globals['_GENERATEIMAGERESPONSE']._serialized_end=416
-  _globals['_LISTMODELSREQUEST']._serialized_start=418
-  _globals['_LISTMODELSREQUEST']._serialized_end=437
-  _globals['_LISTMODELSRESPONSE']._serialized_start=439
-  _globals['_LISTMODELSRESPONSE']._serialized_end=510
-  _globals['_MODEL']._serialized_start=512
-  _globals['_MODEL']._serialized_end=634
-  _globals['_TEXTTOIMAGESERVICE']._serialized_start=637
-  _globals['_TEXTTOIMAGESERVICE']._serialized_end=943
+  _globals['_GENERATEIMAGEREQUEST']._serialized_end=367
+  _globals['_LORASETTINGS']._serialized_start=369
+  _globals['_LORASETTINGS']._serialized_end=479
+  _globals['_GENERATEIMAGERESPONSE']._serialized_start=481
+  _globals['_GENERATEIMAGERESPONSE']._serialized_end=585
+  _globals['_LISTLORASREQUEST']._serialized_start=587
+  _globals['_LISTLORASREQUEST']._serialized_end=623
+  _globals['_LISTLORASRESPONSE']._serialized_start=625
+  _globals['_LISTLORASRESPONSE']._serialized_end=693
+  _globals['_LORA']._serialized_start=696
+  _globals['_LORA']._serialized_end=851
+  _globals['_LISTMODELSREQUEST']._serialized_start=853
+  _globals['_LISTMODELSREQUEST']._serialized_end=872
+  _globals['_LISTMODELSRESPONSE']._serialized_start=874
+  _globals['_LISTMODELSRESPONSE']._serialized_end=945
+  _globals['_MODEL']._serialized_start=947
+  _globals['_MODEL']._serialized_end=1069
+  _globals['_TEXTTOIMAGESERVICE']._serialized_start=1072
+  _globals['_TEXTTOIMAGESERVICE']._serialized_end=1504
 # @@protoc_insertion_point(module_scope)

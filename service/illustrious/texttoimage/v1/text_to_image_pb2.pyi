@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateImageRequest(_message.Message):
-    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler")
+    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class GenerateImageRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_NAME_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     model_id: int
     prompt: str
     negative_prompt: str
@@ -29,7 +30,18 @@ class GenerateImageRequest(_message.Message):
     seed: int
     sampler_name: str
     scheduler: str
-    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraSettings]
+    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ...) -> None: ...
+
+class LoraSettings(_message.Message):
+    __slots__ = ("name", "strength", "strength_clip")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_CLIP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    strength: float
+    strength_clip: float
+    def __init__(self, name: _Optional[str] = ..., strength: _Optional[float] = ..., strength_clip: _Optional[float] = ...) -> None: ...
 
 class GenerateImageResponse(_message.Message):
     __slots__ = ("images", "stardust_usage", "stardust_balance", "seeds")
@@ -42,6 +54,38 @@ class GenerateImageResponse(_message.Message):
     stardust_balance: int
     seeds: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, images: _Optional[_Iterable[bytes]] = ..., stardust_usage: _Optional[int] = ..., stardust_balance: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListLorasRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: int
+    def __init__(self, model_id: _Optional[int] = ...) -> None: ...
+
+class ListLorasResponse(_message.Message):
+    __slots__ = ("loras",)
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    def __init__(self, loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
+
+class Lora(_message.Message):
+    __slots__ = ("name", "model_id", "base_model", "rank", "size_bytes", "has_text_encoder", "trigger_words", "hash")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HAS_TEXT_ENCODER_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_WORDS_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_id: int
+    base_model: str
+    rank: int
+    size_bytes: int
+    has_text_encoder: bool
+    trigger_words: _containers.RepeatedScalarFieldContainer[str]
+    hash: str
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[int] = ..., base_model: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., has_text_encoder: _Optional[bool] = ..., trigger_words: _Optional[_Iterable[str]] = ..., hash: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -48,6 +48,11 @@ class TextToImageServiceStub:
                 request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListLoras = channel.unary_unary(
+                '/illustrious.texttoimage.v1.TextToImageService/ListLoras',
+                request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasRequest.SerializeToString,
+                response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasResponse.FromString,
+                _registered_method=True)
 
 
 class TextToImageServiceServicer:
@@ -76,6 +81,13 @@ class TextToImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLoras(self, request, context):
+        """ListLoras lists the LoRAs a request may name in `loras`, per model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextToImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -88,6 +100,11 @@ def add_TextToImageServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListModelsRequest.FromString,
                     response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListLoras': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoras,
+                    request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasRequest.FromString,
+                    response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -148,6 +165,33 @@ class TextToImageService:
             '/illustrious.texttoimage.v1.TextToImageService/ListModels',
             illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListModelsRequest.SerializeToString,
             illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoras(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/illustrious.texttoimage.v1.TextToImageService/ListLoras',
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasRequest.SerializeToString,
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasResponse.FromString,
             options,
             channel_credentials,
             insecure,
