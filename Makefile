@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 BUF := node_modules/.bin/buf
 
-.PHONY: run test install proto proto-check render bench
+.PHONY: run test install browser proto proto-check render bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,16 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(VENV)/.installed node_modules/.installed
+# Headless Chromium and its WebDriver for the playground's browser test (tests/edge/test_playground.py):
+# Debian's packages, so that nothing downloads a browser of its own. apt-get as root (else sudo).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "make: no apt-get: install Chromium and chromedriver at /usr/bin yourself (tests/edge/test_playground.py)"; fi
+
+install: $(VENV)/.installed node_modules/.installed browser
 
 # The service and the Envoy REST edge on the demo model, with a demo API key; prints a curl
 # command for the documented example. Ctrl-C stops both.
@@ -47,9 +56,18 @@ render: install
 proto-check: install
 	PY=$(PY) BUF=$(BUF) scripts/proto.sh check
 
-# Serving benchmark: raw engine vs gRPC service vs naive peer; writes docs/benchmarks.md.
+# Serving benchmark: the service vs a dynamic-batching peer vs a naive peer (diffusers), homogeneous and
+# mixed workloads, open loop at three loads, plus raw engine vs service; writes docs/benchmarks.md
+# ("serving"). About 16 minutes on 2 cores.
 bench: install
 	$(PY) -m benchmarks.serving
+
+# The GPU check on a CUDA machine, offline, under 8 minutes (benchmarks/gpu_check.sh's header says how to
+# carry the wheels it installs); writes docs/benchmarks.md ("gpu"). `make gpu-check ARGS=--dry-run` runs
+# its plumbing on the CPU with tiny sizes and writes nothing.
+.PHONY: gpu-check
+gpu-check:
+	benchmarks/gpu_check.sh $(ARGS)
 
 # Billing overhead: no billing vs SQLite ledger vs PostgreSQL + Redis.
 bench-billing: install
@@ -58,6 +76,18 @@ bench-billing: install
 # REST through Envoy vs direct gRPC on the same service.
 bench-edge: install
 	$(PY) -m benchmarks.edge
+
+# Streams with previews against unary calls; writes docs/benchmarks.md.
+bench-stream: install
+	$(PY) -m benchmarks.streaming
+
+# Fair sharing under a flood, FIFO vs fair; writes docs/benchmarks.md ("fairness").
+bench-fairness: install
+	$(PY) -m benchmarks.fairness
+
+# The cost model's constants (t2i/cost.py), measured; writes docs/benchmarks.md ("cost").
+bench-cost: install
+	$(PY) -m benchmarks.cost
 
 # Per-request LoRA: mixed batches vs one adapter set per batch; writes docs/benchmarks.md.
 bench-lora: install

@@ -81,9 +81,9 @@ def new_key(database_url: str | None) -> str | None:
     from t2i.billing.database import open_database
     from t2i.billing.ledger import Ledger
 
-    engine = open_database(database_url)
-    _, key = Ledger(engine).create_key("bench", 10**9, "unlimited")
-    engine.dispose()
+    db = open_database(database_url)
+    _, key = Ledger(db).create_key("bench", 10**9, "unlimited")
+    db.dispose()
     return key
 
 

@@ -44,8 +44,13 @@ def error_responses() -> dict[str, str]:
 
 
 def comments(file: descriptor_pb2.FileDescriptorProto) -> dict[tuple, str]:
+    """Leading comments by location path, without buf's lint directives."""
+    def text(comment: str) -> str:
+        lines = [line.strip() for line in comment.strip().splitlines()]
+        return " ".join(line for line in lines if not line.startswith("buf:lint:"))
+
     return {
-        tuple(location.path): " ".join(line.strip() for line in location.leading_comments.strip().splitlines())
+        tuple(location.path): text(location.leading_comments)
         for location in file.source_code_info.location
         if location.leading_comments
     }
@@ -104,8 +109,10 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
             rule = method.options.Extensions[annotations_pb2.http]
             verb = rule.WhichOneof("pattern")
             path = getattr(rule, verb)
-            success = "201" if verb == "post" else "200"
+            # POST creates (201), except a stream: its 200 opens the event stream.
+            success = "201" if verb == "post" and not method.server_streaming else "200"
             output = method.output_type.removeprefix(f".{package}.")
+            media = "text/event-stream" if method.server_streaming else "application/json"
             operation = {
                 "operationId": method.name,
                 "summary": notes.get((6, service_index, 2, method_index), "").split(". ")[0],
@@ -116,7 +123,10 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
                      "description": "Kept if sent, generated otherwise; echoed in the response."},
                 ],
                 "responses": {
-                    success: {"description": "Success", "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{output}"}}}},
+                    success: {
+                        "description": "Server-sent events, one JSON event per `data:` line" if method.server_streaming else "Success",
+                        "content": {media: {"schema": {"$ref": f"#/components/schemas/{output}"}}},
+                    },
                     **{
                         code: {
                             "description": text,

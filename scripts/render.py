@@ -125,11 +125,30 @@ def readme_serve_flags() -> list[str]:
     return ["| flag | env | default | meaning |", "| --- | --- | --- | --- |", *rows]
 
 
+# --- prices -----------------------------------------------------------------------------------
+
+def readme_price_table() -> list[str]:
+    from t2i.billing.pricing import price
+    from t2i.billing.settings import BillingSettings
+    from t2i.domain import GenerateRequest
+    from t2i.sampling import SigmaTable
+
+    settings, table = BillingSettings(), SigmaTable.sdxl()
+    rows = ["| size | steps | sampler | prompt chunks | images | stardust |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for side, steps, sampler, chunks, images in (
+        (768, 28, "euler", 2, 1), (768, 28, "dpm_2", 2, 1), (1024, 28, "euler", 1, 1), (1024, 28, "euler", 8, 1),
+        (1024, 28, "euler", 1, 4), (1536, 28, "euler_ancestral", 2, 1), (2048, 30, "euler", 1, 1), (2880, 28, "euler", 2, 1),
+    ):
+        request = GenerateRequest(prompt="x", width=side, height=side, steps=steps, sampler=sampler, num_images=images)
+        rows.append(f"| {side}x{side} | {steps} | {sampler} | {chunks} | {images} | {price(request, 1.0, table, settings, chunks)} |")
+    return rows
+
+
 # --- the files ------------------------------------------------------------------------------
 
 BLOCKS: dict[str, dict[str, Callable[[], list[str]]]] = {
     "edge/envoy.yaml": {"lua-error-tables": envoy_lua_tables, "local-reply-statuses": envoy_local_replies},
-    "README.md": {"error-table": readme_errors, "serve-flags": readme_serve_flags},
+    "README.md": {"error-table": readme_errors, "serve-flags": readme_serve_flags, "price-table": readme_price_table},
     "edge/README.md": {"grpc-http-table": edge_readme_errors},
 }
 

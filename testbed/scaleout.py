@@ -152,8 +152,8 @@ def run_proof(folder: Path, clients: int = 6, spread_requests: int = 48, balance
     ensure_demo_model(data_dir)
     pg, drop = postgres_database()
     redis = require_redis()
-    engine = open_database(pg)
-    ledger = Ledger(engine)
+    db = open_database(pg)
+    ledger = Ledger(db)
     ports = free_ports(2)
     names = ["replica-a", "replica-b"]
     replicas = [start_replica(data_dir, folder / n, n, p, pg, redis) for n, p in zip(names, ports)]
@@ -237,6 +237,6 @@ def run_proof(folder: Path, clients: int = 6, spread_requests: int = 48, balance
         edge.stop()
         for replica in replicas:
             replica.kill()
-        engine.dispose()
+        db.dispose()
         drop()
     return report

@@ -11,6 +11,7 @@ the translation of errors into ClientError. Options left out take GenerateReques
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -18,7 +19,7 @@ from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 
 from . import errors, wire
-from .domain import GenerateRequest, GenerateResult, LoraDescription, ModelInfo
+from .domain import Event, GenerateRequest, GenerateResult, LoraDescription, ModelInfo
 from .server import convert
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", wire.MAX_RESPONSE_BYTES)]
@@ -97,6 +98,16 @@ class Client:
         call = self._calls.generate(prompt, idempotency_key, request_id, timeout, options)
         return convert.result_from_pb(self._invoke(self._stub.GenerateImage, call))
 
+    def generate_stream(self, prompt: str, *, idempotency_key: str | None = None, request_id: str | None = None,
+                        timeout: float | None = None, **options) -> Iterator[Event]:
+        """The generation's events as they come; the last is a GenerateResult or a Failed."""
+        call = self._calls.generate(prompt, idempotency_key, request_id, timeout, options)
+        try:
+            for message in self._stub.GenerateImageStream(call.request, metadata=call.metadata, timeout=call.timeout):
+                yield convert.event_from_pb(message)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return _models(self._invoke(self._stub.ListModels, self._calls.list_models(timeout)))
 
@@ -130,6 +141,16 @@ class AsyncClient:
                        timeout: float | None = None, **options) -> GenerateResult:
         call = self._calls.generate(prompt, idempotency_key, request_id, timeout, options)
         return convert.result_from_pb(await self._invoke(self._stub.GenerateImage, call))
+
+    async def generate_stream(self, prompt: str, *, idempotency_key: str | None = None, request_id: str | None = None,
+                              timeout: float | None = None, **options) -> AsyncIterator[Event]:
+        """The generation's events as they come; the last is a GenerateResult or a Failed."""
+        call = self._calls.generate(prompt, idempotency_key, request_id, timeout, options)
+        try:
+            async for message in self._stub.GenerateImageStream(call.request, metadata=call.metadata, timeout=call.timeout):
+                yield convert.event_from_pb(message)
+        except grpc.aio.AioRpcError as error:
+            raise ClientError.from_rpc_error(error) from None
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return _models(await self._invoke(self._stub.ListModels, self._calls.list_models(timeout)))

@@ -34,6 +34,15 @@ class GenerateRequest:
     sampler: str = "euler"
     scheduler: str = "normal"
     loras: tuple[LoraSpec, ...] = ()
+    num_images: int = 1
+    preview_every_steps: int = 0  # streams only; 0: no previews
+    omit_metadata: bool = False
+    output_format: str = "png"  # png, webp or jpeg ("" on the wire: png)
+    quality: int = 90  # webp and jpeg
+
+    @property
+    def image_format(self) -> str:
+        return self.output_format or "png"
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class GenerateResult:
     # Filled by the billing layer; the engine leaves them at 0.
     stardust_usage: int = 0
     stardust_balance: int = 0
+    output_format: str = "png"
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ class ModelInfo:
     demo: bool = False
     # Textual inversions a prompt can name as `embedding:NAME` on this model.
     embeddings: tuple[str, ...] = ()
+    max_pixels: int = 2880 * 2880  # width x height
+    max_prompt_chunks: int = 8
 
 
 @dataclass(frozen=True)
@@ -82,3 +94,47 @@ class StageTimes:
     png_encode: float = 0.0
     evaluations: int = 0
     batch_sizes: list[int] = field(default_factory=list)
+
+
+# Events of a streamed generation (GenerateImageStream), in the order they come.
+
+
+@dataclass(frozen=True)
+class Queued:
+    position: int  # 1: next to be admitted
+    ahead: int
+
+
+@dataclass(frozen=True)
+class Started:
+    queue_seconds: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+    evaluations: int
+    total_evaluations: int
+    elapsed_seconds: float
+    remaining_seconds: float
+
+
+@dataclass(frozen=True)
+class Preview:
+    step: int
+    jpeg: bytes
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The last event of a stream that failed after it started."""
+
+    code: int  # HTTP status
+    status: str  # gRPC status name
+    message: str
+
+
+Event = Queued | Started | Progress | Preview | GenerateResult | Failed

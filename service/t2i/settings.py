@@ -25,7 +25,7 @@ def setting(default, help: str, *, flag: str | None = None, env: str | None = ""
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = setting(8, "Requests per UNet evaluation.")
+    max_batch_size: int = setting(8, "Images per UNet evaluation (a request of numImages N counts N; each image is two rows, cond and uncond).")
     admission_window_ms: float = setting(20.0, "How long an idle engine waits for companions of a first request.")
     max_queue: int = setting(64, "Waiting requests before RESOURCE_EXHAUSTED.")
     # OpenMP teams spinning against the gRPC and decode threads on a fully booked machine cost
@@ -38,6 +38,8 @@ class EngineConfig:
     )
     max_loop_failures: int = setting(3, "Engine loop failures within the window after which the process exits.")
     loop_failure_window: float = setting(60.0, "Seconds over which engine loop failures are counted.")
+    fair_share: bool = setting(True, "Admit and alternate requests by each API key's share of the work done (off: first come, first served).")
+    progress_interval_ms: float = setting(250.0, "Streams: the least time between two queued or progress events of a request.")
     png_compress_level: int = 4
     png_workers: int = 2
     # Benchmarks only: split batches by LoRA set (the policy this engine is measured against).

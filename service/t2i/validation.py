@@ -13,6 +13,8 @@ from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES
 from .sampling.noise import MAX_SEED, RANDOM_SEED
 
 MAX_PROMPT_CHARS = 3000
+MAX_IMAGES = 8
+IMAGE_FORMATS = ("png", "webp", "jpeg")
 MIN_STEPS = 1
 MAX_CFG_SCALE = 30.0
 SIZE_MULTIPLE = 8
@@ -46,6 +48,11 @@ def validate(request: GenerateRequest, model: ModelInfo) -> None:
             raise InvalidArgument(
                 name, value, f"must be a multiple of {SIZE_MULTIPLE} from {model.min_size} to {model.max_size} for model {model.id}"
             )
+    if request.width * request.height > model.max_pixels:
+        raise InvalidArgument(
+            "width x height", f"{request.width}x{request.height}",
+            f"must be at most {model.max_pixels} pixels ({model.max_pixels / 2**20:.2f} megapixels) for model {model.id}",
+        )
     if not MIN_STEPS <= request.steps <= model.max_steps:
         raise InvalidArgument("steps", request.steps, f"must be {MIN_STEPS} to {model.max_steps}")
     if not (math.isfinite(request.cfg_scale) and 0.0 <= request.cfg_scale <= MAX_CFG_SCALE):
@@ -56,3 +63,11 @@ def validate(request: GenerateRequest, model: ModelInfo) -> None:
         raise InvalidArgument("samplerName", request.sampler, "must be one of " + ", ".join(SAMPLER_NAMES))
     if request.scheduler not in SCHEDULER_NAMES:
         raise InvalidArgument("scheduler", request.scheduler, "must be one of " + ", ".join(SCHEDULER_NAMES))
+    if not 1 <= request.num_images <= MAX_IMAGES:
+        raise InvalidArgument("numImages", request.num_images, f"must be 1 to {MAX_IMAGES}")
+    if not 0 <= request.preview_every_steps <= request.steps:
+        raise InvalidArgument("previewEverySteps", request.preview_every_steps, f"must be 0 (no previews) to {request.steps} (the steps)")
+    if request.image_format not in IMAGE_FORMATS:
+        raise InvalidArgument("outputFormat", request.output_format, "must be one of " + ", ".join(IMAGE_FORMATS))
+    if not 1 <= request.quality <= 100:
+        raise InvalidArgument("quality", request.quality, "must be 1 to 100")

@@ -10,6 +10,7 @@ from __future__ import annotations
 PACKAGE = "illustrious.texttoimage.v1"
 SERVICE = f"{PACKAGE}.TextToImageService"
 GENERATE_METHOD = f"/{SERVICE}/GenerateImage"
+GENERATE_STREAM_METHOD = f"/{SERVICE}/GenerateImageStream"
 LIST_MODELS_METHOD = f"/{SERVICE}/ListModels"
 LIST_LORAS_METHOD = f"/{SERVICE}/ListLoras"
 

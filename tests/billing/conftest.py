@@ -68,6 +68,6 @@ def ledger(billing_db):
     from t2i.billing.database import open_database
     from t2i.billing.ledger import Ledger
 
-    engine = open_database(billing_db)
-    yield Ledger(engine)
-    engine.dispose()
+    db = open_database(billing_db)
+    yield Ledger(db)
+    db.dispose()

@@ -25,16 +25,16 @@ SLOW_COST = price(
 
 @pytest.fixture
 def ledger_for(database_url):
-    engines = []
+    dbs = []
 
     def make() -> Ledger:
-        engine = open_database(database_url)
-        engines.append(engine)
-        return Ledger(engine)
+        db = open_database(database_url)
+        dbs.append(db)
+        return Ledger(db)
 
     yield make
-    for engine in engines:
-        engine.dispose()
+    for db in dbs:
+        db.dispose()
 
 
 def test_balance_for_k_images_serves_exactly_k_of_5k_concurrent_requests(data_dir, tmp_path, database_url, ledger_for):
@@ -96,8 +96,8 @@ def test_killed_server_leaves_no_open_reservation_after_restart(data_dir, tmp_pa
 def test_a_dead_replica_is_swept_by_another_instance(data_dir, tmp_path, postgres_url, redis_url):
     """Kubernetes case: the replacement pod has a new name, so the dead pod's reservations are
     released once its heartbeat is stale (2 s in the test config)."""
-    engine = open_database(postgres_url)
-    ledger = Ledger(engine)
+    db = open_database(postgres_url)
+    ledger = Ledger(db)
     record, secret = ledger.create_key("victim", 50, "unlimited")
     common = ("--redis-url", redis_url)
     dead = start_billing_server(data_dir, tmp_path / "dead", postgres_url, "--instance-id", "pod-1", *common)
@@ -118,12 +118,12 @@ def test_a_dead_replica_is_swept_by_another_instance(data_dir, tmp_path, postgre
     finally:
         survivor.kill()
         api.close()
-        engine.dispose()
+        db.dispose()
 
 
 def test_two_replicas_share_one_balance_and_one_rate_limit(data_dir, tmp_path, postgres_url, redis_url):
-    engine = open_database(postgres_url)
-    ledger = Ledger(engine)
+    db = open_database(postgres_url)
+    ledger = Ledger(db)
     common = ("--redis-url", redis_url)
     first = start_billing_server(data_dir, tmp_path / "1", postgres_url, "--instance-id", "r1", *common)
     second = start_billing_server(data_dir, tmp_path / "2", postgres_url, "--instance-id", "r2", *common)
@@ -151,15 +151,15 @@ def test_two_replicas_share_one_balance_and_one_rate_limit(data_dir, tmp_path, p
     finally:
         first.kill()
         second.kill()
-        engine.dispose()
+        db.dispose()
 
 
 def test_unreachable_redis_refuses_requests_and_says_why(data_dir, tmp_path):
     database_url = f"sqlite:///{tmp_path / 'billing.sqlite3'}"
     server = start_billing_server(data_dir, tmp_path, database_url, "--redis-url", "redis://127.0.0.1:1/0")
-    engine = open_database(database_url)
+    db = open_database(database_url)
     try:
-        ledger = Ledger(engine)
+        ledger = Ledger(db)
         record, secret = ledger.create_key("r", 10, "standard")
         outcome = Api(server.target).generate(secret)
         assert outcome.code is grpc.StatusCode.UNAVAILABLE
@@ -167,4 +167,4 @@ def test_unreachable_redis_refuses_requests_and_says_why(data_dir, tmp_path):
         assert ledger.get_key(record.id).balance == 10
     finally:
         server.kill()
-        engine.dispose()
+        db.dispose()

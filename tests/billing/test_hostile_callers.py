@@ -65,13 +65,13 @@ class Call:
     ("ipv4:10.1.2.3:5555", None, "10.0.0.0/8", "10.1.2.3"),
 ])
 def test_x_forwarded_for_counts_only_from_a_trusted_proxy(peer, forwarded, trusted, expected):
-    from t2i.billing.interceptor import client_address, parse_networks
+    from t2i.billing.addresses import client_address, parse_networks
 
     assert client_address(Call(peer, forwarded), parse_networks(trusted)) == expected
 
 
 def test_trusted_proxies_must_be_addresses_or_networks():
-    from t2i.billing.interceptor import parse_networks
+    from t2i.billing.addresses import parse_networks
 
     with pytest.raises(ValueError, match="trusted_proxies: 'edge.local' is not an IP address or CIDR network"):
         parse_networks("10.0.0.0/8, edge.local")

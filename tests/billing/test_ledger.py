@@ -14,9 +14,9 @@ from t2i.errors import AlreadyProcessing, InsufficientBalance, InternalError, In
 
 @pytest.fixture
 def ledger(database_url):
-    engine = open_database(database_url)
-    yield Ledger(engine)
-    engine.dispose()
+    db = open_database(database_url)
+    yield Ledger(db)
+    db.dispose()
 
 
 def test_keys_are_stored_hashed_and_found_by_key(ledger):
@@ -161,14 +161,14 @@ def test_a_failed_idempotent_request_can_be_retried(ledger):
 
 
 def test_idempotency_records_expire(database_url):
-    engine = open_database(database_url)
-    ledger = Ledger(engine, idempotency_ttl=0.0)
+    db = open_database(database_url)
+    ledger = Ledger(db, idempotency_ttl=0.0)
     record, _ = ledger.create_key("a", 10, "standard")
     claim = IdempotencyClaim("old", "fp")
     ledger.commit(ledger.reserve(record.id, 3, owner="i1", idempotency=claim), idempotent_response=b"x")
     # Past its time to live the key is treated as new: charged again.
     assert isinstance(ledger.reserve(record.id, 3, owner="i1", idempotency=claim), Reservation)
-    engine.dispose()
+    db.dispose()
 
 
 def test_verify_detects_a_tampered_balance(ledger):

@@ -1,3 +1,5 @@
+"""The price formula (billing/pricing.py) on the cost model (t2i.cost)."""
+
 import pytest
 
 from t2i.billing.pricing import evaluations, price
@@ -9,43 +11,47 @@ SETTINGS = BillingSettings()
 SDXL = SigmaTable.sdxl()
 
 
-def request(width=768, height=768, steps=28, sampler="euler", scheduler="normal") -> GenerateRequest:
-    return GenerateRequest(1, "p", "", height, width, steps, 7.0, -1, sampler, scheduler)
+def request(width=768, height=768, steps=28, sampler="euler", scheduler="normal", images=1) -> GenerateRequest:
+    return GenerateRequest(1, "p", "", height, width, steps, 7.0, -1, sampler, scheduler, num_images=images)
 
 
 def test_documented_example_costs_three():
-    assert price(request(), 1.0, SDXL, SETTINGS) == 3
+    # 768x768, 28 euler steps, the documented prompt takes two chunks: ceil(0.5625 * (28 * 1.06 + 5) / 7).
+    assert price(request(), 1.0, SDXL, SETTINGS, context_chunks=2) == 3
+    assert price(request(), 1.0, SDXL, SETTINGS, context_chunks=1) == 3
 
 
 def test_two_stage_samplers_cost_about_twice_per_step():
     assert evaluations(request(sampler="dpm_2"), SDXL) == 55
     assert evaluations(request(sampler="dpmpp_2s_ancestral_cfg_pp"), SDXL) == 55
-    assert price(request(sampler="dpm_2"), 1.0, SDXL, SETTINGS) == 6  # ceil(0.5625 * 55 / 6) = ceil(5.16)
-    assert price(request(sampler="euler_ancestral_cfg_pp"), 1.0, SDXL, SETTINGS) == 3
+    assert price(request(sampler="dpm_2"), 1.0, SDXL, SETTINGS, 2) == 6  # ceil(0.5625 * (55 * 1.06 + 5) / 7) = ceil(5.09)
+    assert price(request(sampler="euler_ancestral_cfg_pp"), 1.0, SDXL, SETTINGS, 2) == 3
 
 
 def test_price_counts_evaluations_not_steps():
     assert evaluations(request(scheduler="ddim_uniform"), SDXL) == 29  # ddim_uniform gives 29 steps for 28
-    assert price(request(scheduler="ddim_uniform", width=1024, height=1024), 1.0, SDXL, SETTINGS) == 5  # ceil(29/6)
+    assert price(request(scheduler="ddim_uniform", width=1024, height=1024), 1.0, SDXL, SETTINGS) == 5  # ceil(34 / 7)
 
 
-def test_price_scales_with_pixels_and_model_multiplier():
-    assert price(request(width=1024, height=1024), 1.0, SDXL, SETTINGS) == 5  # ceil(28 / 6)
-    assert price(request(width=2048, height=2048, steps=30), 1.0, SDXL, SETTINGS) == 20  # 4 MP * 30 / 6
-    assert price(request(), 2.0, SDXL, SETTINGS) == 6  # ceil(5.25)
-    assert price(request(), 0.5, SDXL, SETTINGS) == 2  # ceil(1.3125)
+def test_price_scales_with_pixels_chunks_images_and_model_multiplier():
+    assert price(request(width=1024, height=1024), 1.0, SDXL, SETTINGS) == 5  # ceil(33 / 7)
+    assert price(request(width=2048, height=2048, steps=30), 1.0, SDXL, SETTINGS) == 20  # 4 MP * 35 / 7, exactly
+    assert price(request(), 1.0, SDXL, SETTINGS, context_chunks=8) == 4  # ceil(0.5625 * (28 * 1.42 + 5) / 7)
+    assert price(request(), 2.0, SDXL, SETTINGS) == 6  # ceil(5.30)
+    assert price(request(), 0.5, SDXL, SETTINGS) == 2  # ceil(1.33)
+    assert price(request(images=3), 1.0, SDXL, SETTINGS) == 9  # per image
 
 
 def test_minimum_price_and_exact_arithmetic():
     assert price(request(width=64, height=64, steps=1), 1.0, SDXL, SETTINGS) == 1
-    # 1024x1024 x 6 evaluations / 6 is exactly 1.0: no float error may round it up to 2.
-    assert price(request(width=1024, height=1024, steps=6), 1.0, SDXL, SETTINGS) == 1
-    assert price(request(width=1024, height=1024, steps=6), 1.1, SDXL, SETTINGS) == 2
+    # 1.1 * 4 MP * 35 / 7 is exactly 22: no float error may round it up to 23.
+    assert price(request(width=2048, height=2048, steps=30), 1.1, SDXL, SETTINGS) == 22
+    assert price(request(width=2048, height=2048, steps=30), 1.11, SDXL, SETTINGS) == 23
 
 
 def test_rate_is_configurable():
-    cheaper = BillingSettings(megapixel_evaluations_per_stardust=12)
-    assert price(request(), 1.0, SDXL, cheaper) == 2  # ceil(1.3125)
+    cheaper = BillingSettings(megapixel_evaluations_per_stardust=14)
+    assert price(request(), 1.0, SDXL, cheaper) == 2  # ceil(1.33)
 
 
 @pytest.mark.parametrize("tier", ["missing"])
@@ -68,3 +74,11 @@ def test_price_counts_on_the_models_own_sigma_table():
         run = SamplingRun(sampler, torch.zeros(1, 4, 2, 2), sigmas, 5.0, noise=None)
         assert evaluations(r, short) == run.total_evaluations
     assert evaluations(request(scheduler="ddim_uniform"), short) != evaluations(request(scheduler="ddim_uniform"), SDXL)
+
+
+def test_the_documented_prompt_takes_two_chunks(demo_model):
+    from t2i.edge.launcher import DOCUMENTED_EXAMPLE
+    from t2i.engine.text import prepare_prompt
+
+    chunks = [len(prepare_prompt(demo_model, DOCUMENTED_EXAMPLE[f]).chunks[0]) for f in ("prompt", "negative_prompt")]
+    assert chunks == [2, 1]

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from t2i.edge.descriptor import write_descriptor
-from t2i.edge.envoy_config import CANONICAL, EdgeSettings, load_canonical, route_timeout_seconds, write
+from t2i.edge.envoy_config import (
+    CANONICAL, CANONICAL_PLAYGROUND, PLAYGROUND, EdgeSettings, load_canonical, route_timeout_seconds, write,
+)
 from t2i.edge.launcher import envoy_binary
 
 from testbed.up import UpProcess, free_ports
@@ -130,8 +132,9 @@ def test_no_reachable_service_is_503(tmp_path):
 
 
 def test_envoy_validates_the_config_as_deployed_and_as_run_locally(tmp_path):
-    # As deployed: the canonical file, with the descriptor where Kubernetes mounts it.
-    canonical = CANONICAL.read_text()
+    # As deployed: the canonical file, only the descriptor's and the playground's paths (where
+    # Kubernetes mounts them) pointed at local copies.
+    canonical = CANONICAL.read_text().replace(f"{CANONICAL_PLAYGROUND}/", f"{PLAYGROUND}/")
     descriptor = write_descriptor(tmp_path / "text_to_image.pb")
     as_deployed = tmp_path / "deployed.yaml"
     as_deployed.write_text(canonical.replace("/etc/envoy/text_to_image.pb", str(descriptor)))

@@ -17,8 +17,10 @@ def schema(name: str) -> OAS31Validator:
 
 def test_the_description_is_valid_openapi():
     validate(SPEC)
-    assert set(SPEC["paths"]) == {"/text-to-image/generate", "/model/list"}
+    assert set(SPEC["paths"]) == {"/text-to-image/generate", "/text-to-image/generate/stream", "/model/list", "/lora/list"}
     assert "201" in SPEC["paths"]["/text-to-image/generate"]["post"]["responses"]
+    stream = SPEC["paths"]["/text-to-image/generate/stream"]["post"]["responses"]["200"]["content"]
+    assert stream == {"text/event-stream": {"schema": {"$ref": "#/components/schemas/GenerateImageEvent"}}}
     assert SPEC["components"]["securitySchemes"]["apiKey"]["name"] == "x-illustrious-api-key"
 
 

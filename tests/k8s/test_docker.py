@@ -114,6 +114,26 @@ def test_edge_image():
         if f["name"] == "envoy.filters.http.grpc_json_transcoder"
     ]
     assert copies[descriptor[0]] == "k8s/base/generated/text_to_image.pb"
+    # The files the routes serve (the playground page) are in the image, at the path each route
+    # names: /etc/envoy/X from edge/X.
+    copied = {}
+    for keyword, rest in instructions(EDGE):
+        if keyword == "COPY" and "--from=" not in rest:
+            *sources, target = [a for a in rest.split() if not a.startswith("--")]
+            for source in sources:
+                copied[target + source.rsplit("/", 1)[-1] if target.endswith("/") else target] = source
+    served = [
+        route["direct_response"]["body"]["filename"]
+        for listener in envoy["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for hcm in chain["filters"]
+        for vhost in hcm["typed_config"]["route_config"]["virtual_hosts"]
+        for route in vhost["routes"]
+        if "filename" in route.get("direct_response", {}).get("body", {})
+    ]
+    assert served
+    for path in served:
+        assert copied.get(path) == "edge/" + path.removeprefix("/etc/envoy/"), path
 
 
 @pytest.mark.parametrize("dockerfile", [SERVICE, EDGE], ids=lambda p: p.name)

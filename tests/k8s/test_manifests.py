@@ -76,6 +76,17 @@ def envoy_descriptor_path() -> str:
     return path
 
 
+def envoy_served_files() -> list[str]:
+    """The files Envoy serves as direct_response bodies (the playground page)."""
+    return [
+        route["direct_response"]["body"]["filename"]
+        for hcm in envoy_http_managers()
+        for vhost in hcm["route_config"]["virtual_hosts"]
+        for route in vhost["routes"]
+        if "filename" in route.get("direct_response", {}).get("body", {})
+    ]
+
+
 def envoy_max_heap_bytes() -> int:
     (monitor,) = [m for m in ENVOY["overload_manager"]["resource_monitors"] if m["name"].endswith("fixed_heap")]
     return int(monitor["typed_config"]["max_heap_size_bytes"])
@@ -86,6 +97,8 @@ def test_envoy_facts_this_suite_relies_on():
     assert envoy_upstream() == ("t2i-grpc.t2i.svc.cluster.local", 50051)
     assert envoy_cluster()["type"] == "STRICT_DNS"
     assert envoy_descriptor_path() == "/etc/envoy/text_to_image.pb"
+    assert sorted(envoy_served_files()) == [f"/etc/envoy/playground/{name}" for name in
+                                            ("index.html", "playground.css", "playground.js")]
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -192,6 +205,20 @@ def mount_for(r: Rendered, container: dict, pod_spec: dict, path: str) -> tuple[
     mount = max(mounts, key=lambda m: len(m["mountPath"]))
     (volume,) = [v for v in pod_spec["volumes"] if v["name"] == mount["name"]]
     return mount, volume
+
+
+def projected_file(r: Rendered, container: dict, pod_spec: dict, path: str) -> tuple[str, str]:
+    """(ConfigMap name, key) a file `path` comes from when it is in a projected volume."""
+    mount, volume = mount_for(r, container, pod_spec, path)
+    assert "projected" in volume, f"{path} is not from a projected volume: {volume}"
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    found = [
+        (source["configMap"]["name"], item["key"])
+        for source in volume["projected"]["sources"] if "configMap" in source
+        for item in source["configMap"].get("items", []) if item["path"] == relative
+    ]
+    assert len(found) == 1, f"{path}: {len(found)} projected ConfigMap items"
+    return found[0]
 
 
 def configmap_file(r: Rendered, container: dict, pod_spec: dict, path: str) -> str:
@@ -507,6 +534,26 @@ def test_edge_configmap_holds_edge_envoy_yaml_byte_for_byte(rendered: Rendered):
     assert "google/api/annotations.proto" in {f.name for f in files}, "--include_imports"
     # Small enough for a ConfigMap (1 MiB including the base64 overhead).
     assert len(yaml.safe_dump(descriptor_map)) < 900_000
+
+
+def test_the_files_envoy_serves_are_mounted_byte_for_byte(rendered: Rendered):
+    """The playground page: /etc/envoy/playground/X in the pod is edge/playground/X."""
+    edge = edge_deployment(rendered)
+    pod = edge["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config_dir = Path(envoy_descriptor_path()).parent
+    served = envoy_served_files()
+    assert served
+    names = set()
+    for path in served:
+        name, key = projected_file(rendered, container, pod, path)
+        config_map = rendered.configmap(name)
+        repository_copy = ROOT / "edge" / Path(path).relative_to(config_dir)
+        assert config_map["data"][key].encode() == repository_copy.read_bytes(), path
+        names.add(name)
+    for name in names:
+        # Small enough for a ConfigMap (1 MiB).
+        assert len(yaml.safe_dump(rendered.configmap(name))) < 900_000
 
 
 def test_edge_shutdown_and_memory_agree_with_envoy_yaml(rendered: Rendered):

@@ -1,6 +1,7 @@
 """GenerateImage and ListModels end to end over real gRPC on the demo model."""
 
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -89,7 +90,10 @@ def test_a_request_alone_and_in_a_busy_batch_gives_the_same_image(server):
 
 def test_request_id_from_metadata_reaches_the_logs(server, client):
     client.generate("1girl", request_id="test-request-id-42", **SMALL)
-    entries = [e for e in server.logged("image generated") if e.get("request_id") == "test-request-id-42"]
+    deadline = time.monotonic() + 10  # the server's log reaches this process a little later
+    while not (entries := [e for e in server.logged("image generated") if e.get("request_id") == "test-request-id-42"]):
+        assert time.monotonic() < deadline, "the request id never reached the log"
+        time.sleep(0.05)
     assert len(entries) == 1 and entries[0]["evaluations"] == 4
 
 

@@ -68,3 +68,24 @@ def test_sighup_rescans_the_lora_folder(lora_server):
         added = next(lora for lora in client.list_loras() if lora.name == "added")
         assert added.has_text_encoder is False and added.rank == 2
         assert client.generate("1girl", width=64, height=64, steps=2, loras=(LoraSpec("added", 0.5),)).images
+
+
+def test_a_lora_request_records_its_loras_in_the_image(lora_server):
+    import io
+
+    from PIL import Image
+
+    from ..support.a1111 import parse_parameters
+
+    server, _, _ = lora_server
+    with Client(server.target) as client:
+        (pink,) = [lora for lora in client.list_loras() if lora.name == "pink"]
+        result = client.generate("1girl", width=64, height=64, steps=2, loras=(LoraSpec("pink", 0.8, 0.5),))
+    image = Image.open(io.BytesIO(result.images[0]))
+    settings = parse_parameters(image.info["parameters"])
+    assert settings["prompt"] == "1girl <lora:pink:0.8>" and settings["Lora hashes"] == f"pink: {pink.hash}"
+    import json
+
+    loaders = [n["inputs"] for n in json.loads(image.info["prompt"]).values() if n["class_type"] == "LoraLoader"]
+    assert loaders and loaders[0]["lora_name"] == "pink.safetensors"
+    assert (loaders[0]["strength_model"], loaders[0]["strength_clip"]) == (0.8, 0.5)

@@ -16,25 +16,30 @@ ListModels and ListLoras need a valid key and cost nothing. Health and reflectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
-import ipaddress
 import logging
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
 from .. import metrics, wire
-from ..errors import InternalError, InvalidArgument, PermissionDenied, Unauthenticated
+from ..errors import InternalError, InvalidArgument, PermissionDenied, ServiceError, Unauthenticated
 from ..logs import request_id_var
 from ..server import convert
 from ..server.catalog import ModelCatalog
-from ..server.interceptors import metadata_value, wrap_unary
+from ..server.interceptors import metadata_value, wrap_stream, wrap_unary
+from ..server.status import failed_event
 from ..settings import ServeSettings
+from ..tenancy import Tenant, current_tenant
 from . import pricing
+from .addresses import client_address, parse_networks
 from .group_commit import GroupCommitter
 from .keycache import KeyCache
 from .database import redact, unavailable_error
@@ -49,50 +54,37 @@ log = logging.getLogger(__name__)
 KEY_CACHE_SECONDS = 5.0
 
 
-def parse_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """Comma-separated CIDRs (or addresses); ValueError names the bad entry."""
-    networks = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        try:
-            networks.append(ipaddress.ip_network(part, strict=False))
-        except ValueError:
-            raise ValueError(f"trusted_proxies: {part!r} is not an IP address or CIDR network") from None
-    return tuple(networks)
+@dataclass(frozen=True)
+class Admitted:
+    """A generation that passed authentication and the rate limits."""
+
+    key: KeyRecord
+    headers: dict[str, str]  # x-ratelimit-* for the response
+    task: asyncio.Task
 
 
-def peer_address(context: grpc.aio.ServicerContext) -> str:
-    """The address of the connection's other end (gRPC peer strings: ipv4:a.b.c.d:port, ipv6:[..]:port)."""
-    peer = context.peer() or "unknown"
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6":
-        return rest.rsplit(":", 1)[0].strip("[]")
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    return peer
+@dataclass(frozen=True)
+class Charge:
+    """A priced generation and its reservation (or, for an idempotent retry, its replay)."""
 
+    model_id: int
+    cost: int
+    idempotent: bool
+    request_id: str | None
+    outcome: Reservation | Replay
 
-def client_address(context: grpc.aio.ServicerContext, trusted: tuple = ()) -> str:
-    """The caller's address: the last x-forwarded-for hop when the peer is a trusted proxy
-    (the edge), else the peer itself.
+    @property
+    def reservation(self) -> Reservation:
+        return self.outcome
 
-    The edge appends the address of the peer it saw to whatever x-forwarded-for the client
-    sent, so only the last hop is trustworthy, and only when the edge is the one who sent it:
-    a caller reaching the service directly could otherwise claim any address (dodging the
-    failed-authentication limit, or getting a victim's address blocked).
-    """
-    peer = peer_address(context)
-    forwarded = metadata_value(context, wire.FORWARDED_FOR_HEADER)
-    if forwarded and _trusted(peer, trusted):
-        return forwarded.rsplit(",", 1)[-1].strip()
-    return peer
+    @property
+    def replay(self) -> Replay | None:
+        return self.outcome if isinstance(self.outcome, Replay) else None
 
-
-def _trusted(address: str, networks: tuple) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks if network.version == ip.version)
+    def replay_response(self) -> pb.GenerateImageResponse:
+        response = pb.GenerateImageResponse.FromString(self.outcome.response)
+        response.stardust_usage, response.stardust_balance = self.outcome.usage, self.outcome.balance
+        return response
 
 
 def default_instance_id(port: int) -> str:
@@ -196,6 +188,8 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             return None
         if details.method == wire.GENERATE_METHOD:
             return wrap_unary(handler, self._generate)
+        if details.method == wire.GENERATE_STREAM_METHOD:
+            return wrap_stream(handler, self._generate_stream)
         if details.method in (wire.LIST_MODELS_METHOD, wire.LIST_LORAS_METHOD):
             return wrap_unary(handler, self._list_models)
         return handler
@@ -208,7 +202,10 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             raise refusal(blocked)
         return await inner(request, context)
 
-    async def _generate(self, inner, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext):
+    @contextlib.asynccontextmanager
+    async def _admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Admitted]:
+        """Authenticate and rate-limit a generation; while it runs, hold its concurrency slot
+        and let revocation find its task."""
         key, address = await self._authenticate(context)
         tier = self.settings.tiers.get(key.tier) or self.settings.tiers[self.settings.default_tier]
         slot = request_id_var.get() or uuid.uuid4().hex
@@ -219,16 +216,11 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         task = asyncio.current_task()
         self._slots.add((key.id, slot))
         self._inflight.setdefault(key.id, set()).add(task)
+        tenant = current_tenant.set(Tenant(key.id, tier.weight))  # the engine's fair share follows the key
         try:
-            return await self._charged(inner, request, context, key, decision.headers())
-        except asyncio.CancelledError:
-            if key.id not in self._revoked:
-                raise
-            task.uncancel()  # stopped by revocation, not by the caller: tell them why
-            raise PermissionDenied(
-                f"API key {key.id} was revoked while this request was running; it was stopped and not charged"
-            ) from None
+            yield Admitted(key, decision.headers(), task)
         finally:
+            current_tenant.reset(tenant)
             tasks = self._inflight.get(key.id, set())
             tasks.discard(task)
             if not tasks:
@@ -237,34 +229,42 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             self._slots.discard((key.id, slot))
             await self.limiter.release_slot(key.id, slot)
 
-    async def _charged(self, inner, request, context, key: KeyRecord, headers: dict[str, str]):
+    def _revocation(self, admitted: Admitted) -> PermissionDenied | None:
+        """The error for a generation stopped because its key was revoked (None: the caller
+        cancelled it); un-cancels the task, so the answer still goes out."""
+        if admitted.key.id not in self._revoked:
+            return None
+        admitted.task.uncancel()
+        return PermissionDenied(
+            f"API key {admitted.key.id} was revoked while this request was running; it was stopped and not charged"
+        )
+
+    async def _reserve(self, request, context, key: KeyRecord) -> Charge:
+        """Price the request and reserve its price (or find its idempotent replay). Everything
+        that can refuse the request is asked first: a request the engine would refuse (bad
+        field, shutting down, queue full) never reserves."""
         params = convert.request_from_pb(request)
-        # Everything that can refuse the request is asked before money moves: a request the
-        # engine would refuse (bad field, shutting down, queue full) never reserves.
-        self.catalog.check(params)
+        checked = self.catalog.check(params)
         self.catalog.admission_check()
         loaded = self.catalog.model(params.model_id)
-        cost = pricing.price(params, loaded.spec.price_multiplier, loaded.sigma_table, self.settings)
-        model = str(params.model_id)
+        chunks = checked.context_chunks if checked is not None else 1
+        cost = pricing.price(params, loaded.spec.price_multiplier, loaded.sigma_table, self.settings, chunks)
         claim = self._idempotency_claim(context, request)
         request_id = request_id_var.get()
         outcome = await self._timed("reserve", self._money.reserve(
             ReserveOp(key.id, cost, self.instance_id, params.model_id, request_id, claim)
         ))
-        if isinstance(outcome, Replay):
+        if isinstance(outcome, Reservation):
+            metrics.STARDUST_RESERVED.labels(model=str(params.model_id)).inc(cost)
+        else:
             metrics.IDEMPOTENT_REPLAYS.inc()
-            response = pb.GenerateImageResponse.FromString(outcome.response)
-            response.stardust_usage, response.stardust_balance = outcome.usage, outcome.balance
-            await context.send_initial_metadata(tuple(headers.items()))
-            return response
-        reservation: Reservation = outcome
-        metrics.STARDUST_RESERVED.labels(model=model).inc(cost)
-        try:
-            response = await inner(request, context)
-        except BaseException:
-            self._release(reservation, model, "generation failed or was cancelled")
-            raise
-        commit = CommitOp(reservation, params.model_id, request_id, response.SerializeToString() if claim else None)
+        return Charge(params.model_id, cost, claim is not None, request_id, outcome)
+
+    async def _commit(self, charge: Charge, key: KeyRecord, response: pb.GenerateImageResponse) -> None:
+        """Charge the reservation and fill the response's usage and balance. Raises when no
+        charge could be recorded (the caller then withholds the image); never releases."""
+        commit = CommitOp(charge.reservation, charge.model_id, charge.request_id,
+                          response.SerializeToString() if charge.idempotent else None)
         try:
             # Shielded: once the image exists, a cancellation must not interrupt the charge.
             balance = await asyncio.shield(self._timed("commit", self._money.commit(commit)))
@@ -273,13 +273,60 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         except Exception:
             # No charge recorded means no image delivered; the caller may simply retry.
             log.exception("ledger commit failed", extra={"key_id": key.id})
-            self._release(reservation, model, "the charge could not be recorded")
             raise InternalError("the charge could not be recorded, so the image is withheld; nothing was charged") from None
-        metrics.STARDUST_CHARGED.labels(model=model).inc(cost)
-        response.stardust_usage = cost
-        response.stardust_balance = balance
-        await context.send_initial_metadata(tuple(headers.items()))
-        return response
+        metrics.STARDUST_CHARGED.labels(model=str(charge.model_id)).inc(charge.cost)
+        response.stardust_usage, response.stardust_balance = charge.cost, balance
+
+    async def _generate(self, inner, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext):
+        async with self._admitted(context) as admitted:
+            try:
+                charge = await self._reserve(request, context, admitted.key)
+                if charge.replay is not None:
+                    await context.send_initial_metadata(tuple(admitted.headers.items()))
+                    return charge.replay_response()
+                try:
+                    response = await inner(request, context)
+                    await self._commit(charge, admitted.key, response)
+                except BaseException:
+                    self._release(charge, "generation failed or was cancelled")
+                    raise
+                await context.send_initial_metadata(tuple(admitted.headers.items()))
+                return response
+            except asyncio.CancelledError:
+                revoked = self._revocation(admitted)
+                if revoked is None:
+                    raise
+                raise revoked from None
+
+    async def _generate_stream(self, inner, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext):
+        """The same money flow for GenerateImageStream: reserved before the first event,
+        charged when the result event comes (whose usage and balance it fills), released on an
+        error event, a failed charge, a disconnect or a revocation (then an error event)."""
+        async with self._admitted(context) as admitted:
+            charge = await self._reserve(request, context, admitted.key)
+            await context.send_initial_metadata(tuple(admitted.headers.items()))
+            if charge.replay is not None:
+                yield pb.GenerateImageEvent(result=charge.replay_response())
+                return
+            charged = False
+            try:
+                async for event in inner(request, context):
+                    if event.WhichOneof("event") == "result":
+                        try:
+                            await self._commit(charge, admitted.key, event.result)
+                        except ServiceError as error:
+                            yield convert.event_to_pb(failed_event(error))
+                            return
+                        charged = True
+                    yield event
+            except asyncio.CancelledError:
+                revoked = self._revocation(admitted)
+                if revoked is None:
+                    raise
+                yield convert.event_to_pb(failed_event(revoked))
+            finally:
+                if not charged:
+                    self._release(charge, "generation failed or was cancelled")
 
     # --- pieces --------------------------------------------------------------------------------
 
@@ -326,12 +373,14 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         payload = request.SerializeToString(deterministic=True)
         return IdempotencyClaim(value, IdempotencyClaim.fingerprint_of(wire.GENERATE_METHOD, payload))
 
-    def _release(self, reservation: Reservation, model: str, note: str) -> None:
+    def _release(self, charge: Charge, note: str) -> None:
         """Give the money back. Not awaited: the group committer retries it until it succeeds,
         whatever happens to this call."""
+        reservation = charge.reservation
+
         def released(future) -> None:
             if not future.cancelled() and future.exception() is None and future.result():
-                metrics.STARDUST_RELEASED.labels(model=model).inc(reservation.amount)
+                metrics.STARDUST_RELEASED.labels(model=str(charge.model_id)).inc(reservation.amount)
 
         self._money.release(ReleaseOp(reservation.id, note)).add_done_callback(released)
 

@@ -1,9 +1,9 @@
 """Billing configuration: pricing, rate-limit tiers and failure policies (YAML, all optional).
 
     # billing.yaml
-    megapixel_evaluations_per_stardust: 6
+    megapixel_evaluations_per_stardust: 7
     tiers:
-      standard: {requests_per_minute: 60, burst: 20, max_concurrent: 8}
+      standard: {requests_per_minute: 60, burst: 20, max_concurrent: 8, weight: 1}
     default_tier: standard
     redis_failure_policy: fail-closed
 """
@@ -23,22 +23,25 @@ class Tier(BaseModel):
     requests_per_minute: float = Field(gt=0)
     burst: int = Field(ge=1)
     max_concurrent: int = Field(ge=1)
+    # Shares of the engine when keys compete (engine/batching.py): a key of weight 2 gets twice
+    # the work done of a key of weight 1 while both wait; nobody starves.
+    weight: float = Field(default=1.0, gt=0)
 
 
 DEFAULT_TIERS = {
-    "free": Tier(requests_per_minute=10, burst=5, max_concurrent=2),
-    "standard": Tier(requests_per_minute=60, burst=20, max_concurrent=8),
-    "pro": Tier(requests_per_minute=600, burst=100, max_concurrent=32),
-    # For internal callers and load tests: limits high enough never to bind.
-    "unlimited": Tier(requests_per_minute=1_000_000, burst=100_000, max_concurrent=100_000),
+    "free": Tier(requests_per_minute=10, burst=5, max_concurrent=2, weight=0.5),
+    "standard": Tier(requests_per_minute=60, burst=20, max_concurrent=8, weight=1.0),
+    "pro": Tier(requests_per_minute=600, burst=100, max_concurrent=32, weight=2.0),
+    # For internal callers and load tests: limits high enough never to bind, and priority.
+    "unlimited": Tier(requests_per_minute=1_000_000, burst=100_000, max_concurrent=100_000, weight=4.0),
 }
 
 
 class BillingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Price = ceil(model multiplier * megapixels * UNet evaluations / this); see pricing.py.
-    megapixel_evaluations_per_stardust: float = Field(default=6.0, gt=0)
+    # Stardust per this many megapixel-evaluations of work (t2i.cost); see pricing.py.
+    megapixel_evaluations_per_stardust: float = Field(default=7.0, gt=0)
     minimum_price: int = Field(default=1, ge=0)
     tiers: dict[str, Tier] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
     default_tier: str = "standard"

@@ -2,9 +2,10 @@
 
 The canonical file is what Kubernetes deploys (its upstream is the headless Service
 t2i-grpc.t2i.svc.cluster.local:50051, its descriptor /etc/envoy/text_to_image.pb). Running
-locally changes only addresses, ports, the descriptor path and the route timeout, structurally;
-each replaced value must be found where it is expected, so an edit of edge/envoy.yaml that
-breaks the local launcher fails loudly instead of silently running something else.
+locally changes only addresses, ports, the descriptor path, the playground's file paths and the
+route timeout, structurally; each replaced value must be found where it is expected, so an edit
+of edge/envoy.yaml that breaks the local launcher fails loudly instead of silently running
+something else.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ REPOSITORY = Path(__file__).resolve().parents[3]
 CANONICAL = REPOSITORY / "edge" / "envoy.yaml"
 CANONICAL_DESCRIPTOR = "/etc/envoy/text_to_image.pb"
 CLUSTER = "t2i_grpc"
+# The playground page (GET /, its script and style sheet): direct_response bodies read from
+# /etc/envoy/playground/ where Kubernetes mounts edge/playground/, from the repository locally.
+PLAYGROUND = REPOSITORY / "edge" / "playground"
+CANONICAL_PLAYGROUND = "/etc/envoy/playground"
+PLAYGROUND_FILES = ("index.html", "playground.js", "playground.css")
 
 
 @dataclass
@@ -29,6 +35,7 @@ class EdgeSettings:
     upstreams: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 50051)])
     descriptor: Path = Path(CANONICAL_DESCRIPTOR)
     route_timeout: float = 300.0  # seconds: the longest generation the edge waits for
+    playground: Path = PLAYGROUND  # the folder holding PLAYGROUND_FILES
 
 
 def load_canonical(path: Path = CANONICAL) -> dict:
@@ -59,6 +66,16 @@ def generate_route(config: dict) -> dict:
     raise KeyError(f"edge/envoy.yaml has no route to cluster {CLUSTER}")
 
 
+def file_bodies(config: dict) -> list[dict]:
+    """The direct_response bodies read from a file (the playground's), in route order."""
+    return [
+        route["direct_response"]["body"]
+        for virtual_host in connection_manager(config)["route_config"]["virtual_hosts"]
+        for route in virtual_host["routes"]
+        if "filename" in route.get("direct_response", {}).get("body", {})
+    ]
+
+
 def route_timeout_seconds(config: dict) -> float:
     return _seconds(generate_route(config)["timeout"])
 
@@ -72,6 +89,12 @@ def render(settings: EdgeSettings, canonical: dict | None = None) -> dict:
     transcoder = http_filter(config, "envoy.filters.http.grpc_json_transcoder")
     _expect(transcoder["proto_descriptor"], CANONICAL_DESCRIPTOR, "the transcoder's descriptor path")
     transcoder["proto_descriptor"] = str(settings.descriptor)
+
+    bodies = file_bodies(config)
+    expected = sorted(f"{CANONICAL_PLAYGROUND}/{name}" for name in PLAYGROUND_FILES)
+    _expect(sorted(body["filename"] for body in bodies), expected, "the files the routes serve")
+    for body in bodies:
+        body["filename"] = str(Path(settings.playground).resolve() / body["filename"].rsplit("/", 1)[1])
 
     route = generate_route(config)
     route["timeout"] = f"{settings.route_timeout:g}s"

@@ -178,6 +178,7 @@ def usage(settings: UpSettings, key: str | None, balance: int | None) -> str:
         "",
         "Ready.",
         f"  REST API (Envoy):   {base}   (GET /model/list, POST /text-to-image/generate)",
+        f"  playground:         {base}/   (a page to try the API in a browser)",
         f"  gRPC:               localhost:{settings.http_port} through Envoy, localhost:{settings.grpc_port} direct",
         f"  metrics:            http://localhost:{settings.metrics_port}/metrics",
     ]

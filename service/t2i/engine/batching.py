@@ -1,25 +1,45 @@
-"""The batching rule: which requests share the next UNet evaluation.
+"""The batching rule: which requests share the next UNet evaluation, and who goes first.
 
 Each engine step runs exactly one UNet forward. `Batcher.schedule()` decides it and returns a
 StepPlan that nobody changes afterwards:
 
 1. Requests whose caller went away (`abort`) or whose deadline passed are dropped, waiting or
    running; no more work is spent on them.
-2. Admission window: when nothing is running, the first waiting request is held for up to
-   `admission_window` seconds (or until `max_batch_size` are waiting) so that requests
-   arriving together start together. While anything runs, nobody waits: a new arrival joins
-   at the very next evaluation.
-3. Admission: waiting requests are admitted in arrival order while fewer than
-   `max_batch_size` are running. An admitted request has its prompts encoded in this step and
-   takes part in this step's forward if it belongs to the chosen bucket.
-4. Bucket choice: requests can share a forward only with the same model and latent size; their
-   LoRAs do not matter (each row gets its own deltas inside the one forward, lora/apply.py).
-   The bucket holding the request that has waited longest since its last evaluation goes
-   next, so buckets take turns and nobody starves. (`lora_sets_apart` splits buckets by LoRA
-   set as well: the one-adapter-set-per-batch policy of other servers, kept to measure against.)
-5. The forward evaluates every running request of that bucket (at most `max_batch_size`),
-   each at its own step, sigma, sampler, cfg scale and prompt length; a request that finishes
-   or fails leaves the running set at once (`finish`).
+2. Admission window: when nothing is running, the first waiting requests are held for up to
+   `admission_window` seconds (or until `max_batch_size` samples are waiting) so that
+   requests arriving together start together. While anything runs, nobody waits: a new
+   arrival joins at the very next evaluation.
+3. Admission: while the running requests hold fewer than `max_batch_size` samples (a request
+   of numImages N holds N; one larger than the whole batch is admitted alone, when nothing
+   runs), the next waiting request is admitted: the oldest request of the tenant (API key)
+   with the least virtual service, see "Fair shares"; with `fair=False`, the oldest of all.
+   A tenant with nothing running is admitted even over a full batch (up to twice
+   `max_batch_size` samples in all), so that one tenant's full batch never queues another's
+   request: its wait for a slot would otherwise be a whole flood request's run.
+   An admitted request has its prompts encoded in this step and takes part in this step's
+   forward if it belongs to the chosen bucket.
+4. Bucket choice: requests can share a forward only with the same model and latent size;
+   their LoRAs do not matter (each row gets its own deltas inside the one forward,
+   lora/apply.py). The next bucket is the one holding the running request whose tenant has
+   the least virtual service (ties: the least recently evaluated), so a huge image's bucket
+   gets turns in proportion to its cost and small requests are not held behind it; with
+   `fair=False`, the bucket of the least recently evaluated request. (`lora_sets_apart`
+   splits buckets by LoRA set as well: the one-adapter-set-per-batch policy of other servers,
+   kept to measure against.)
+5. The forward evaluates every running request of that bucket (at most `max_batch_size`
+   samples), each at its own step, sigma, sampler, cfg scale and prompt length; a request
+   that finishes or fails leaves the running set at once (`finish`).
+
+Fair shares (the Virtual Token Counter of Sheng et al., OSDI '24, in this engine's unit of
+work). Each tenant has a counter of the service it received, divided by its weight (its tier's
+share: pro more than standard, free less). Work is charged as it is done, in
+megapixel-evaluations (t2i.cost): prompt encoding at admission, every UNet evaluation of the
+request's rows, the VAE decode when its sampling ends. Admission and bucket choice favour the
+least counter, so between backlogged tenants the service received stays within a bound of the
+largest single charge; a tenant that was idle does not bank credit: when it becomes
+backlogged again its counter is lifted to the least counter of the tenants that are (a
+returning tenant gets at most one request's worth ahead). The rule never leaves a slot empty
+for fairness' sake: whoever waits is admitted when there is room (work-conserving).
 
 The batcher is a plain function of its state: no model, no threads, unit-testable.
 """
@@ -31,6 +51,8 @@ from dataclasses import dataclass
 
 from .request import EngineRequest, RequestState
 
+MAX_TENANTS = 100_000  # counters of idle tenants are forgotten beyond this many
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -41,18 +63,35 @@ class StepPlan:
 
 
 class Batcher:
-    def __init__(self, max_batch_size: int, admission_window: float, *, lora_sets_apart: bool = False) -> None:
+    def __init__(self, max_batch_size: int, admission_window: float, *, fair: bool = True,
+                 lora_sets_apart: bool = False) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.admission_window = admission_window
+        self.fair = fair
         self.lora_sets_apart = lora_sets_apart
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
+        self.counters: dict[str, float] = {}  # tenant -> virtual service received
         self._aborted: set[EngineRequest] = set()
 
     def add(self, request: EngineRequest) -> None:
+        tenant = request.tenant
+        if not self._backlogged(tenant):
+            # VTC's lift: a tenant coming back from idle starts at the least counter of the
+            # backlogged ones (never below its own), so idleness banks no credit.
+            floor = min((self.counters.get(t, 0.0) for t in self._active_tenants()), default=None)
+            if floor is not None:
+                self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
+            self.counters.setdefault(tenant, 0.0)
         self.waiting.append(request)
+        if len(self.counters) > MAX_TENANTS:
+            self._forget_idle()
+
+    def charge(self, request: EngineRequest, work: float) -> None:
+        """Count `work` (megapixel-evaluations) as service received by the request's tenant."""
+        self.counters[request.tenant] = self.counters.get(request.tenant, 0.0) + work / request.weight
 
     def abort(self, request: EngineRequest) -> None:
         """Drop the request at the next schedule(), wherever it is."""
@@ -70,30 +109,33 @@ class Batcher:
                 dropped.append(request)
         self._aborted.clear()
 
-        if not self.running and self.waiting and len(self.waiting) < self.max_batch_size:
-            held = now - self.waiting[0].arrival
-            if held < self.admission_window:
-                return StepPlan(dropped=tuple(dropped), wait=self.admission_window - held)
+        if not self.running and self.waiting and sum(r.samples for r in self.waiting) < self.max_batch_size:
+            waited = now - min(r.arrival for r in self.waiting)
+            if waited < self.admission_window:
+                return StepPlan(dropped=tuple(dropped), wait=self.admission_window - waited)
 
         admit = []
-        while self.waiting and len(self.running) < self.max_batch_size:
-            request = self.waiting.popleft()
+        held = sum(r.samples for r in self.running)
+        while self.waiting:
+            request = self._next_waiting()
+            if self.running and held + request.samples > self.max_batch_size:
+                request = next((r for r in self._by_priority() if self._joins_over_full(r, held)), None)
+                if request is None:
+                    break
+            self.waiting.remove(request)
+            held += request.samples
             request.advance(RequestState.RUNNING)
             request.last_evaluated = request.arrival
             request.times.queue_wait = now - request.arrival
+            self.charge(request, request.encode_work)
             self.running.append(request)
             admit.append(request)
 
         evaluate: tuple[EngineRequest, ...] = ()
         if self.running:
-            oldest = min(self.running, key=lambda r: r.last_evaluated)
-            evaluate = tuple(r for r in self.running if self._bucket(r) == self._bucket(oldest))
+            first = min(self.running, key=self._turn)
+            evaluate = tuple(r for r in self.running if self._bucket(r) == self._bucket(first))
         return StepPlan(admit=tuple(admit), evaluate=evaluate, dropped=tuple(dropped))
-
-    def _bucket(self, request: EngineRequest) -> tuple:
-        if not self.lora_sets_apart:
-            return request.bucket
-        return (*request.bucket, tuple((l.weights.name, l.strength_model, l.strength_clip) for l in request.loras))
 
     def finish(self, request: EngineRequest) -> None:
         """Take a request out of the running set (sampling done or failed)."""
@@ -107,3 +149,43 @@ class Batcher:
         self.running.clear()
         self._aborted.clear()
         return everyone
+
+    # --- the rule's parts ----------------------------------------------------------------------
+
+    def _next_waiting(self) -> EngineRequest:
+        if not self.fair:
+            return self.waiting[0]
+        # The oldest request (deque order) of the tenant with the least counter.
+        return min(self.waiting, key=lambda r: self.counters.get(r.tenant, 0.0))
+
+    def _joins_over_full(self, request: EngineRequest, held: int) -> bool:
+        """A tenant with nothing running is never held behind another tenant's full batch: its
+        request joins at once, over the batch size, up to twice it in all."""
+        if not self.fair or any(r.tenant == request.tenant for r in self.running):
+            return False
+        return held + request.samples <= 2 * self.max_batch_size
+
+    def _by_priority(self) -> list[EngineRequest]:
+        return sorted(self.waiting, key=lambda r: self.counters.get(r.tenant, 0.0))  # stable: FIFO within ties
+
+    def _turn(self, request: EngineRequest) -> tuple:
+        if not self.fair:
+            return (request.last_evaluated,)
+        return (self.counters.get(request.tenant, 0.0), request.last_evaluated)
+
+    def _bucket(self, request: EngineRequest) -> tuple:
+        if not self.lora_sets_apart:
+            return request.bucket
+        return (*request.bucket, tuple((l.weights.name, l.strength_model, l.strength_clip) for l in request.loras))
+
+    def _active_tenants(self) -> set[str]:
+        return {r.tenant for r in self.waiting} | {r.tenant for r in self.running}
+
+    def _backlogged(self, tenant: str) -> bool:
+        return any(r.tenant == tenant for r in self.waiting) or any(r.tenant == tenant for r in self.running)
+
+    def _forget_idle(self) -> None:
+        active = self._active_tenants()
+        floor = min((self.counters[t] for t in active), default=0.0)
+        for tenant in [t for t, value in self.counters.items() if t not in active and value <= floor]:
+            del self.counters[tenant]

@@ -54,6 +54,8 @@ class StepResult:
     failed: tuple[Failure, ...] = ()
     dropped: tuple[EngineRequest, ...] = ()  # cancelled or expired
     wait: float = 0.0  # nothing ran: the admission window holds this much longer
+    admitted: tuple[EngineRequest, ...] = ()  # started this step (prefilled without failing)
+    advanced: tuple[EngineRequest, ...] = ()  # took one more evaluation, finished ones included
 
 
 class EngineCore:
@@ -105,9 +107,10 @@ class EngineCore:
     def update(self, plan: StepPlan, outputs: StepOutputs) -> StepResult:
         """Hand each request its predictions; finished and failed ones leave the running set."""
         failed = list(outputs.failed)
-        finished = []
+        finished, advanced = [], []
         now = time.monotonic()
         for request, (cond, uncond) in zip(outputs.ran, outputs.predictions):
+            step = request.run.step
             try:
                 request.run.advance(cond, uncond)
             except Exception as error:
@@ -116,13 +119,23 @@ class EngineCore:
                 continue
             request.last_evaluated = now
             request.times.evaluations += 1
+            self.batcher.charge(request, request.evaluation_work)  # its tenant's fair share (batching.py)
+            advanced.append(request)
+            if request.previews and request.run.step > step and request.run.step % request.params.preview_every_steps == 0:
+                # The guided prediction of the clean latent at this step: what a preview shows.
+                request.preview_latent = uncond + request.params.cfg_scale * (cond - uncond)
             if request.run.done:
+                self.batcher.charge(request, request.decode_work)
                 self.batcher.finish(request)
                 request.advance(RequestState.DECODING)
                 finished.append(request)
         for request, _ in failed:
             self.batcher.finish(request)
-        return StepResult(finished=tuple(finished), failed=tuple(failed), dropped=plan.dropped)
+        failed_requests = {request for request, _ in failed}
+        return StepResult(
+            finished=tuple(finished), failed=tuple(failed), dropped=plan.dropped, advanced=tuple(advanced),
+            admitted=tuple(r for r in plan.admit if r not in failed_requests),
+        )
 
     def _prefill(self, admitted: tuple[EngineRequest, ...]) -> list[Failure]:
         """Encode prompts (batched per model) and set up each admitted request's sampler."""
@@ -165,7 +178,8 @@ class EngineCore:
     def _start_sampling(model: LoadedModel, request: EngineRequest) -> None:
         p = request.params
         sigmas = compute_sigmas(model.sigma_table, p.scheduler, p.steps, p.sampler)
-        noise = initial_noise(request.seed, latent_shape(p.height, p.width)).to(model.device)
+        # One draw for the whole batch of images, as ComfyUI's EmptyLatentImage + KSampler make it.
+        noise = initial_noise(request.seed, (request.samples, *latent_shape(p.height, p.width)[1:])).to(model.device)
         x = starting_latent(noise, float(sigmas[0]), model.sigma_table.sigma_max)
         request.time_ids = size_conditioning(p.height, p.width, model.device)
         request.run = SamplingRun(p.sampler, x, sigmas, p.cfg_scale, AncestralNoise(request.seed, x))

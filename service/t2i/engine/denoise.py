@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..lora import UNET, LoadedLora, batched_loras, unet_rows
+from ..lora import UNET, LoadedLora, batched_loras, repeat_rows
 from ..models.loader import LoadedModel
 from .text import TextConditioning
 
@@ -26,7 +26,7 @@ from .text import TextConditioning
 class UNetInput:
     """One request's pending model evaluation."""
 
-    x: Tensor  # (1, 4, h, w), float32 sampler state
+    x: Tensor  # (N, 4, h, w), float32 sampler state of the request's N images
     sigma: float
     cond: TextConditioning
     uncond: TextConditioning
@@ -59,19 +59,26 @@ def stack_contexts(contexts: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
 
 @torch.inference_mode()
 def evaluate(model: LoadedModel, batch: Sequence[UNetInput]) -> list[tuple[Tensor, Tensor]]:
-    """Run one UNet forward for every evaluation in `batch`; returns (cond_x0, uncond_x0) each."""
+    """Run one UNet forward for every evaluation in `batch`; returns (cond_x0, uncond_x0) each.
+
+    An input of N samples (numImages) is 2N rows: its N cond rows, then its N uncond rows,
+    all at its sigma, each with the request's text context."""
     dtype, device = model.dtype, model.device
+    counts = [e.x.shape[0] for e in batch]
     x = torch.cat([e.x for e in batch for _ in (0, 1)])
-    sigmas = [e.sigma for e in batch for _ in (0, 1)]
+    sigmas = [e.sigma for e, n in zip(batch, counts) for _ in range(2 * n)]
     sigma_column = torch.tensor(sigmas, dtype=x.dtype, device=device).view(-1, 1, 1, 1)
     scale_in = torch.tensor([1.0 / math.sqrt(s * s + 1.0) for s in sigmas], dtype=x.dtype, device=device)
     timesteps = torch.tensor([float(model.sigma_table.timestep(s)) for s in sigmas], device=device)
-    context, mask = stack_contexts([c.context for e in batch for c in (e.cond, e.uncond)])
-    pooled = torch.cat([c.pooled for e in batch for c in (e.cond, e.uncond)])
-    time_ids = torch.cat([e.time_ids for e in batch for _ in (0, 1)])
+    context, mask = stack_contexts([c.context for e, n in zip(batch, counts) for c in (e.cond, e.uncond) for _ in range(n)])
+    pooled = torch.cat([c.pooled.expand(n, -1) for e, n in zip(batch, counts) for c in (e.cond, e.uncond)])
+    time_ids = torch.cat([e.time_ids.expand(2 * n, -1) for e, n in zip(batch, counts)])
 
     # Each row's own LoRA deltas on top of one base forward for the whole batch (lora/apply.py).
-    loras = batched_loras(model.unet, UNET, unet_rows([e.loras for e in batch])) if any(e.loras for e in batch) else nullcontext()
+    loras = nullcontext()
+    if any(e.loras for e in batch):
+        rows = repeat_rows([[(l.weights, l.strength_model) for l in e.loras] for e in batch], [2 * n for n in counts])
+        loras = batched_loras(model.unet, UNET, rows)
     with loras:
         eps = model.unet(
             (x * scale_in.view(-1, 1, 1, 1)).to(dtype),
@@ -81,4 +88,8 @@ def evaluate(model: LoadedModel, batch: Sequence[UNetInput]) -> list[tuple[Tenso
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(dtype)},
         ).sample
     x0 = x - sigma_column * eps.to(x.dtype)
-    return [(x0[2 * i : 2 * i + 1], x0[2 * i + 1 : 2 * i + 2]) for i in range(len(batch))]
+    outputs, start = [], 0
+    for n in counts:
+        outputs.append((x0[start : start + n], x0[start + n : start + 2 * n]))
+        start += 2 * n
+    return outputs

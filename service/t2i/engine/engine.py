@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import metrics
-from ..domain import GenerateRequest, GenerateResult, LoraDescription, ModelInfo
+from ..domain import Event, GenerateRequest, GenerateResult, LoraDescription, ModelInfo, Progress, Queued, Started
 from ..errors import InternalError, NotFound, Overloaded, RequestAborted, Unavailable
 from ..lora import ResolvedLora
 from ..models.loader import LoadedModel
@@ -46,6 +46,7 @@ from .core import EngineCore, StepResult
 from .finishing import ImageFinisher
 from .request import EngineRequest, RequestState
 from .loras import load_loras, resolve_loras
+from .previews import latent_rgb
 from .text import PreparedPrompt, prepare_prompt
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,20 @@ class Checked:
     prompts: tuple[PreparedPrompt, PreparedPrompt]
     loras: tuple[ResolvedLora, ...]
 
+    @property
+    def context_chunks(self) -> int:
+        """Chunks of the longer text context: what each evaluation attends to (t2i.cost)."""
+        return max(len(p.chunks[0]) for p in self.prompts)
+
 
 class AsyncEngine:
     def __init__(self, models: dict[int, LoadedModel], config: EngineConfig = EngineConfig()) -> None:
         self.models = models
         self.config = config
+        self._torch_threads: int | None = None
         self.core = EngineCore(
-            models, Batcher(config.max_batch_size, config.admission_window_ms / 1000, lora_sets_apart=config.lora_sets_apart)
+            models, Batcher(config.max_batch_size, config.admission_window_ms / 1000, fair=config.fair_share,
+                            lora_sets_apart=config.lora_sets_apart)
         )
         self.finisher = ImageFinisher(
             models, self._settle, png_workers=config.png_workers, png_compress_level=config.png_compress_level,
@@ -76,7 +84,6 @@ class AsyncEngine:
         self._admitting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._torch_threads: int | None = None
         self._inflight = 0
         self._idle = threading.Event()
         self._idle.set()
@@ -93,6 +100,7 @@ class AsyncEngine:
         if threads is None and all(m.device.type == "cpu" for m in self.models.values()):
             threads = max(1, (os.cpu_count() or 2) - 1)
         self._torch_threads = threads
+        self.finisher.start()
         self._thread = threading.Thread(target=self._denoise_loop, name="t2i-denoise", daemon=True)
         self._thread.start()
 
@@ -164,14 +172,19 @@ class AsyncEngine:
         return None
 
     async def generate(
-        self, params: GenerateRequest, *, request_id: str | None = None, deadline: float | None = None
+        self, params: GenerateRequest, *, request_id: str | None = None, deadline: float | None = None,
+        events: Callable[[Event], None] | None = None, tenant: str = "", weight: float = 1.0,
     ) -> GenerateResult:
-        """Generate one image; raises ServiceError subclasses (RequestAborted when dropped)."""
+        """Generate the request's images; raises ServiceError subclasses (RequestAborted when
+        dropped). With `events`, it is called on this loop with each Queued, Started,
+        Progress and Preview event of the request, throttled (streams); the unary and the
+        streamed call are otherwise the same path. `tenant` (an API key's id) and its `weight`
+        decide its fair share of the engine (batching.py)."""
         checked = self.check(params)
         loop = asyncio.get_running_loop()
         request = EngineRequest(
             request_id=request_id or uuid.uuid4().hex, params=params, seed=resolve_seed(params.seed), deadline=deadline,
-            prompts=checked.prompts, loop=loop, future=loop.create_future(),
+            prompts=checked.prompts, loop=loop, future=loop.create_future(), events=events, tenant=tenant, weight=weight,
         )
         if checked.loras:
             # Loaded off the denoise thread; the request joins the engine once its LoRAs are on
@@ -181,6 +194,11 @@ class AsyncEngine:
             refusal = self.admission_error()
             if refusal is not None:
                 raise refusal
+            ahead = len(self._inbox) + len(self.core.batcher.waiting)
+            if events is not None:
+                # Under the lock: the denoise thread cannot report "started" before this.
+                request.reported_ahead, request.last_reported = ahead, time.monotonic()
+                request.emit(Queued(position=ahead + 1, ahead=ahead))
             self._inbox.append(request)
             self._inflight += 1
             self._idle.clear()
@@ -283,8 +301,35 @@ class AsyncEngine:
             self._settle(request, RequestState.ABORTED, error=RequestAborted("cancelled or past its deadline"))
         for request, error in result.failed:
             self._settle(request, RequestState.FAILED, error=error)
+        self._report(result)
         for request in result.finished:
             self.finisher.submit(request)
+
+    def _report(self, result: StepResult) -> None:
+        """Stream events: started, progress (at most every progress_interval_ms, and always
+        for the last step), previews when due, and queue places that changed."""
+        now = time.monotonic()
+        interval = self.config.progress_interval_ms / 1000
+        for request in result.admitted:
+            request.started_at = now
+            request.emit(Started(queue_seconds=request.times.queue_wait))
+        for request in result.advanced:
+            if request.events is None:
+                continue
+            run = request.run
+            if run.done or now - request.last_reported >= interval:
+                request.last_reported = now
+                elapsed = now - (request.started_at or now)
+                remaining = elapsed / run.evaluations_done * (run.total_evaluations - run.evaluations_done)
+                request.emit(Progress(run.step, run.total_steps, run.evaluations_done, run.total_evaluations, elapsed, remaining))
+            if request.preview_latent is not None:
+                pixels = latent_rgb(request.preview_latent)  # a 4x3 projection: cheap enough here
+                request.preview_latent = None
+                self.finisher.submit_preview(request, run.step, pixels)
+        for ahead, request in enumerate(self.core.batcher.waiting):
+            if request.events is not None and ahead != request.reported_ahead and now - request.last_reported >= interval:
+                request.reported_ahead, request.last_reported = ahead, now
+                request.emit(Queued(position=ahead + 1, ahead=ahead))
 
     def _loop_failed(self, error: Exception) -> bool:
         """Fail everything the loop held and restart it; True when the engine gives up."""

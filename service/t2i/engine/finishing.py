@@ -4,11 +4,16 @@ One decode thread runs the VAE (on CUDA in its own stream, overlapping the next 
 and a small pool encodes the images, so neither blocks the denoise loop. Each failure here
 concerns exactly one request: it fails that request (INTERNAL, never charged) and nothing else.
 A request whose caller went away while it waited here is skipped.
+
+The decode queue is shortest-first (by pixels to decode), so a small image is not held behind
+the decodes of a batch of large ones; a decode that has waited `DECODE_PATIENCE` seconds goes
+first whatever its size, so a stream of small images cannot starve a large one.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .. import metrics
-from ..domain import GenerateResult
+from ..domain import GenerateResult, Preview
 from ..errors import InternalError, ServiceError
 from ..models.loader import LoadedModel
-from .imaging import decode_latent, encode_png
+from . import recipe
+from .imaging import decode_latents, encode_image
+from .previews import preview_jpeg
 from .request import EngineRequest, RequestState
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,33 @@ log = logging.getLogger(__name__)
 # settle(request, state, result=..., error=...): the engine's one way to answer a request.
 Settle = Callable[..., None]
 STAGES = ("queue_wait", "text_encode", "denoise", "vae_decode", "png_encode")
+DECODE_PATIENCE = 2.0
+
+
+class DecodeQueue:
+    """Shortest job first, with patience: a plain function of its state (tested alone)."""
+
+    def __init__(self, patience: float = DECODE_PATIENCE) -> None:
+        self.patience = patience
+        self._items: list[tuple[float, int, int, object]] = []  # (queued at, pixels, sequence, item)
+        self._sequence = 0
+
+    def push(self, item, pixels: int, now: float) -> None:
+        self._sequence += 1
+        self._items.append((now, pixels, self._sequence, item))
+
+    def pop(self, now: float):
+        """The item to decode next: the longest-waiting one once it has waited `patience`, else
+        the smallest (first come first among equals); None when empty."""
+        if not self._items:
+            return None
+        overdue = [entry for entry in self._items if now - entry[0] >= self.patience]
+        chosen = min(overdue) if overdue else min(self._items, key=lambda entry: (entry[1], entry[2]))
+        self._items.remove(chosen)
+        return chosen[3]
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class ImageFinisher:
@@ -37,18 +71,57 @@ class ImageFinisher:
         self.models = models
         self._settle = settle
         self._compress_level = png_compress_level
-        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="t2i-decode", initializer=thread_setup)
+        self._queue = DecodeQueue()
+        self._queue_lock = threading.Condition()
+        self._closing = False
+        self._decoder = threading.Thread(target=self._decode_loop, args=(thread_setup,), name="t2i-decode", daemon=True)
         self._encode_pool = ThreadPoolExecutor(png_workers, thread_name_prefix="t2i-png")
         self._streams = {m.id: torch.cuda.Stream(device=m.device) for m in models.values() if m.device.type == "cuda"}
         # Replaceable so that fault-injection tests can wrap the real stages.
-        self.decode: Callable[[LoadedModel, torch.Tensor], object] = decode_latent
-        self.encode: Callable[[object, int], bytes] = encode_png
+        self.decode: Callable[[LoadedModel, torch.Tensor], list] = decode_latents
+        self.encode: Callable[..., bytes] = encode_image
+
+    def start(self) -> None:
+        self._decoder.start()
 
     def submit(self, request: EngineRequest) -> None:
-        self._decode_pool.submit(self._decode, request)
+        with self._queue_lock:
+            self._queue.push(request, request.samples * request.params.width * request.params.height, time.monotonic())
+            self._queue_lock.notify()
+
+    def _decode_loop(self, thread_setup: Callable[[], None]) -> None:
+        thread_setup()
+        while True:
+            with self._queue_lock:
+                while not self._queue and not self._closing:
+                    self._queue_lock.wait()
+                request = self._queue.pop(time.monotonic())
+            if request is None:  # closing and nothing left
+                return
+            try:
+                self._decode(request)
+            except Exception as error:  # _decode answers its own failures; this is a last guard
+                log.exception("decode stage failed", extra={"request_id": request.request_id})
+                self._settle(request, RequestState.FAILED, error=InternalError(f"image decoding failed: {type(error).__name__}"))
+
+    def submit_preview(self, request: EngineRequest, step: int, pixels) -> None:
+        """JPEG-encode a preview off the denoise thread and send it to the request's caller."""
+        def encode() -> None:
+            try:
+                jpeg = preview_jpeg(pixels)
+            except Exception:
+                log.exception("preview encode failed", extra={"request_id": request.request_id})
+                return  # a preview is a courtesy: its failure fails nothing
+            request.emit(Preview(step=step, jpeg=jpeg, width=pixels.shape[1], height=pixels.shape[0]))
+
+        self._encode_pool.submit(encode)
 
     def close(self) -> None:
-        self._decode_pool.shutdown(wait=True)
+        with self._queue_lock:
+            self._closing = True
+            self._queue_lock.notify()
+        if self._decoder.is_alive():
+            self._decoder.join()
         self._encode_pool.shutdown(wait=True)
 
     def _decode(self, request: EngineRequest) -> None:
@@ -77,19 +150,33 @@ class ImageFinisher:
         request.run = None  # the latent and the sampler's tensors are no longer needed
         self._encode_pool.submit(self._encode, request, pixels)
 
-    def _encode(self, request: EngineRequest, pixels) -> None:
+    def _encode(self, request: EngineRequest, pixels: list) -> None:
         if request.state is not RequestState.DECODING:
             return
+        p = request.params
         started = time.perf_counter()
         try:
-            image = self.encode(pixels, self._compress_level)
+            images = [
+                self.encode(image, p.image_format, quality=p.quality, compress_level=self._compress_level,
+                            text=None if p.omit_metadata else self._recipe(request, index))
+                for index, image in enumerate(pixels)
+            ]
         except Exception as error:
-            log.exception("PNG encode failed", extra={"request_id": request.request_id})
-            self._settle(request, RequestState.FAILED, error=InternalError(f"PNG encoding failed: {type(error).__name__}"))
+            log.exception("image encode failed", extra={"request_id": request.request_id})
+            self._settle(request, RequestState.FAILED, error=InternalError(f"image encoding failed: {type(error).__name__}"))
             return
         request.times.png_encode = time.perf_counter() - started
         self._log_finished(request)
-        self._settle(request, RequestState.FINISHED, result=GenerateResult(images=[image], seeds=[request.seed]))
+        result = GenerateResult(images=images, seeds=[request.seed] * len(images), output_format=p.image_format)
+        self._settle(request, RequestState.FINISHED, result=result)
+
+    def _recipe(self, request: EngineRequest, index: int) -> dict[str, str]:
+        model = self.models[request.params.model_id]
+        lora_hashes = {lora.weights.name: lora.weights.sha256 for lora in request.loras}
+        return {
+            "parameters": recipe.parameters(request.params, request.seed, model.spec.path.stem, model.sha256, lora_hashes, index),
+            "prompt": recipe.comfyui_prompt(request.params, request.seed, model.spec.path.name),
+        }
 
     @staticmethod
     def _log_finished(request: EngineRequest) -> None:

@@ -20,11 +20,13 @@ import asyncio
 import enum
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..domain import GenerateRequest, GenerateResult, StageTimes
+from .. import cost
+from ..domain import Event, GenerateRequest, GenerateResult, StageTimes
 from ..lora import LoadedLora, RequestLoras
 from ..sampling import SamplingRun
 from .denoise import UNetInput
@@ -64,6 +66,9 @@ class EngineRequest:
     deadline: float | None = None  # time.monotonic() value
     # The prompt and negative prompt, checked and chunked (engine.check); encoded at admission.
     prompts: tuple[PreparedPrompt, PreparedPrompt] | None = None
+    # Who the work is for (an API key's id) and that tenant's share weight (batching.py).
+    tenant: str = ""
+    weight: float = 1.0
     # The request's LoRAs, their weights on the device (pinned until the request ends).
     loras: tuple[LoadedLora, ...] = ()
     lora_leases: RequestLoras | None = None
@@ -71,6 +76,13 @@ class EngineRequest:
     # The caller's future and its loop; None when the core is driven directly (tests).
     loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future | None = None
+    # Streamed calls: called on the caller's loop with each event (engine.py throttles them).
+    events: Callable[[Event], None] | None = None
+    started_at: float | None = None  # time.monotonic() at admission
+    last_reported: float = 0.0  # when the last queued or progress event went out
+    reported_ahead: int | None = None
+    reported_step: int = 0
+    preview_latent: Tensor | None = None  # the guided x0 of a step a preview is due for
     state: RequestState = RequestState.WAITING
     run: SamplingRun | None = None
     cond: TextConditioning | None = None
@@ -79,6 +91,43 @@ class EngineRequest:
     last_evaluated: float = 0.0
     times: StageTimes = field(default_factory=StageTimes)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def samples(self) -> int:
+        """Images this request makes: each is a cond and an uncond row in every forward."""
+        return self.params.num_images
+
+    @property
+    def context_chunks(self) -> int:
+        """77-token chunks of the longer of its two text contexts (each UNet row attends to them)."""
+        return max(len(p.chunks[0]) for p in self.prompts) if self.prompts else 1
+
+    @property
+    def encode_work(self) -> float:
+        chunks = sum(len(p.chunks[0]) for p in self.prompts) if self.prompts else 2
+        return float(cost.encode_work(chunks))
+
+    @property
+    def evaluation_work(self) -> float:
+        p = self.params
+        return float(cost.evaluation_work(p.width, p.height, self.context_chunks, self.samples))
+
+    @property
+    def decode_work(self) -> float:
+        return float(cost.decode_work(self.params.width, self.params.height, self.samples))
+
+    @property
+    def previews(self) -> bool:
+        return self.events is not None and self.params.preview_every_steps > 0
+
+    def emit(self, event: Event) -> None:
+        """Hand `event` to the caller's loop (from any thread); dropped once the caller is gone."""
+        if self.events is None or self.loop is None or self.state.terminal:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events, event)
+        except RuntimeError:  # the loop is closed
+            pass
 
     @property
     def bucket(self) -> tuple[int, int, int]:

@@ -37,6 +37,9 @@ class ModelSpec(BaseModel):
     min_size: int = Field(default=256, ge=8)
     max_size: int = Field(default=2880, ge=8)
     max_steps: int = Field(default=150, ge=1, le=1000)
+    # Largest width x height a request may ask for (0: max_size squared): what one request may
+    # cost this replica (a 2880x2880 image is 8 times the work of a 1024x1024 one).
+    max_pixels: int = Field(default=0, ge=0)
     # Scales the price of every request on this model (see t2i.billing.pricing).
     price_multiplier: float = Field(default=1.0, gt=0)
     # SDXL textual inversion files (`embedding:NAME` in prompts); loaded once at start.
@@ -62,7 +65,10 @@ class ModelSpec(BaseModel):
         return self.path.is_file()
 
     def info(self) -> ModelInfo:
-        return ModelInfo(self.id, self.name, self.min_size, self.max_size, self.max_steps, self.demo)
+        return ModelInfo(
+            self.id, self.name, self.min_size, self.max_size, self.max_steps, self.demo,
+            max_pixels=self.max_pixels or self.max_size**2, max_prompt_chunks=self.max_prompt_chunks,
+        )
 
 
 class ModelsFile(BaseModel):

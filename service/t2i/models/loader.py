@@ -22,6 +22,7 @@ from ..lora import LayerIndex, LoraCache, LoraRegistry
 from ..prompts.embeddings import Embeddings, load_embeddings
 from ..sampling import SigmaTable, scaled_linear_betas
 from .config import ModelSpec
+from .hashing import hash_in_background
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class LoadedModel:
     # LoRAs from spec.lora_dir (None without one) and their device-resident weights.
     loras: LoraRegistry | None = None
     lora_cache: LoraCache | None = None
+    # SHA-256 of the weights file (A1111's model hash), set by a background thread after loading.
+    sha256: str | None = None
 
     @property
     def id(self) -> int:
@@ -112,7 +115,7 @@ def load_model(spec: ModelSpec, device: torch.device, attention: str = "auto") -
         "model loaded",
         extra={"model_id": spec.id, "device": str(device), "dtype": str(dtype), "attention": backend, "seconds": round(seconds, 2)},
     )
-    return LoadedModel(
+    model = LoadedModel(
         spec=spec,
         unet=unet,
         vae=vae,
@@ -128,6 +131,8 @@ def load_model(spec: ModelSpec, device: torch.device, attention: str = "auto") -
         loras=loras,
         lora_cache=cache,
     )
+    hash_in_background(model)
+    return model
 
 
 def select_attention(unet: torch.nn.Module, device: torch.device, requested: str = "auto") -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 
 from torch import Tensor
 
 from .names import SAMPLER_NAMES, check_name
-from .samplers import SAMPLERS, Evaluation, NoiseSource, count_evaluations
+from .samplers import SAMPLERS, Evaluation, NoiseSource, evaluations_per_step
 
 
 class SamplingRun:
@@ -30,7 +32,10 @@ class SamplingRun:
         if not sigma_list or sigma_list[-1] != 0:
             raise ValueError(f"a sigma list must end in 0, got {sigma_list[-3:]}")
         self.sampler = sampler
-        self.total_evaluations = count_evaluations(sampler, sigma_list)
+        # Cumulative evaluations at the end of each step, so progress can speak in steps.
+        self._step_ends = list(itertools.accumulate(evaluations_per_step(sampler, sigma_list)))
+        self.total_steps = len(self._step_ends)
+        self.total_evaluations = self._step_ends[-1] if self._step_ends else 0
         self.evaluations_done = 0
         self.result: Tensor | None = None
         self.pending: Evaluation | None = None
@@ -40,6 +45,11 @@ class SamplingRun:
     @property
     def done(self) -> bool:
         return self.pending is None
+
+    @property
+    def step(self) -> int:
+        """Steps completed so far."""
+        return bisect.bisect_right(self._step_ends, self.evaluations_done)
 
     def advance(self, cond: Tensor, uncond: Tensor) -> None:
         if self.pending is None:

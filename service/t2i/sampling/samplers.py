@@ -200,9 +200,13 @@ assert tuple(SAMPLERS) == SAMPLER_NAMES
 TWO_STAGE = frozenset({"dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp"})
 
 
+def evaluations_per_step(sampler: str, sigmas: Sequence[float]) -> list[int]:
+    """Model evaluations of each step: two for the two-stage samplers, except a step to 0."""
+    if sampler not in TWO_STAGE:
+        return [1] * (len(sigmas) - 1)
+    return [2 if sigma_next > 0 else 1 for _, sigma_next in steps(sigmas)]
+
+
 def count_evaluations(sampler: str, sigmas: Sequence[float]) -> int:
     """How many model evaluations a run makes: what pricing and capacity should count."""
-    n = len(sigmas) - 1
-    if sampler not in TWO_STAGE:
-        return n
-    return n + sum(1 for _, sigma_next in steps(sigmas) if sigma_next > 0)
+    return sum(evaluations_per_step(sampler, sigmas))

@@ -34,6 +34,7 @@ class ModelCatalog:
         if refusal is not None:
             raise refusal
 
-    def check(self, request: GenerateRequest) -> None:
-        """NotFound or InvalidArgument for a request the engine would refuse."""
-        self.engine().check(request)
+    def check(self, request: GenerateRequest):
+        """NotFound or InvalidArgument for a request the engine would refuse; else what the
+        engine's check found (engine.Checked: its prompts' chunks, its LoRAs)."""
+        return self.engine().check(request)

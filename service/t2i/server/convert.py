@@ -12,7 +12,9 @@ import typing
 
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
-from ..domain import GenerateRequest, GenerateResult, LoraDescription, LoraSpec, ModelInfo
+from ..domain import (
+    Event, Failed, GenerateRequest, GenerateResult, LoraDescription, LoraSpec, ModelInfo, Preview, Progress, Queued, Started,
+)
 
 # domain field -> proto field, where the names differ (the proto keeps the documented JSON names)
 RENAMED = {GenerateRequest: {"sampler": "sampler_name"}}
@@ -85,3 +87,22 @@ def loras_to_pb(loras: list[LoraDescription]) -> pb.ListLorasResponse:
 
 def loras_from_pb(message: pb.ListLorasResponse) -> list[LoraDescription]:
     return [_from_pb(LoraDescription, lora) for lora in message.loras]
+
+
+# Event class -> (GenerateImageEvent field, its message class)
+EVENTS = {
+    Queued: ("queued", pb.QueuedEvent), Started: ("started", pb.StartedEvent), Progress: ("progress", pb.ProgressEvent),
+    Preview: ("preview", pb.PreviewEvent), GenerateResult: ("result", pb.GenerateImageResponse),
+    Failed: ("error", pb.ErrorEvent),
+}
+
+
+def event_to_pb(event: Event) -> pb.GenerateImageEvent:
+    field, message = EVENTS[type(event)]
+    return pb.GenerateImageEvent(**{field: _to_pb(message, event)})
+
+
+def event_from_pb(message: pb.GenerateImageEvent) -> Event:
+    field = message.WhichOneof("event")
+    (cls,) = [cls for cls, (name, _) in EVENTS.items() if name == field]
+    return _from_pb(cls, getattr(message, field))

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -60,38 +60,77 @@ def wrap_unary(
     )
 
 
+def wrap_stream(
+    handler: grpc.RpcMethodHandler, behaviour: Callable[[Callable, object, grpc.aio.ServicerContext], AsyncIterator]
+) -> grpc.RpcMethodHandler:
+    """A copy of a unary-stream handler whose messages are those of `behaviour(inner, request,
+    context)`, an async generator."""
+    inner = handler.unary_stream
+
+    async def call(request, context):
+        async for message in behaviour(inner, request, context):
+            yield message
+
+    return grpc.unary_stream_rpc_method_handler(
+        call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
+class _Served:
+    """One call's request id, metrics, access log and error mapping, for unary and streaming
+    handlers alike: a ServiceError becomes its status (refusals before a stream's first
+    message; the servicer turns later ones into error events)."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method, self.context = method, context
+        self.code = grpc.StatusCode.OK
+
+    async def __aenter__(self) -> _Served:
+        self.token = request_id_var.set(request_id_of(self.context))
+        self.started = time.perf_counter()
+        return self
+
+    async def __aexit__(self, kind, error, traceback) -> bool:
+        try:
+            if error is None:
+                return False
+            if isinstance(error, ServiceError):
+                self.code, message, trailers = status_for(error)
+                log.info("request refused", extra={"method": self.method, "code": self.code.name, "error": message})
+                await self.context.abort(self.code, message, trailing_metadata=trailers)
+            elif isinstance(error, asyncio.CancelledError):
+                self.code = grpc.StatusCode.CANCELLED
+                log.info("request cancelled by the client", extra={"method": self.method})
+            elif isinstance(error, grpc.aio.AbortError):
+                self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+            elif isinstance(error, Exception):
+                self.code = grpc.StatusCode.INTERNAL
+                log.error("unhandled error", extra={"method": self.method}, exc_info=(kind, error, traceback))
+                await self.context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            return False
+        finally:
+            metrics.REQUESTS.labels(method=self.method, code=self.code.name).inc()
+            metrics.REQUEST_LATENCY.labels(method=self.method).observe(time.perf_counter() - self.started)
+            request_id_var.reset(self.token)
+
+
 class ServingInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            async def unary(inner, request, context):
+                async with _Served(method, context):
+                    return await inner(request, context)
 
-        async def behaviour(inner, request, context):
-            token = request_id_var.set(request_id_of(context))
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                return await inner(request, context)
-            except ServiceError as error:
-                code, message, trailers = status_for(error)
-                log.info("request refused", extra={"method": method, "code": code.name, "error": message})
-                await context.abort(code, message, trailing_metadata=trailers)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                log.info("request cancelled by the client", extra={"method": method})
-                raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unhandled error", extra={"method": method})
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            finally:
-                seconds = time.perf_counter() - started
-                metrics.REQUESTS.labels(method=method, code=code.name).inc()
-                metrics.REQUEST_LATENCY.labels(method=method).observe(seconds)
-                request_id_var.reset(token)
+            return wrap_unary(handler, unary)
+        if handler.unary_stream is not None:
+            async def stream(inner, request, context):
+                async with _Served(method, context):
+                    async for message in inner(request, context):
+                        yield message
 
-        return wrap_unary(handler, behaviour)
+            return wrap_stream(handler, stream)
+        return handler

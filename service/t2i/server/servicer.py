@@ -1,20 +1,25 @@
 """The TextToImageService servicer: decode the proto, call the engine, encode the response.
 
 Errors are not handled here: domain exceptions propagate to the ServingInterceptor, which
-maps them to status codes (server/status.py). Billing never appears here either.
+maps them to status codes (server/status.py); the one exception is a stream that already sent
+events, which ends with an error event instead. Billing never appears here either.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 
+from ..errors import ServiceError
 from ..logs import request_id_var
+from ..tenancy import current_tenant
 from . import convert
 from .catalog import ModelCatalog
+from .status import failed_event
 
 
 class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
@@ -22,15 +27,51 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
         self.catalog = catalog
 
     async def GenerateImage(self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext) -> pb.GenerateImageResponse:
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        tenant = current_tenant.get()
         result = await self.catalog.engine().generate(
-            convert.request_from_pb(request), request_id=request_id_var.get(), deadline=deadline
+            convert.request_from_pb(request), request_id=request_id_var.get(), deadline=_deadline(context),
+            tenant=tenant.id, weight=tenant.weight,
         )
         return convert.result_to_pb(result)
+
+    async def GenerateImageStream(self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext):
+        events: asyncio.Queue = asyncio.Queue()
+        tenant = current_tenant.get()
+        generation = asyncio.ensure_future(self.catalog.engine().generate(
+            convert.request_from_pb(request), request_id=request_id_var.get(), deadline=_deadline(context),
+            events=events.put_nowait, tenant=tenant.id, weight=tenant.weight,
+        ))
+        sent = False
+        try:
+            while not generation.done() or not events.empty():
+                waiting = asyncio.ensure_future(events.get())
+                await asyncio.wait({waiting, generation}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    sent = True
+                    yield convert.event_to_pb(waiting.result())
+                else:
+                    waiting.cancel()
+            try:
+                result = generation.result()
+            except ServiceError as error:
+                if not sent:
+                    raise  # refused before anything was sent: the call's status says why
+                yield convert.event_to_pb(failed_event(error))
+                return
+            yield convert.event_to_pb(result)
+        finally:
+            # The caller went away (or the stream failed): the engine drops the request
+            # before its next evaluation, as for a cancelled unary call.
+            generation.cancel()
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return convert.models_to_pb(self.catalog.engine().model_infos())
 
     async def ListLoras(self, request: pb.ListLorasRequest, context: grpc.aio.ServicerContext) -> pb.ListLorasResponse:
         return convert.loras_to_pb(self.catalog.engine().lora_descriptions(request.model_id))
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline as a time.monotonic() value."""
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None

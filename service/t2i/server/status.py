@@ -10,6 +10,7 @@ import math
 import grpc
 
 from .. import wire
+from ..domain import Failed
 from ..errors import kind_of
 
 
@@ -19,6 +20,14 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str,
     if kind is None:
         return grpc.StatusCode.INTERNAL, "internal error", ()
     return grpc.StatusCode[kind.status], str(error), _trailers(error)
+
+
+def failed_event(error: Exception) -> Failed:
+    """The error event a stream ends with: the status and message the unary call would give."""
+    kind = kind_of(error)
+    if kind is None:
+        return Failed(code=500, status="INTERNAL", message="internal error")
+    return Failed(code=kind.http, status=kind.status, message=str(error))
 
 
 def _trailers(error: Exception) -> tuple[tuple[str, str], ...]:

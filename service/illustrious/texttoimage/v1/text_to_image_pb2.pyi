@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateImageRequest(_message.Message):
-    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras")
+    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras", "num_images", "preview_every_steps", "omit_metadata", "output_format", "quality")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,11 @@ class GenerateImageRequest(_message.Message):
     SAMPLER_NAME_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    OMIT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     model_id: int
     prompt: str
     negative_prompt: str
@@ -31,7 +36,12 @@ class GenerateImageRequest(_message.Message):
     sampler_name: str
     scheduler: str
     loras: _containers.RepeatedCompositeFieldContainer[LoraSettings]
-    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ...) -> None: ...
+    num_images: int
+    preview_every_steps: int
+    omit_metadata: bool
+    output_format: str
+    quality: int
+    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ..., num_images: _Optional[int] = ..., preview_every_steps: _Optional[int] = ..., omit_metadata: _Optional[bool] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ...) -> None: ...
 
 class LoraSettings(_message.Message):
     __slots__ = ("name", "strength", "strength_clip")
@@ -44,16 +54,86 @@ class LoraSettings(_message.Message):
     def __init__(self, name: _Optional[str] = ..., strength: _Optional[float] = ..., strength_clip: _Optional[float] = ...) -> None: ...
 
 class GenerateImageResponse(_message.Message):
-    __slots__ = ("images", "stardust_usage", "stardust_balance", "seeds")
+    __slots__ = ("images", "stardust_usage", "stardust_balance", "seeds", "output_format")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     STARDUST_USAGE_FIELD_NUMBER: _ClassVar[int]
     STARDUST_BALANCE_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     stardust_usage: int
     stardust_balance: int
     seeds: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., stardust_usage: _Optional[int] = ..., stardust_balance: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
+    output_format: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., stardust_usage: _Optional[int] = ..., stardust_balance: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., output_format: _Optional[str] = ...) -> None: ...
+
+class GenerateImageEvent(_message.Message):
+    __slots__ = ("queued", "started", "progress", "preview", "result", "error")
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    queued: QueuedEvent
+    started: StartedEvent
+    progress: ProgressEvent
+    preview: PreviewEvent
+    result: GenerateImageResponse
+    error: ErrorEvent
+    def __init__(self, queued: _Optional[_Union[QueuedEvent, _Mapping]] = ..., started: _Optional[_Union[StartedEvent, _Mapping]] = ..., progress: _Optional[_Union[ProgressEvent, _Mapping]] = ..., preview: _Optional[_Union[PreviewEvent, _Mapping]] = ..., result: _Optional[_Union[GenerateImageResponse, _Mapping]] = ..., error: _Optional[_Union[ErrorEvent, _Mapping]] = ...) -> None: ...
+
+class QueuedEvent(_message.Message):
+    __slots__ = ("position", "ahead")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    ahead: int
+    def __init__(self, position: _Optional[int] = ..., ahead: _Optional[int] = ...) -> None: ...
+
+class StartedEvent(_message.Message):
+    __slots__ = ("queue_seconds",)
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    queue_seconds: float
+    def __init__(self, queue_seconds: _Optional[float] = ...) -> None: ...
+
+class ProgressEvent(_message.Message):
+    __slots__ = ("step", "total_steps", "evaluations", "total_evaluations", "elapsed_seconds", "remaining_seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    evaluations: int
+    total_evaluations: int
+    elapsed_seconds: float
+    remaining_seconds: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., evaluations: _Optional[int] = ..., total_evaluations: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., remaining_seconds: _Optional[float] = ...) -> None: ...
+
+class PreviewEvent(_message.Message):
+    __slots__ = ("step", "jpeg", "width", "height")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    JPEG_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    jpeg: bytes
+    width: int
+    height: int
+    def __init__(self, step: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class ErrorEvent(_message.Message):
+    __slots__ = ("code", "status", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    status: str
+    message: str
+    def __init__(self, code: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ListLorasRequest(_message.Message):
     __slots__ = ("model_id",)
@@ -98,7 +178,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "name", "min_size", "max_size", "max_steps", "demo", "embeddings")
+    __slots__ = ("id", "name", "min_size", "max_size", "max_steps", "demo", "embeddings", "max_pixels", "max_prompt_chunks")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +186,8 @@ class Model(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     DEMO_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     id: int
     name: str
     min_size: int
@@ -113,4 +195,6 @@ class Model(_message.Message):
     max_steps: int
     demo: bool
     embeddings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., demo: _Optional[bool] = ..., embeddings: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_pixels: int
+    max_prompt_chunks: int
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., demo: _Optional[bool] = ..., embeddings: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_prompt_chunks: _Optional[int] = ...) -> None: ...

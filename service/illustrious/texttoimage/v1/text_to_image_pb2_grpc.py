@@ -43,6 +43,11 @@ class TextToImageServiceStub:
                 request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageRequest.SerializeToString,
                 response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageResponse.FromString,
                 _registered_method=True)
+        self.GenerateImageStream = channel.unary_stream(
+                '/illustrious.texttoimage.v1.TextToImageService/GenerateImageStream',
+                request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageRequest.SerializeToString,
+                response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageEvent.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/illustrious.texttoimage.v1.TextToImageService/ListModels',
                 request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListModelsRequest.SerializeToString,
@@ -69,6 +74,24 @@ class TextToImageServiceServicer:
         is allowed), NOT_FOUND for an unknown model_id, RESOURCE_EXHAUSTED when the queue is full
         or the caller is rate limited, FAILED_PRECONDITION when the stardust balance is too low,
         UNAUTHENTICATED / PERMISSION_DENIED for a missing, unknown or revoked API key.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateImageStream(self, request, context):
+        """GenerateImageStream runs the same generation as GenerateImage and reports on it while it
+        runs: queued (place in the queue), started, progress (throttled), previews when the
+        request asks for them, then one final event with exactly what GenerateImage returns, or
+        one error event with the code and message GenerateImage would give. Errors found before
+        the first event (a bad field, a missing key, not enough stardust) end the call with that
+        status instead. REST: server-sent events (text/event-stream), one JSON event per `data:`.
+        It takes GenerateImage's own request, so that a caller switches calls without changing
+        what it sends (buf's request and response naming rules are waived for it).
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +118,11 @@ def add_TextToImageServiceServicer_to_server(servicer, server):
                     servicer.GenerateImage,
                     request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageRequest.FromString,
                     response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageResponse.SerializeToString,
+            ),
+            'GenerateImageStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateImageStream,
+                    request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageRequest.FromString,
+                    response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageEvent.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -138,6 +166,33 @@ class TextToImageService:
             '/illustrious.texttoimage.v1.TextToImageService/GenerateImage',
             illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageRequest.SerializeToString,
             illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateImageStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/illustrious.texttoimage.v1.TextToImageService/GenerateImageStream',
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageRequest.SerializeToString,
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageEvent.FromString,
             options,
             channel_credentials,
             insecure,
