@@ -96,7 +96,7 @@ class FaultyLink:
                     if mode == "up":
                         peers[sock].sendall(data)
                     # blackhole: read and drop, so nothing ever arrives
-        except OSError:
+        except (OSError, ValueError):  # a socket closed by cut() or close() under select()
             return
         finally:
             with self._lock:

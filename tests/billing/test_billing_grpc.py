@@ -47,8 +47,8 @@ def test_success_charges_the_price_and_reports_usage_and_balance(api, ledger, ke
 def test_two_stage_sampler_costs_about_twice(api, ledger, key):
     key_id, secret = key
     outcome = api.generate(secret, **{**DOCUMENTED_COST_REQUEST, "sampler_name": "dpm_2"})
-    assert outcome.response.stardust_usage == 6  # ceil(9/16 * 55 / 6)
-    assert balance(ledger, key_id) == 94
+    assert outcome.response.stardust_usage == 5  # ceil(9/16 * (55 + 5) / 7)
+    assert balance(ledger, key_id) == 95
 
 
 @pytest.mark.parametrize(
