@@ -58,13 +58,13 @@ proto-check: install
 
 # Serving benchmark: the service vs a dynamic-batching peer vs a naive peer (diffusers), homogeneous and
 # mixed workloads, open loop at three loads, plus raw engine vs service; writes docs/benchmarks.md
-# ("serving"). About 16 minutes on 2 cores.
+# ("serving"). About 14 to 17 minutes on 2 cores.
 bench: install
 	$(PY) -m benchmarks.serving
 
 # The GPU check on a CUDA machine, offline, under 8 minutes (benchmarks/gpu_check.sh's header says how to
 # carry the wheels it installs); writes docs/benchmarks.md ("gpu"). `make gpu-check ARGS=--dry-run` runs
-# its plumbing on the CPU with tiny sizes and writes nothing.
+# its plumbing on the CPU with tiny sizes in a few minutes and keeps no figures.
 .PHONY: gpu-check
 gpu-check:
 	benchmarks/gpu_check.sh $(ARGS)

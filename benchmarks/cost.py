@@ -31,7 +31,7 @@ from t2i.engine.text import encode_prompts, prepare_prompt
 from t2i.models.demo import demo_spec
 from t2i.models.loader import load_model
 
-from .report import machine, write_section
+from .report import write_section
 
 SIDES = (32, 64, 96)  # latent sides: 256, 512, 768 pixels
 CHUNKS = (1, 2, 4, 8)
@@ -118,7 +118,6 @@ Fit `t = a + b * latent area * (1 + k * (chunks - 1))` ({fitted['fixed_seconds']
 
 Reading: the fixed per-evaluation time (Python and kernel launches) dominates small images on this CPU; the per-pixel terms are what grows with the request, so they are what prices and fair shares follow. The demo model's proportions are not SDXL's (its UNet is tiny next to its VAE); on a GPU rerun this with the real architecture.
 
-_Measured {time.strftime('%Y-%m-%d')} on {machine()}._
 """
 
 

@@ -30,7 +30,7 @@ from t2i.models.demo import demo_spec
 from t2i.models.loader import load_model
 from t2i.settings import EngineConfig
 
-from .report import machine, write_section
+from .report import write_section
 
 FLOOD_IN_FLIGHT = 32
 WORD = "girl "  # one CLIP token in five characters: 8 chunks fit the 3000-character limit
@@ -152,7 +152,6 @@ Targets: p99 <= 2x unloaded for the small and long-prompt floods under fair admi
 
 Reading: under FIFO the victim's request queues behind all {FLOOD_IN_FLIGHT} of the flood's. Under fair admission it is admitted at once (a key with nothing running joins even a full batch), and batches of other sizes take turns with its own by the same counter. What remains is sharing forwards with the flood: the "floor" column is the victim's latency when the flood only fills the batch, with no queue at all, which no admission rule can beat. On this CPU a forward of 8 requests costs several forwards of 1, so sharing alone multiplies the latency; on a GPU, where a batch of 8 costs little more than 1, the same rule brings the victim close to its unloaded time (`docs/fairness.md` has the bound behind the largest allowed request).
 
-_Measured {time.strftime('%Y-%m-%d')} on {machine()}._
 """
 
 

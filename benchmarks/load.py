@@ -34,7 +34,7 @@ PROBE = GenerateRequest(model_id=1, prompt="probe", negative_prompt="", width=64
 @dataclass
 class Outcome:
     request_id: str
-    arrival: float  # seconds from the start of the run
+    arrival: float  # seconds from the start of the run (closed loop: when it was sent)
     latency: float | None = None  # None: not completed
     status: str = "OK"
     finished_at: float | None = None  # seconds from the start of the run
@@ -75,7 +75,15 @@ class RunResult:
 
     @property
     def per_second(self) -> float:
-        return len(self.completed) / self.seconds if self.seconds else 0.0
+        """Closed loop: completions over the run's time. Open loop: completions per second within
+        the steady window (extra["window"]): late enough that the system has filled up, early
+        enough that arrivals still come, so a system that keeps up shows the arrival rate and a
+        saturated one its capacity."""
+        window = self.extra.get("window")
+        if window is None:
+            return len(self.completed) / self.seconds if self.seconds else 0.0
+        opens, closes = window
+        return sum(1 for o in self.completed if opens <= o.finished_at < closes) / (closes - opens)
 
     def latency(self, q: float) -> float | None:
         done = [o.latency for o in self.completed]
@@ -84,6 +92,24 @@ class RunResult:
     def queue_wait(self, q: float) -> float | None:
         waits = [o.queue_wait for o in self.completed if o.queue_wait is not None]
         return percentile(waits, q) if waits else None
+
+    @property
+    def steady_per_second(self) -> float:
+        """Closed loop: completions per second while every client was busy, after a warm-in.
+
+        The window opens at the completion that brings the count to `concurrency` (each client
+        has, on average, been through one request) and closes at the last send (from then on
+        fewer requests are in flight); with clients in lockstep this is exact, and with
+        staggered clients it leaves out the start and the tail, where fewer requests share the
+        work than the system could take."""
+        concurrency = self.extra["concurrency"]
+        last_send = max(o.arrival for o in self.outcomes)
+        finished = sorted(o.finished_at for o in self.outcomes)
+        opens = finished[concurrency - 1]
+        inside = sum(1 for t in finished if opens < t <= last_send)
+        if last_send <= opens or inside == 0:
+            return self.per_second  # too few requests for a window: the whole run
+        return inside / (last_send - opens)
 
     @property
     def mean_batch(self) -> float | None:
@@ -123,10 +149,12 @@ def _fill_from_trailers(outcome: Outcome, trailers: dict) -> None:
 
 
 async def open_loop(
-    target: Target, requests: Sequence[GenerateRequest], arrivals: Sequence[float], cutoff: float, tag: str
+    target: Target, requests: Sequence[GenerateRequest], arrivals: Sequence[float], cutoff: float, tag: str,
+    window: tuple[float, float],
 ) -> RunResult:
     """Send requests[i] at arrivals[i] seconds; whatever is not answered `cutoff` seconds after
-    the start is cancelled (its deadline) and counts as not completed."""
+    the start is cancelled (its deadline) and counts as not completed. Throughput is counted
+    over `window` (seconds from the start)."""
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.1
 
@@ -141,10 +169,7 @@ async def open_loop(
         return outcome
 
     outcomes = await asyncio.gather(*(one(i, r, t) for i, (r, t) in enumerate(zip(requests, arrivals))))
-    finished = [o.finished_at for o in outcomes if o.completed]
-    # Throughput over the span from the first arrival to the last completion.
-    seconds = (max(finished) - min(arrivals)) if finished else cutoff
-    return RunResult(list(outcomes), seconds)
+    return RunResult(list(outcomes), cutoff, extra={"window": window})
 
 
 async def closed_loop(target: Target, requests: Sequence[GenerateRequest], concurrency: int, tag: str) -> RunResult:
@@ -166,7 +191,7 @@ async def closed_loop(target: Target, requests: Sequence[GenerateRequest], concu
             outcomes.append(outcome)
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return RunResult(outcomes, loop.time() - start)
+    return RunResult(outcomes, loop.time() - start, extra={"concurrency": concurrency})
 
 
 async def timed(target: Target, request: GenerateRequest, request_id: str) -> float:

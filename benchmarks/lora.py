@@ -32,7 +32,7 @@ from t2i.models.loader import load_model
 from t2i.settings import EngineConfig
 
 from .lora_files import write_random_lora
-from .report import machine, write_section
+from .report import write_section
 
 SIZE, STEPS, CONCURRENCY = 128, 28, 8
 # Rank 32, as Illustrious LoRAs come; and rank 2, which is to the demo UNet's 32-64 channels
@@ -119,7 +119,6 @@ Command: `make bench-lora` (`python -m benchmarks.lora --rounds {rounds}`). Raw 
 
 Reading: mixed batches keep every step one UNet forward for all {CONCURRENCY} requests, each row adding its own low-rank deltas; splitting by adapter set turns one forward of {CONCURRENCY} into {CONCURRENCY} forwards of one. On the demo UNet (32-64 channels) a rank-32 LoRA is as wide as the layers it patches, so its deltas cost about as much as the base layers themselves: the rank-32 column measures that, not a realistic overhead, and misses the 0.75x target. Rank 2 is to the demo UNet what rank 32 is to SDXL's 320-1280 channels (about 5 % of the width): that column is the overhead to expect on the real model. The one-set-per-batch policy is measured on the same binary (`Batcher.lora_sets_apart`). Price: LoRAs do not change it (the realistic overhead is within what the rounding of the price already absorbs); this is the figure to revisit on a GPU.
 
-_Measured {time.strftime('%Y-%m-%d')} on {machine()}._
 """
 
 

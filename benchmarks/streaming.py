@@ -23,7 +23,7 @@ from t2i.models.demo import ensure_demo_model
 
 from testbed.server import ServerProcess
 
-from .report import machine, write_section
+from .report import write_section
 
 CLIENTS, PER_CLIENT = 8, 4
 OPTIONS = dict(width=128, height=128, steps=28, cfg_scale=7.0, sampler="euler", scheduler="normal")
@@ -82,7 +82,6 @@ Streams with previews: **{s / u:.3f}x** the unary throughput (target >= 0.95x). 
 
 Reading: a preview is a 4x3 projection of the latent on the denoise thread and a small JPEG on the encode pool; progress events are throttled to one per 250 ms per request, so the stream adds little besides the gRPC messages.
 
-_Measured {time.strftime('%Y-%m-%d')} on {machine()}._
 """
     print(text)
     if not args.no_write:
