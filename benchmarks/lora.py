@@ -31,6 +31,8 @@ from t2i.models.demo import ensure_demo_model
 from t2i.models.loader import load_model
 from t2i.settings import EngineConfig
 
+from t2i.lora import apply
+
 from .lora_files import write_random_lora
 from .report import write_section
 
@@ -117,7 +119,7 @@ Command: `make bench-lora` (`python -m benchmarks.lora --rounds {rounds}`). Raw 
 
 {verdicts}
 
-Reading: mixed batches keep every step one UNet forward for all {CONCURRENCY} requests, each row adding its own low-rank deltas; splitting by adapter set turns one forward of {CONCURRENCY} into {CONCURRENCY} forwards of one. On the demo UNet (32-64 channels) a rank-32 LoRA is as wide as the layers it patches, so its deltas cost about as much as the base layers themselves: the rank-32 column measures that, not a realistic overhead, and misses the 0.75x target. Rank 2 is to the demo UNet what rank 32 is to SDXL's 320-1280 channels (about 5 % of the width): that column is the overhead to expect on the real model. The one-set-per-batch policy is measured on the same binary (`Batcher.lora_sets_apart`). Price: LoRAs do not change it (the realistic overhead is within what the rounding of the price already absorbs); this is the figure to revisit on a GPU.
+Reading: mixed batches keep every step one UNet forward for all {CONCURRENCY} requests, each row adding its own low-rank deltas; splitting by adapter set turns one forward of {CONCURRENCY} into {CONCURRENCY} forwards of one. The per-layer rule (`t2i/lora/apply.py`, strategy "auto") stacks a layer's LoRAs into one down/up pair where the stack holds at most {apply.STACK_SHARE:g}x the base weight's elements, and runs one pair per LoRA elsewhere. On the demo UNet (32-128 channels) neither ratio is what SDXL would show. At rank 32 a LoRA is as wide as the layers it patches: its two factors hold about twice the elements of the layer's weight, so the deltas cost more FLOPs than the layers, and no way of applying them reaches 0.75x. At rank 2 the FLOPs are small, but each extra call on a tensor this small costs about what the base layer does: the one-shared-LoRA row, one down/up pair per patched layer, is the ceiling for any per-row method on this model, and 8 different LoRAs come close to it. On SDXL's 320-1280 channels the base layers' FLOPs dominate; that needs a GPU run, which has not happened. The one-set-per-batch policy is measured on the same binary (`Batcher.lora_sets_apart`). Price: LoRAs do not change it for now. The demo's overhead is mostly fixed cost per call, which says nothing about SDXL; revisit it when the GPU figure exists.
 
 """
 

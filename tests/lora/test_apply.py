@@ -24,6 +24,7 @@ from t2i.lora import (
     text_rows,
     unet_rows,
 )
+from t2i.lora import apply
 from t2i.lora.apply import text_encoder_wrapper
 
 from .factory import KOHYA_DIFFUSERS, KOHYA_SGM, PEFT, make_lora, merged_copy
@@ -88,7 +89,7 @@ def loaded(loras, request, clip_strength=None):
     ]
 
 
-@pytest.mark.parametrize("strategy", ["group", "stack"])
+@pytest.mark.parametrize("strategy", ["auto", "group", "stack"])
 def test_unet_rows_equal_merged_weights_per_request(demo_model, loras, strategy):
     inputs = unet_inputs(8)
     rows = unet_rows([loaded(loras, r) for r in REQUESTS])
@@ -104,6 +105,37 @@ def test_unet_rows_equal_merged_weights_per_request(demo_model, loras, strategy)
             assert (batched[2 * i : 2 * i + 2] - base[2 * i : 2 * i + 2]).abs().max() > 0.05
     # The request without LoRAs is the base model's output, bit for bit.
     assert torch.equal(batched[2:4], base[2:4])
+
+
+def test_auto_stacks_only_layers_where_the_stack_is_small(demo_model, loras):
+    """"auto" stacks a layer's LoRAs where their factors are at most STACK_SHARE of its weight
+    and groups them elsewhere; a second batch with the same LoRAs reuses the stacks, another
+    set builds new ones."""
+    inputs = unet_inputs(8)
+    rows = unet_rows([loaded(loras, r) for r in REQUESTS])
+    apply.remove_dispatchers(demo_model.unet)  # a clean slate: no stacks from earlier tests
+    with batched_loras(demo_model.unet, UNET, rows):
+        run_unet(demo_model.unet, inputs)
+    stacked = {m: entry for m, entry in apply._stacks.items() if any(m is n for n in demo_model.unet.modules())}
+    assert stacked, "no layer was stacked"
+    for module, (layers, stack) in stacked.items():
+        assert len(layers) > 1
+        assert stack.up.numel() + stack.down.numel() <= apply.STACK_SHARE * module.weight.numel()
+    # Layers with several LoRAs whose stack would be too large stayed grouped (say, the 32-wide convs).
+    shared = {
+        m for m in demo_model.unet.modules()
+        if sum(m in apply._layers_by_module(loras[name][2], UNET, demo_model.unet) for name in ("style", "locon", "peft")) > 1
+    }
+    assert set(stacked) < shared
+    with batched_loras(demo_model.unet, UNET, rows):
+        run_unet(demo_model.unet, inputs)
+    assert all(apply._stacks[m][1] is stack for m, (_, stack) in stacked.items())
+    fewer = unet_rows([loaded(loras, [("style", 1.0), ("locon", 1.0)])])
+    with batched_loras(demo_model.unet, UNET, fewer):
+        run_unet(demo_model.unet, unet_inputs(2))
+    # Where the PEFT LoRA was in the stack, the set changed: a new stack, or none (one LoRA left).
+    changed = {m for m, (layers, _) in stacked.items() if len(layers) == 3}
+    assert changed and all(m not in apply._stacks or apply._stacks[m][1] is not stacked[m][1] for m in changed)
 
 
 def test_nothing_is_applied_after_the_block(demo_model, loras):

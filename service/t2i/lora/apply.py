@@ -30,9 +30,22 @@ on another thread (say, a text encode without LoRAs) sees no plan at all.
 
 "stack" concatenates, per layer, the down and up factors of every LoRA in the batch into one
 rank stack and masks it with a (rows x total rank) strength matrix: one down and one up per
-layer whatever the number of LoRAs, but every row pays for every LoRA's rank, and the stack is
-built afresh for every batch (LoCon mid is folded into down for it). With one LoRA on a layer both
+layer whatever the number of LoRAs, but every row pays for every LoRA's rank (LoCon mid is
+folded into down for it). The stack of a layer is kept for the next batch with the same LoRAs
+on it (one stack per module, the latest: consecutive steps of a running batch reuse it), and the
+mask is built once per batch for all layers that share it. With one LoRA on a layer both
 strategies run the same code.
+
+"auto" (the default) picks per layer: "stack" when the layer has several LoRAs and the stacked
+factors hold at most STACK_SHARE times the base weight's elements, else "group". Per row, both
+strategies cost FLOPs in proportion to the factors they run, so the rule bounds what "stack"
+can add at STACK_SHARE of the base layer's own work. It stacks where one pair of calls instead
+of one pair per LoRA is the larger saving, which is at small total ranks, where a "group" pass
+is mostly fixed cost per call. Rank 32 on the demo UNet's 32-64 channels stays grouped.
+Measured with benchmarks/lora.py (8 requests, 8 different LoRAs, images/s against no LoRA):
+rank 2 was 0.55x with share 0.25, 0.65x with 1.0 and 0.67x with everything stacked; rank 32 was
+0.45x, 0.45x and 0.21x. On SDXL, 5 rank-32 LoRAs on a 320-wide layer sit at the 1.0 mark;
+whether a GPU wants a larger or a smaller share is not measured.
 
 Measured on the demo UNet (benchmarks/lora_layers.py; CPU fp32 on this 2-core machine while
 other work ran on it, so read the ratios; 8 requests x 2 rows, latent 16x16, rank 32 on all
@@ -44,11 +57,10 @@ other work ran on it, so read the ratios; 8 requests x 2 rows, latent 16x16, ran
     (c) 8 LoRAs, one per request                  174 / 191    286 / 380    292 / 307
     * the model with the idle hooks that earlier LoRAs left on it
 
-"group" is the default: in (c) it beats "stack" by 1.6-2x, since "stack" makes every row pay
-for every LoRA's rank, a cost that grows with resolution on the real SDXL. "stack" stays
-selectable for a GPU trial, where per-group kernel launches may cost more than the wasted
-FLOPs at small batches (not measured: no GPU here). Rank 32 is a large share of the demo
-UNet's 32-64 channels; on SDXL's 320-1280 the LoRA share of a forward is much smaller.
+At rank 32 "group" beats "stack" in (c) by 1.6-2x. The reason is that "stack" makes every row
+pay for every LoRA's rank, and that is why "auto" leaves such layers grouped. The table is from
+before stacks were kept between batches. Rank 32 is a large share of the demo UNet's 32-64
+channels; on SDXL's 320-1280 channels the LoRA share of a forward is much smaller.
 
 PEFT's mixed-adapter batch (`adapter_names=`, `LoraLayer._mixed_batch_forward`) is the same
 grouping idea, slower in every case above (its wrapped layers cost even rows without an
@@ -76,7 +88,10 @@ from .keys import TEXT_ENCODERS, UNET
 from .weights import LayerLora, LoraWeights
 
 Adapter = tuple[LoraWeights, float]  # a LoRA file's weights and the strength one row uses it at
-STRATEGIES = ("group", "stack")
+STRATEGIES = ("auto", "group", "stack")
+# "auto": a layer's LoRAs are stacked when their factors hold at most this share of the base
+# weight's elements (the extra work "stack" can cost a row, against the layer's own).
+STACK_SHARE = 1.0
 
 
 class LoraBatchError(RuntimeError):
@@ -185,7 +200,36 @@ class _Plan:
     batch: int
     strategy: str
     groups: list[tuple[dict[nn.Module, LayerLora], _Group]]
-    stacks: dict[nn.Module, tuple[LayerLora, Tensor]] = field(default_factory=dict)
+    # What each module does in this plan, decided at its first forward: ("group", entries) or
+    # ("stack", stacked factors, mask); and the masks, shared by layers with the same entries.
+    routes: dict[nn.Module, tuple] = field(default_factory=dict)
+    masks: dict[tuple, Tensor] = field(default_factory=dict)
+
+    def route(self, module: nn.Module) -> tuple:
+        route = self.routes.get(module)
+        if route is None:
+            entries = [(by_module[module], group) for by_module, group in self.groups if module in by_module]
+            stacked = len(entries) > 1 and (
+                self.strategy == "stack" or (self.strategy == "auto" and _stack_is_cheap(module, entries))
+            )
+            route = self.routes[module] = ("stack", _stack_of(module, entries), self._mask(entries)) if stacked else (
+                "group", entries
+            )
+        return route
+
+    def _mask(self, entries: list[tuple[LayerLora, _Group]]) -> Tensor:
+        """The (rows, total rank) strengths of a stack: column block k is LoRA k's rows."""
+        key = tuple((id(group), layer.rank) for layer, group in entries)
+        mask = self.masks.get(key)
+        if mask is None:
+            first = entries[0][0]
+            columns = []
+            for layer, group in entries:
+                column = torch.zeros(self.batch, dtype=first.down.dtype, device=first.down.device)
+                column[slice(None) if group.rows is None else group.rows] = group.strengths
+                columns.append(column.unsqueeze(1).expand(self.batch, layer.rank))
+            mask = self.masks[key] = torch.cat(columns, dim=1)
+        return mask
 
 
 # Per thread, the plans of the contexts it is inside: the dispatchers read them, so a forward on
@@ -202,18 +246,21 @@ _by_module: weakref.WeakKeyDictionary[LoraWeights, dict[str, tuple[int, dict[nn.
     weakref.WeakKeyDictionary()
 )
 _generation = 0
+# module -> (the LoRA layers stacked, in order; their stack): the latest stack per module, so a
+# running batch's steps reuse it. Holds those factors alive until the module's LoRAs change.
+_stacks: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[LayerLora, ...], LayerLora]] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
 def batched_loras(
-    tree: nn.Module, component: str, rows: Sequence[Sequence[Adapter]], *, strategy: str = "group"
+    tree: nn.Module, component: str, rows: Sequence[Sequence[Adapter]], *, strategy: str = "auto"
 ) -> Iterator[ActiveLoras]:
     """Apply each row's LoRAs during forwards of `tree` on this thread inside the block.
 
     `tree` is the module the weights' `component` ("unet", "te1" or "te2") was placed on;
     `rows[b]` lists (LoraWeights, strength) for row b of every batch the patched layers see
-    (the same LoRA twice in a row adds its strengths). Nothing happens when no row has a LoRA
-    for this component."""
+    (the same LoRA twice in a row adds its strengths); `strategy` is one of STRATEGIES (the
+    module docstring). Nothing happens when no row has a LoRA for this component."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     batch = len(rows)
@@ -277,6 +324,7 @@ def remove_dispatchers(tree: nn.Module) -> int:
             if dispatcher is not None:
                 dispatcher.handle.remove()
                 removed += 1
+            _stacks.pop(module, None)
         _generation += 1
     return removed
 
@@ -296,13 +344,18 @@ class _Dispatcher:
             return None
         x = args[0]
         for plan in plans:
-            if plan.strategy == "stack":
-                output = self._stacked(plan, module, x, output)
+            route = plan.route(module)
+            if route[0] == "stack":
+                self._check(x, plan)
+                stacked, mask = route[1], route[2]
+                h = stacked.project_down(x.to(stacked.down.dtype))
+                # Rank activations are (rows, ..., R) for a Linear and (rows, R, H, W) for a conv.
+                h = h * (
+                    mask[:, :, None, None] if stacked.is_conv else mask.view(plan.batch, *([1] * (h.ndim - 2)), -1)
+                )
+                output = output.add_(stacked.project_up(h).to(output.dtype))
                 continue
-            for by_module, group in plan.groups:
-                layer = by_module.get(module)
-                if layer is None:
-                    continue
+            for layer, group in route[1]:
                 self._check(x, plan)
                 h = layer.project_down(group.gather(x).to(layer.down.dtype))
                 h = h * group.scale(h.ndim)
@@ -316,47 +369,43 @@ class _Dispatcher:
                 f"were {plan.batch}; give one LoRA set per row of the batch the module sees"
             )
 
-    def _stacked(self, plan: _Plan, module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
-        stack = plan.stacks.get(module)
-        if stack is None:
-            entries = [(by_module[module], group) for by_module, group in plan.groups if module in by_module]
-            if not entries:
-                return output
-            stack = plan.stacks[module] = _stack(entries, plan.batch)
-        self._check(x, plan)
-        stacked, mask = stack
-        h = stacked.project_down(x.to(stacked.down.dtype))
-        # Rank activations are (rows, ..., R) for a Linear and (rows, R, H, W) for a conv.
-        h = h * (
-            mask[:, :, None, None] if stacked.is_conv else mask.view(plan.batch, *([1] * (h.ndim - 2)), -1)
-        )
-        return output.add_(stacked.project_up(h).to(output.dtype))
+
+def _stack_is_cheap(module: nn.Module, entries: list[tuple[LayerLora, _Group]]) -> bool:
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return False
+    factors = 0
+    for layer, _ in entries:
+        # The stack's down is mid folded into down for a LoCon layer: rank x in x kh x kw.
+        down = layer.down.numel() if layer.mid is None else layer.rank * layer.down.shape[1] * layer.mid[0, 0].numel()
+        factors += layer.up.numel() + down
+    return factors <= STACK_SHARE * weight.numel()
 
 
-def _stack(entries: list[tuple[LayerLora, _Group]], batch: int) -> tuple[LayerLora, Tensor]:
-    """Every LoRA of a layer as one rank stack, and the (rows, total rank) strength mask."""
-    first = entries[0][0]
-    downs, ups, columns = [], [], []
-    for layer, group in entries:
-        down = layer.down
-        if layer.mid is not None:
-            # One stacked conv needs one kernel per rank: fold mid into down (ComfyUI's merged factor).
-            down = torch.einsum("ojhw,ji->oihw", layer.mid.float(), layer.down.float().flatten(1)).to(
-                layer.down.dtype
-            )
-        downs.append(down)
-        ups.append(layer.up)
-        column = torch.zeros(batch, dtype=layer.down.dtype, device=layer.down.device)
-        column[slice(None) if group.rows is None else group.rows] = group.strengths
-        columns.append(column.unsqueeze(1).expand(batch, layer.rank))
+def _folded_down(layer: LayerLora) -> Tensor:
+    if layer.mid is None:
+        return layer.down
+    # One stacked conv needs one kernel per rank: fold mid into down (ComfyUI's merged factor).
+    return torch.einsum("ojhw,ji->oihw", layer.mid.float(), layer.down.float().flatten(1)).to(layer.down.dtype)
+
+
+def _stack_of(module: nn.Module, entries: list[tuple[LayerLora, _Group]]) -> LayerLora:
+    """Every LoRA of a layer as one rank stack (the latest stack of the module, when its layers are the same)."""
+    layers = tuple(layer for layer, _ in entries)
+    cached = _stacks.get(module)
+    if cached is not None and len(cached[0]) == len(layers) and all(a is b for a, b in zip(cached[0], layers)):
+        return cached[1]
+    first = layers[0]
     stacked = LayerLora(
-        down=torch.cat(downs),
-        up=torch.cat(ups, dim=1),
+        down=torch.cat([_folded_down(layer) for layer in layers]),
+        up=torch.cat([layer.up for layer in layers], dim=1),
         stride=first.stride,
         padding=first.padding,
         dilation=first.dilation,
     )
-    return stacked, torch.cat(columns, dim=1)
+    with _install_lock:  # text encoders may run on other threads than the UNet
+        _stacks[module] = (layers, stacked)
+    return stacked
 
 
 def _make_group(strengths: dict[int, float], batch: int, weights: LoraWeights) -> _Group:
