@@ -40,6 +40,9 @@ class EngineConfig:
     loop_failure_window: float = setting(60.0, "Seconds over which engine loop failures are counted.")
     fair_share: bool = setting(True, "Admit and alternate requests by each API key's share of the work done (off: first come, first served).")
     progress_interval_ms: float = setting(250.0, "Streams: the least time between two queued or progress events of a request.")
+    preview_interval_ms: float = setting(
+        500.0, "Streams: the least time between two previews of a request (on top of its previewEverySteps)."
+    )
     png_compress_level: int = 4
     png_workers: int = 2
     # Benchmarks only: split batches by LoRA set (the policy this engine is measured against).

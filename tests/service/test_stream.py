@@ -28,24 +28,31 @@ def timed_events(client: Client, prompt: str = "(1girl:1.2), masterpiece", **opt
 
 
 def test_events_come_in_order_throttled_and_end_with_the_unary_answer(client):
-    events = timed_events(client, preview_every_steps=4)
+    long = {**OPTIONS, "steps": 48}
+    events = timed_events(client, preview_every_steps=2, steps=48)
     kinds = [type(e).__name__ for _, e in events]
     assert kinds[0] == "Queued" and kinds[1] == "Started" and kinds[-1] == "GenerateResult"
     assert kinds.count("Started") == 1 and set(kinds[2:-1]) <= {"Progress", "Preview", "Queued"}
     progress = [(t, e) for t, e in events if isinstance(e, Progress)]
     steps = [e.step for _, e in progress]
-    assert steps == sorted(steps) and steps[-1] == 12 and progress[-1][1].remaining_seconds == 0
-    assert all(e.total_steps == 12 and e.total_evaluations == 12 for _, e in progress)
+    assert steps == sorted(steps) and steps[-1] == 48 and progress[-1][1].remaining_seconds == 0
+    assert all(e.total_steps == 48 and e.total_evaluations == 48 for _, e in progress)
     # At most one progress event per 250 ms, except the last one, which always comes.
     gaps = [b - a for (a, _), (b, _) in zip(progress[:-2], progress[1:-1])]
     assert all(gap >= 0.2 for gap in gaps), gaps
-    previews = [e for _, e in events if isinstance(e, Preview)]
-    assert [p.step for p in previews] == [4, 8, 12]
-    for preview in previews:
+    # Previews on every 2nd step, but at most one per 500 ms (the preview_interval_ms default):
+    # far fewer than the 24 the steps alone would give.
+    timed_previews = [(t, e) for t, e in events if isinstance(e, Preview)]
+    preview_steps = [e.step for _, e in timed_previews]
+    assert preview_steps and preview_steps == sorted(preview_steps) and all(s % 2 == 0 for s in preview_steps)
+    assert len(preview_steps) < 24 * 0.5, preview_steps
+    preview_gaps = [b - a for (a, _), (b, _) in zip(timed_previews, timed_previews[1:])]
+    assert all(gap >= 0.4 for gap in preview_gaps), preview_gaps
+    for _, preview in timed_previews:
         image = Image.open(io.BytesIO(preview.jpeg))
         assert image.format == "JPEG" and image.size == (preview.width, preview.height) == (16, 16)
     result = events[-1][1]
-    unary = client.generate("(1girl:1.2), masterpiece", **OPTIONS)
+    unary = client.generate("(1girl:1.2), masterpiece", **long)
     assert result.images == unary.images and result.seeds == unary.seeds == [5]
 
 

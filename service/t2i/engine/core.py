@@ -59,9 +59,12 @@ class StepResult:
 
 
 class EngineCore:
-    def __init__(self, models: dict[int, LoadedModel], batcher: Batcher) -> None:
+    def __init__(self, models: dict[int, LoadedModel], batcher: Batcher, preview_interval: float = 0.0) -> None:
         self.models = models
         self.batcher = batcher
+        # Seconds between two previews of a request at least: each one is a JPEG and a message,
+        # and a request that asks for one every step on a fast model would cost its batch-mates.
+        self.preview_interval = preview_interval
         self.consecutive_failures = 0
 
     def add(self, request: EngineRequest) -> None:
@@ -121,9 +124,14 @@ class EngineCore:
             request.times.evaluations += 1
             self.batcher.charge(request, request.evaluation_work)  # its tenant's fair share (batching.py)
             advanced.append(request)
-            if request.previews and request.run.step > step and request.run.step % request.params.preview_every_steps == 0:
+            if (
+                request.previews and request.run.step > step
+                and request.run.step % request.params.preview_every_steps == 0
+                and now - request.last_preview >= self.preview_interval
+            ):
                 # The guided prediction of the clean latent at this step: what a preview shows.
                 request.preview_latent = uncond + request.params.cfg_scale * (cond - uncond)
+                request.last_preview = now
             if request.run.done:
                 self.batcher.charge(request, request.decode_work)
                 self.batcher.finish(request)

@@ -72,7 +72,8 @@ class AsyncEngine:
         self._torch_threads: int | None = None
         self.core = EngineCore(
             models, Batcher(config.max_batch_size, config.admission_window_ms / 1000, fair=config.fair_share,
-                            lora_sets_apart=config.lora_sets_apart)
+                            lora_sets_apart=config.lora_sets_apart),
+            preview_interval=config.preview_interval_ms / 1000,
         )
         self.finisher = ImageFinisher(
             models, self._settle, png_workers=config.png_workers, png_compress_level=config.png_compress_level,

@@ -81,7 +81,7 @@ class EngineRequest:
     started_at: float | None = None  # time.monotonic() at admission
     last_reported: float = 0.0  # when the last queued or progress event went out
     reported_ahead: int | None = None
-    reported_step: int = 0
+    last_preview: float = float("-inf")  # when the last preview was taken (time.monotonic())
     preview_latent: Tensor | None = None  # the guided x0 of a step a preview is due for
     state: RequestState = RequestState.WAITING
     run: SamplingRun | None = None
