@@ -116,7 +116,7 @@ Fit `t = a + b * latent area * (1 + k * (chunks - 1))` ({fitted['fixed_seconds']
 | --- | ---: | ---: |
 {constants}
 
-Reading: the fixed per-evaluation time (Python and kernel launches) dominates small images on this CPU; the per-pixel terms are what grows with the request, so they are what prices and fair shares follow. The demo model's proportions are not SDXL's (its UNet is tiny next to its VAE); on a GPU rerun this with the real architecture.
+Reading: the fixed per-evaluation time (Python and kernel launches) dominates small images on this CPU; the per-pixel terms are what grows with the request, so they are what prices and fair shares follow. The demo model's proportions are not SDXL's (its UNet is tiny next to its VAE); on a GPU rerun this with the real architecture. The \"used\" column was fitted on an earlier run of this command. Fits move from run to run on this shared 2-core machine: on 2026-12-02 the extra-chunk term varied by about 3x between runs. So the prices keep the values they have, until a measurement on the real model replaces them.
 
 """
 
