@@ -9,7 +9,9 @@ are replaced, indented like the BEGIN line. Sources:
 - the error table, t2i.errors.ERROR_KINDS: the Envoy Lua tables and local-reply mappers in
   edge/envoy.yaml, the error tables of README.md and edge/README.md (and, through
   scripts/openapi.py, the OpenAPI error responses);
-- the serving settings, t2i.settings (via t2i.cli_options): the `t2i serve` flag table of README.md.
+- the serving settings, t2i.settings (via t2i.cli_options): the `t2i serve` flag table of README.md;
+- the sampler and scheduler names (t2i.sampling.names) and the API key header (t2i.wire): the
+  playground's lists in edge/playground/playground.js.
 """
 
 from __future__ import annotations
@@ -144,12 +146,27 @@ def readme_price_table() -> list[str]:
     return rows
 
 
+# --- the playground ---------------------------------------------------------------------------
+
+def playground_names() -> list[str]:
+    import json
+
+    from t2i.sampling.names import SAMPLER_NAMES, SCHEDULER_NAMES
+
+    return [
+        f"const SAMPLERS = {json.dumps(list(SAMPLER_NAMES))};",
+        f"const SCHEDULERS = {json.dumps(list(SCHEDULER_NAMES))};",
+        f"const KEY_HEADER = {json.dumps(wire.API_KEY_HEADER)};",
+    ]
+
+
 # --- the files ------------------------------------------------------------------------------
 
 BLOCKS: dict[str, dict[str, Callable[[], list[str]]]] = {
     "edge/envoy.yaml": {"lua-error-tables": envoy_lua_tables, "local-reply-statuses": envoy_local_replies},
     "README.md": {"error-table": readme_errors, "serve-flags": readme_serve_flags, "price-table": readme_price_table},
     "edge/README.md": {"grpc-http-table": edge_readme_errors},
+    "edge/playground/playground.js": {"playground-names": playground_names},
 }
 
 

@@ -6,25 +6,18 @@
 // EventSource cannot POST, so the stream is read with fetch() and parsed here.
 "use strict";
 
-// The sampler and scheduler names the API accepts, in the documented order. Their source is
-// service/t2i/sampling/names.py (SAMPLER_NAMES, SCHEDULER_NAMES); tests/edge/test_playground.py
-// fails when these copies differ from it.
-const SAMPLERS = [
-  "euler",
-  "euler_cfg_pp",
-  "euler_ancestral",
-  "euler_ancestral_cfg_pp",
-  "dpm_2",
-  "dpm_2_ancestral",
-  "dpmpp_2s_ancestral",
-  "dpmpp_2s_ancestral_cfg_pp",
-];
+// The sampler and scheduler names the API accepts, in the documented order, and the key header:
+// rendered by scripts/render.py from service/t2i/sampling/names.py and service/t2i/wire.py
+// (`make render`; `make proto-check` fails when this block is stale).
+// BEGIN GENERATED: playground-names
+const SAMPLERS = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp"];
 const SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"];
+const KEY_HEADER = "x-illustrious-api-key";
+// END GENERATED: playground-names
 const DEFAULT_SAMPLER = "euler_ancestral";
 const DEFAULT_SCHEDULER = "karras";
 
 const KEY_STORAGE = "t2i.playground.apiKey";
-const KEY_HEADER = "x-illustrious-api-key";
 const PREVIEW_EVERY_STEPS = 2;
 
 const $ = (id) => document.getElementById(id);
