@@ -138,6 +138,25 @@ def test_auto_stacks_only_layers_where_the_stack_is_small(demo_model, loras):
     assert changed and all(m not in apply._stacks or apply._stacks[m][1] is not stacked[m][1] for m in changed)
 
 
+def test_stacks_beyond_their_byte_budget_are_not_kept(demo_model, loras, monkeypatch):
+    inputs = unet_inputs(8)
+    rows = unet_rows([loaded(loras, r) for r in REQUESTS])
+    apply.remove_dispatchers(demo_model.unet)
+    with batched_loras(demo_model.unet, UNET, rows):
+        expected = run_unet(demo_model.unet, inputs)
+    kept = [stack.nbytes for m, (_, stack) in apply._stacks.items() if any(m is n for n in demo_model.unet.modules())]
+    assert len(kept) > 2
+    apply.remove_dispatchers(demo_model.unet)
+    assert apply._stack_bytes == sum(entry[1].nbytes for entry in apply._stacks.values())
+    budget = apply._stack_bytes + sum(sorted(kept)[:2])  # room for the two smallest stacks, not all
+    monkeypatch.setattr(apply, "STACK_CACHE_BYTES", budget)
+    with batched_loras(demo_model.unet, UNET, rows):
+        out = run_unet(demo_model.unet, inputs)
+    assert torch.equal(out, expected)  # a stack that is not kept still serves its forward
+    assert 1 <= len([m for m in apply._stacks if any(m is n for n in demo_model.unet.modules())]) < len(kept)
+    assert apply._stack_bytes <= budget
+
+
 def test_nothing_is_applied_after_the_block(demo_model, loras):
     inputs = unet_inputs(2)
     before = run_unet(demo_model.unet, inputs)

@@ -247,8 +247,12 @@ _by_module: weakref.WeakKeyDictionary[LoraWeights, dict[str, tuple[int, dict[nn.
 )
 _generation = 0
 # module -> (the LoRA layers stacked, in order; their stack): the latest stack per module, so a
-# running batch's steps reuse it. Holds those factors alive until the module's LoRAs change.
+# running batch's steps reuse it. The stacks are copies of LoRA factors outside the LoRA cache's
+# byte budget, so they have their own: past STACK_CACHE_BYTES a new stack serves its batch's
+# step only (built again the next step) and the kept ones stay until their module's LoRAs change.
+STACK_CACHE_BYTES = 256 * 2**20
 _stacks: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[LayerLora, ...], LayerLora]] = weakref.WeakKeyDictionary()
+_stack_bytes = 0
 
 
 @contextmanager
@@ -316,7 +320,7 @@ def remove_dispatchers(tree: nn.Module) -> int:
     plain forwards lose the idle hooks' cost (a few microseconds per patched layer). Call it
     between forwards: a forward running meanwhile would lose its deltas. The next
     `batched_loras` puts back what it needs."""
-    global _generation
+    global _generation, _stack_bytes
     removed = 0
     with _install_lock:
         for module in tree.modules():
@@ -324,7 +328,9 @@ def remove_dispatchers(tree: nn.Module) -> int:
             if dispatcher is not None:
                 dispatcher.handle.remove()
                 removed += 1
-            _stacks.pop(module, None)
+            dropped = _stacks.pop(module, None)
+            if dropped is not None:
+                _stack_bytes -= dropped[1].nbytes
         _generation += 1
     return removed
 
@@ -403,8 +409,17 @@ def _stack_of(module: nn.Module, entries: list[tuple[LayerLora, _Group]]) -> Lay
         padding=first.padding,
         dilation=first.dilation,
     )
+    global _stack_bytes
     with _install_lock:  # text encoders may run on other threads than the UNet
-        _stacks[module] = (layers, stacked)
+        old = _stacks.pop(module, None)
+        if old is not None:
+            _stack_bytes -= old[1].nbytes
+        if _stack_bytes + stacked.nbytes > STACK_CACHE_BYTES:
+            # Count again: entries of modules that were since garbage-collected left the dictionary.
+            _stack_bytes = sum(entry[1].nbytes for entry in _stacks.values())
+        if _stack_bytes + stacked.nbytes <= STACK_CACHE_BYTES:
+            _stacks[module] = (layers, stacked)
+            _stack_bytes += stacked.nbytes
     return stacked
 
 
