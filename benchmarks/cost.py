@@ -15,7 +15,6 @@ Prints the fitted constants next to the ones cost.py uses and writes docs/benchm
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from t2i.engine.text import encode_prompts, prepare_prompt
 from t2i.models.demo import demo_spec
 from t2i.models.loader import load_model
 
-from .report import write_section
+from .report import bench_parser, publish
 
 SIDES = (32, 64, 96)  # latent sides: 256, 512, 768 pixels
 CHUNKS = (1, 2, 4, 8)
@@ -55,7 +54,6 @@ def prompt_of(chunks: int) -> str:
 def measure(repeats: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="t2i-bench-cost-") as folder:
         model = load_model(demo_spec(Path(folder)), torch.device("cpu"))
-        torch.set_num_threads(max(1, (torch.get_num_threads() or 2)))
         conditioning = {c: encode_prompts(model, [prepare_prompt(model, prompt_of(c), max_chunks=64)])[0] for c in CHUNKS}
         unet: dict[tuple[int, int], float] = {}
         for side in SIDES:
@@ -122,17 +120,11 @@ Reading: the fixed per-evaluation time (Python and kernel launches) dominates sm
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     measured = measure(args.repeats)
-    print(measured)
-    fitted = fit(measured)
-    text = report(measured, fitted, args.repeats)
-    print(text)
-    if not args.no_write:
-        write_section("cost", text)
+    publish("cost", report(measured, fit(measured), args.repeats), args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the large one, total throughput within 5 % of FIFO's. Writes docs/benchmarks.md 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import tempfile
@@ -30,7 +29,8 @@ from t2i.models.demo import demo_spec
 from t2i.models.loader import load_model
 from t2i.settings import EngineConfig
 
-from .report import write_section
+from .load import percentile
+from .report import bench_parser, publish
 
 FLOOD_IN_FLIGHT = 32
 WORD = "girl "  # one CLIP token in five characters: 8 chunks fit the 3000-character limit
@@ -63,7 +63,6 @@ async def unloaded(engine: AsyncEngine, count: int) -> float:
 
 async def flooded(engine: AsyncEngine, flood: dict, seconds: float, in_flight: int = FLOOD_IN_FLIGHT) -> dict:
     stop = asyncio.Event()
-    done = {"flood": 0, "victim": 0}
     work = {"flood": 0.0, "victim": 0.0}
 
     async def flooder(index: int) -> None:
@@ -71,7 +70,6 @@ async def flooded(engine: AsyncEngine, flood: dict, seconds: float, in_flight: i
         while not stop.is_set():
             request = params(seed, **flood)
             await engine.generate(request, tenant="flood")
-            done["flood"] += 1
             work["flood"] += work_of(request)
             seed += 1
 
@@ -82,7 +80,6 @@ async def flooded(engine: AsyncEngine, flood: dict, seconds: float, in_flight: i
             request = params(seed, **VICTIM)
             await engine.generate(request, tenant="victim")
             latencies.append(time.perf_counter() - started)
-            done["victim"] += 1
             work["victim"] += work_of(request)
             seed += 1
         return latencies
@@ -123,8 +120,7 @@ async def run(seconds: float, folder: Path) -> tuple[float, dict]:
 
 
 def p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return percentile(values, 99)
 
 
 def report(base: float, results: dict, seconds: float) -> str:
@@ -156,16 +152,12 @@ Reading: under FIFO the victim's request queues behind all {FLOOD_IN_FLIGHT} of 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--seconds", type=float, default=40.0)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="t2i-bench-fair-") as folder:
         base, results = asyncio.run(run(args.seconds, Path(folder)))
-    text = report(base, results, args.seconds)
-    print(text)
-    if not args.no_write:
-        write_section("fairness", text)
+    publish("fairness", report(base, results, args.seconds), args)
 
 
 if __name__ == "__main__":

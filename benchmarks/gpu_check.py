@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from . import gpu_unet
-from .report import write_section
+from .report import fmt, read_section, write_section
 
 WORK_ENV = "T2I_GPU_CHECK_WORK"
 BUDGET = 470.0  # seconds for the whole check (the issue: under 8 minutes, installs included)
@@ -391,15 +391,8 @@ def sdxl_unet_parameters() -> int:
 
 def measured_on_gpu() -> bool:
     """Whether docs/benchmarks.md's gpu section holds a GPU run's figures (a dry run leaves those alone)."""
-    from .report import DOC
-
-    text = DOC.read_text() if DOC.exists() else ""
-    start, end = text.find("<!-- gpu:start -->"), text.find("<!-- gpu:end -->")
-    return "Command: `benchmarks/gpu_check.sh` " in text[start:end] or "Command: `python -m benchmarks.gpu_unet" in text[start:end]
-
-
-def fmt(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    section = read_section("gpu") or ""
+    return "Command: `benchmarks/gpu_check.sh` " in section or "Command: `python -m benchmarks.gpu_unet" in section
 
 
 def section(args, results: list[tuple[list[str], dict]]) -> list[str]:

@@ -103,8 +103,10 @@ class RunResult:
         staggered clients it leaves out the start and the tail, where fewer requests share the
         work than the system could take."""
         concurrency = self.extra["concurrency"]
+        finished = sorted(o.finished_at for o in self.outcomes if o.finished_at is not None)
+        if len(finished) < concurrency:
+            return self.per_second  # too few requests for a window: the whole run
         last_send = max(o.arrival for o in self.outcomes)
-        finished = sorted(o.finished_at for o in self.outcomes)
         opens = finished[concurrency - 1]
         inside = sum(1 for t in finished if opens < t <= last_send)
         if last_send <= opens or inside == 0:

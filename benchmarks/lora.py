@@ -15,7 +15,6 @@ Rounds alternate between the configurations, so they share the machine's state. 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import tempfile
@@ -34,7 +33,7 @@ from t2i.settings import EngineConfig
 from t2i.lora import apply
 
 from .lora_files import write_random_lora
-from .report import write_section
+from .report import bench_parser, publish
 
 SIZE, STEPS, CONCURRENCY = 128, 28, 8
 # Rank 32, as Illustrious LoRAs come; and rank 2, which is to the demo UNet's 32-64 channels
@@ -125,16 +124,12 @@ Reading: mixed batches keep every step one UNet forward for all {CONCURRENCY} re
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="t2i-bench-lora-") as folder:
         seconds = asyncio.run(measure(args.rounds, Path(folder)))
-    text = report(seconds, args.rounds)
-    print(text)
-    if not args.no_write:
-        write_section("lora", text)
+    publish("lora", report(seconds, args.rounds), args)
 
 
 if __name__ == "__main__":

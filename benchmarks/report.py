@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import re
 import time
@@ -33,3 +34,29 @@ def write_section(name: str, body: str) -> None:
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line: its module docstring as help, and --no-write."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    return parser
+
+
+def publish(name: str, text: str, args: argparse.Namespace) -> None:
+    """Print a benchmark's section and, unless --no-write, put it into docs/benchmarks.md."""
+    print(text)
+    if not args.no_write:
+        write_section(name, text)
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A figure for a table: "-" where there is none."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def read_section(name: str) -> str | None:
+    """The body of section `name` of docs/benchmarks.md as write_section left it (None: absent)."""
+    text = DOC.read_text() if DOC.exists() else ""
+    start, end = text.find(f"<!-- {name}:start -->"), text.find(f"<!-- {name}:end -->")
+    return text[start:end] if 0 <= start < end else None

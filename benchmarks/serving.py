@@ -48,7 +48,7 @@ from testbed.server import ServerProcess
 
 from . import load, workloads
 from .diffusers_peer import group_key, torch_threads
-from .report import write_section
+from .report import fmt, write_section
 
 # The homogeneous request (the earlier serving benchmark's; benchmarks/edge.py uses these too).
 SIZE, STEPS = workloads.HOMOGENEOUS.width, workloads.HOMOGENEOUS.steps
@@ -307,10 +307,6 @@ async def measure(args, systems: dict[str, System], raw: RawEngine, mixed_pool: 
 
 
 # --- the report -------------------------------------------------------------------------------
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None

@@ -10,7 +10,6 @@ a preview every 2 steps (and every progress event). Target: the streams' through
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -23,7 +22,7 @@ from t2i.models.demo import ensure_demo_model
 
 from testbed.server import ServerProcess
 
-from .report import write_section
+from .report import bench_parser, publish
 
 CLIENTS, PER_CLIENT = 8, 4
 OPTIONS = dict(width=128, height=128, steps=28, cfg_scale=7.0, sampler="euler", scheduler="normal")
@@ -54,9 +53,8 @@ def round_of(target: str, streamed: bool, offset: int) -> tuple[float, dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="t2i-bench-stream-") as folder:
         ensure_demo_model(Path(folder))
@@ -80,12 +78,10 @@ Command: `make bench-stream` (`python -m benchmarks.streaming --rounds {args.rou
 
 Streams with previews: **{s / u:.3f}x** the unary throughput (target >= 0.95x). The last round sent {counts.get('previews', 0)} previews and {counts.get('progress', 0)} progress events for {CLIENTS * PER_CLIENT} images.
 
-Reading: a preview is a 4x3 projection of the latent on the denoise thread and a small JPEG on the encode pool. Progress events are throttled to one per 250 ms per request and previews to one per 500 ms (`--preview-interval-ms`) on top of the request's step interval, so the stream adds little besides the gRPC messages. Before the preview throttle, a preview every 2 steps meant 448 previews for these 32 images; that run measured 0.906x (same command, 2026-12-02). The 2 cores that the JPEGs, the messages and the denoise loop share are the cost.
+Reading: a preview is a 4x3 projection of the latent and a small JPEG, both on the encode pool. Progress events are throttled to one per 250 ms per request and previews to one per 500 ms (`--preview-interval-ms`) on top of the request's step interval, so the stream adds little besides the gRPC messages. Before the preview throttle, a preview every 2 steps meant 448 previews for these 32 images; that run measured 0.906x (same command, 2026-12-02). The 2 cores that the JPEGs, the messages and the denoise loop share are the cost.
 
 """
-    print(text)
-    if not args.no_write:
-        write_section("streaming", text)
+    publish("streaming", text, args)
 
 
 if __name__ == "__main__":

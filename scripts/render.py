@@ -10,8 +10,8 @@ are replaced, indented like the BEGIN line. Sources:
   edge/envoy.yaml, the error tables of README.md and edge/README.md (and, through
   scripts/openapi.py, the OpenAPI error responses);
 - the serving settings, t2i.settings (via t2i.cli_options): the `t2i serve` flag table of README.md;
-- the sampler and scheduler names (t2i.sampling.names) and the API key header (t2i.wire): the
-  playground's lists in edge/playground/playground.js.
+- the sampler and scheduler names (t2i.sampling.names), the API key header (t2i.wire) and the
+  request limits (t2i.validation): the playground's constants in edge/playground/playground.js.
 """
 
 from __future__ import annotations
@@ -151,12 +151,16 @@ def readme_price_table() -> list[str]:
 def playground_names() -> list[str]:
     import json
 
+    from t2i import validation
     from t2i.sampling.names import SAMPLER_NAMES, SCHEDULER_NAMES
 
+    limits = dict(promptChars=validation.MAX_PROMPT_CHARS, images=validation.MAX_IMAGES,
+                  cfgScale=validation.MAX_CFG_SCALE, sizeMultiple=validation.SIZE_MULTIPLE)
     return [
         f"const SAMPLERS = {json.dumps(list(SAMPLER_NAMES))};",
         f"const SCHEDULERS = {json.dumps(list(SCHEDULER_NAMES))};",
         f"const KEY_HEADER = {json.dumps(wire.API_KEY_HEADER)};",
+        f"const LIMITS = {json.dumps(limits)};",
     ]
 
 

@@ -6,13 +6,15 @@
 // EventSource cannot POST, so the stream is read with fetch() and parsed here.
 "use strict";
 
-// The sampler and scheduler names the API accepts, in the documented order, and the key header:
-// rendered by scripts/render.py from service/t2i/sampling/names.py and service/t2i/wire.py
+// The sampler and scheduler names the API accepts, in the documented order, the key header and
+// the request limits: rendered by scripts/render.py from service/t2i/sampling/names.py,
+// service/t2i/wire.py and service/t2i/validation.py
 // (`make render`; `make proto-check` fails when this block is stale).
 // BEGIN GENERATED: playground-names
 const SAMPLERS = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp"];
 const SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"];
 const KEY_HEADER = "x-illustrious-api-key";
+const LIMITS = {"promptChars": 3000, "images": 8, "cfgScale": 30.0, "sizeMultiple": 8};
 // END GENERATED: playground-names
 const DEFAULT_SAMPLER = "euler_ancestral";
 const DEFAULT_SCHEDULER = "karras";
@@ -139,7 +141,7 @@ function showLimits() {
   }
   $("steps").max = model.maxSteps;
   $("limits").textContent =
-    `Model ${model.id}: width and height multiples of 8 from ${model.minSize} to ${model.maxSize}, ` +
+    `Model ${model.id}: width and height multiples of ${LIMITS.sizeMultiple} from ${model.minSize} to ${model.maxSize}, ` +
     `1 to ${model.maxSteps} steps, seed -1 for a random one.` +
     (model.demo ? " The demo model has random weights: its images are noise." : "");
 }
@@ -322,6 +324,11 @@ function fill(select, names, chosen) {
 }
 
 function start() {
+  // The API's own limits (rendered above from t2i/validation.py) on the form's fields.
+  for (const id of ["prompt", "negative-prompt"]) $(id).maxLength = LIMITS.promptChars;
+  for (const id of ["width", "height"]) $(id).step = LIMITS.sizeMultiple;
+  $("cfg-scale").max = LIMITS.cfgScale;
+  $("num-images").max = LIMITS.images;
   fill($("sampler"), SAMPLERS, DEFAULT_SAMPLER);
   fill($("scheduler"), SCHEDULERS, DEFAULT_SCHEDULER);
   const key = $("api-key");

@@ -62,11 +62,11 @@ class ModelInfo:
     min_size: int
     max_size: int
     max_steps: int
+    max_pixels: int  # width x height (models/config.py: ModelSpec holds the defaults)
+    max_prompt_chunks: int
     demo: bool = False
     # Textual inversions a prompt can name as `embedding:NAME` on this model.
     embeddings: tuple[str, ...] = ()
-    max_pixels: int = 2880 * 2880  # width x height
-    max_prompt_chunks: int = 8
 
 
 @dataclass(frozen=True)

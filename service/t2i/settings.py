@@ -25,7 +25,10 @@ def setting(default, help: str, *, flag: str | None = None, env: str | None = ""
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = setting(8, "Images per UNet evaluation (a request of numImages N counts N; each image is two rows, cond and uncond).")
+    max_batch_size: int = setting(
+        8, "Images per UNet evaluation (a request of numImages N counts N; each image is two rows, cond and uncond); "
+        "with fair sharing, an API key with nothing running may join a full batch, up to twice this."
+    )
     admission_window_ms: float = setting(20.0, "How long an idle engine waits for companions of a first request.")
     max_queue: int = setting(64, "Waiting requests before RESOURCE_EXHAUSTED.")
     # OpenMP teams spinning against the gRPC and decode threads on a fully booked machine cost

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from .cost import PIXELS_PER_MEGAPIXEL
 from .domain import GenerateRequest, ModelInfo
 from .errors import InvalidArgument, MissingFields
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES
@@ -51,7 +52,7 @@ def validate(request: GenerateRequest, model: ModelInfo) -> None:
     if request.width * request.height > model.max_pixels:
         raise InvalidArgument(
             "width x height", f"{request.width}x{request.height}",
-            f"must be at most {model.max_pixels} pixels ({model.max_pixels / 2**20:.2f} megapixels) for model {model.id}",
+            f"must be at most {model.max_pixels} pixels ({model.max_pixels / PIXELS_PER_MEGAPIXEL:.2f} megapixels) for model {model.id}",
         )
     if not MIN_STEPS <= request.steps <= model.max_steps:
         raise InvalidArgument("steps", request.steps, f"must be {MIN_STEPS} to {model.max_steps}")

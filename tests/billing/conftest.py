@@ -21,7 +21,7 @@ instance_timeout_seconds: 2
 """
 
 # The demo model with a price multiplier of 9, so that a quick 256x256, 28-step euler request
-# costs what the documented 768x768 example costs on the standard model: ceil(9 * 1/16 * 28 / 6) = 3.
+# costs what the documented 768x768 example costs on the standard model: ceil(9 * 1/16 * (28 + 5) / 7) = 3.
 PRICE_MULTIPLIER = 9
 
 

@@ -31,6 +31,10 @@ def test_two_stage_samplers_cost_about_twice_per_step():
 def test_price_counts_evaluations_not_steps():
     assert evaluations(request(scheduler="ddim_uniform"), SDXL) == 29  # ddim_uniform gives 29 steps for 28
     assert price(request(scheduler="ddim_uniform", width=1024, height=1024), 1.0, SDXL, SETTINGS) == 5  # ceil(34 / 7)
+    # A multiplier that puts the two counts on either side of a whole stardust: 29 evaluations
+    # price ceil(1.05 * 34 / 7) = ceil(5.1) = 6, where 28 would price ceil(1.05 * 33 / 7) = 5.
+    assert price(request(scheduler="ddim_uniform", width=1024, height=1024), 1.05, SDXL, SETTINGS) == 6
+    assert price(request(width=1024, height=1024), 1.05, SDXL, SETTINGS) == 5
 
 
 def test_price_scales_with_pixels_chunks_images_and_model_multiplier():

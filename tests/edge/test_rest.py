@@ -156,6 +156,9 @@ def test_unknown_path_and_wrong_method(edge):
     assert_error_shape(edge.request("GET", "/v2/images"), 404, "NOT_FOUND", "no such endpoint")
     reply = edge.request("GET", "/text-to-image/generate")
     assert_error_shape(reply, 405, "UNIMPLEMENTED", "use POST")
+    stream = edge.request("GET", "/text-to-image/generate/stream")
+    assert_error_shape(stream, 405, "UNIMPLEMENTED", "use POST /text-to-image/generate/stream")
+    assert stream.headers["allow"] == "POST"
 
 
 def test_missing_unknown_and_revoked_keys(edge, ledger):

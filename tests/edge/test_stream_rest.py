@@ -8,6 +8,7 @@ import json
 import time
 
 from testbed.metrics import scrape, value
+from testbed.up import Reply
 
 from .test_rest import SMALL, assert_error_shape, headers
 
@@ -39,16 +40,19 @@ def read_events(response: http.client.HTTPResponse, stop=last):
 
 
 def test_events_arrive_while_the_image_is_made_and_end_with_the_unary_answer(edge, ledger):
-    body = {**SMALL, "width": 128, "height": 128, "steps": 30, "seed": 21, "previewEverySteps": 10}
+    body = {**SMALL, "width": 128, "height": 128, "steps": 30, "seed": 21, "previewEverySteps": 1}
     before = ledger.find_key(edge.demo_key).balance
     response = open_stream(edge, body, edge.demo_key)
     assert response.status == 200 and response.getheader("content-type") == "text/event-stream"
     events = read_events(response)
     kinds = [next(iter(e)) for _, e in events]
     assert kinds[:2] == ["queued", "started"] and kinds[-1] == "result", kinds
-    # Every 10th step, and at most one per 500 ms (preview_interval_ms): 1 to 3 previews.
+    # Asked for on every step, but at most one per 500 ms (preview_interval_ms): far fewer than 30,
+    # no more than the time the denoising took allows.
     preview_steps = [e["preview"]["step"] for _, e in events if "preview" in e]
-    assert 1 <= len(preview_steps) <= 3 and all(s % 10 == 0 for s in preview_steps) and "progress" in kinds
+    denoising = events[-1][0] - events[1][0]
+    assert 1 <= len(preview_steps) <= 1 + denoising / 0.5 and len(preview_steps) < 30, (preview_steps, denoising)
+    assert preview_steps == sorted(set(preview_steps)) and "progress" in kinds
     # Events come as they happen, not all at the end: the first long before the last.
     assert events[-1][0] - events[1][0] > 0.3, [round(t, 3) for t, _ in events]
     steps = [e["progress"]["step"] for _, e in events if "progress" in e]
@@ -64,9 +68,7 @@ def test_events_arrive_while_the_image_is_made_and_end_with_the_unary_answer(edg
 
 def test_errors_before_the_stream_starts_are_the_usual_json_error(edge):
     response = open_stream(edge, {**SMALL, "width": 7}, edge.demo_key)
-    body = response.read()
-    reply = type("Reply", (), {"status": response.status, "headers": {k.lower(): v for k, v in response.getheaders()},
-                               "json": lambda self: json.loads(body), "body": body})()
+    reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
     assert_error_shape(reply, 400, "INVALID_ARGUMENT", "invalid width 7")
     missing = open_stream(edge, SMALL, "ilx_not-a-key-000000000000000000000000")
     assert missing.status == 401 and json.loads(missing.read())["error"]["status"] == "UNAUTHENTICATED"

@@ -102,7 +102,10 @@ async def test_an_unattributed_loop_failure_fails_everything_then_the_loop_resta
     try:
         # Two run, two wait; then the loop breaks with all four in the engine.
         tasks = [asyncio.ensure_future(engine.generate(params(i, steps=40))) for i in range(4)]
-        await asyncio.sleep(0.5)
+        for _ in range(500):  # until the first two run
+            if len(engine.core.batcher.running) == 2:
+                break
+            await asyncio.sleep(0.02)
         assert len(engine.core.batcher.running) == 2 and len(engine.core.batcher.waiting) == 2
         faults.once = 1
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)

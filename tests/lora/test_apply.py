@@ -147,14 +147,33 @@ def test_stacks_beyond_their_byte_budget_are_not_kept(demo_model, loras, monkeyp
     kept = [stack.nbytes for m, (_, stack) in apply._stacks.items() if any(m is n for n in demo_model.unet.modules())]
     assert len(kept) > 2
     apply.remove_dispatchers(demo_model.unet)
-    assert apply._stack_bytes == sum(entry[1].nbytes for entry in apply._stacks.values())
-    budget = apply._stack_bytes + sum(sorted(kept)[:2])  # room for the two smallest stacks, not all
+    budget = apply.stack_bytes() + sum(sorted(kept)[:2])  # room for the two smallest stacks, not all
     monkeypatch.setattr(apply, "STACK_CACHE_BYTES", budget)
     with batched_loras(demo_model.unet, UNET, rows):
         out = run_unet(demo_model.unet, inputs)
     assert torch.equal(out, expected)  # a stack that is not kept still serves its forward
     assert 1 <= len([m for m in apply._stacks if any(m is n for n in demo_model.unet.modules())]) < len(kept)
-    assert apply._stack_bytes <= budget
+    assert apply.stack_bytes() <= budget
+
+
+def test_kept_stacks_do_not_keep_a_dropped_lora_alive(demo_model, index, tmp_path):
+    """The LoRA cache frees an evicted LoRA by dropping it: a stack kept for the next step must
+    not hold the LoRA's own layers (which hold their modules, the stack cache's keys)."""
+    import gc
+    import weakref
+
+    weights = [
+        register(tmp_path, index, f"small{i}", make_lora(demo_model, seed=10 + i, rank=2, naming=PEFT))[1]
+        for i in range(3)
+    ]
+    rows = unet_rows([[LoadedLora(w, 1.0, 1.0)] for w in weights])
+    with batched_loras(demo_model.unet, UNET, rows):
+        run_unet(demo_model.unet, unet_inputs(6))
+    assert any(len(layers) == 3 for layers, _ in apply._stacks.values())  # they were stacked
+    layer = weakref.ref(next(iter(weights[0].layers[UNET].values())))
+    del weights, rows
+    gc.collect()
+    assert layer() is None
 
 
 def test_nothing_is_applied_after_the_block(demo_model, loras):

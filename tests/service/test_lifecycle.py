@@ -99,6 +99,18 @@ def test_reflection_lists_the_services(server):
         assert descriptor.package == "illustrious.texttoimage.v1"
 
 
+def test_health_watch_streams_the_serving_status(server):
+    """Watch is a server stream of the health service (Kubernetes gRPC probes and load balancers
+    use it): the serving interceptors must leave it working, not only Check."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=wire.SERVICE), timeout=10)
+        first = next(stream)
+        stream.cancel()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_full_queue_answers_resource_exhausted_at_once(data_dir):
     with ServerProcess(data_dir, "--no-billing", "--max-batch-size", "1", "--max-queue", "1") as server:
         server.wait_serving()

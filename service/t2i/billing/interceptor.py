@@ -220,14 +220,18 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         try:
             yield Admitted(key, decision.headers(), task)
         finally:
-            current_tenant.reset(tenant)
             tasks = self._inflight.get(key.id, set())
             tasks.discard(task)
             if not tasks:
                 self._inflight.pop(key.id, None)
                 self._revoked.discard(key.id)
             self._slots.discard((key.id, slot))
-            await self.limiter.release_slot(key.id, slot)
+            try:
+                await self.limiter.release_slot(key.id, slot)
+            finally:
+                # Last: a stream dropped mid-write is closed by the loop in another context, where
+                # reset() raises; by then the slot is already given back.
+                current_tenant.reset(tenant)
 
     def _revocation(self, admitted: Admitted) -> PermissionDenied | None:
         """The error for a generation stopped because its key was revoked (None: the caller
@@ -247,7 +251,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         checked = self.catalog.check(params)
         self.catalog.admission_check()
         loaded = self.catalog.model(params.model_id)
-        chunks = checked.context_chunks if checked is not None else 1
+        chunks = checked.context_chunks
         cost = pricing.price(params, loaded.spec.price_multiplier, loaded.sigma_table, self.settings, chunks)
         claim = self._idempotency_claim(context, request)
         request_id = request_id_var.get()

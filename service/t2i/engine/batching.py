@@ -27,7 +27,7 @@ StepPlan that nobody changes afterwards:
    splits buckets by LoRA set as well: the one-adapter-set-per-batch policy of other servers,
    kept to measure against.)
 5. The forward evaluates every running request of that bucket (at most `max_batch_size`
-   samples), each at its own step, sigma, sampler, cfg scale and prompt length; a request
+   samples, or twice that after over-full joins, see 3), each at its own step, sigma, sampler, cfg scale and prompt length; a request
    that finishes or fails leaves the running set at once (`finish`).
 
 Fair shares (the Virtual Token Counter of Sheng et al., OSDI '24, in this engine's unit of
@@ -78,10 +78,11 @@ class Batcher:
 
     def add(self, request: EngineRequest) -> None:
         tenant = request.tenant
-        if not self._backlogged(tenant):
+        active = self._active_tenants()
+        if tenant not in active:
             # VTC's lift: a tenant coming back from idle starts at the least counter of the
             # backlogged ones (never below its own), so idleness banks no credit.
-            floor = min((self.counters.get(t, 0.0) for t in self._active_tenants()), default=None)
+            floor = min((self.counters.get(t, 0.0) for t in active), default=None)
             if floor is not None:
                 self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
             self.counters.setdefault(tenant, 0.0)
@@ -119,7 +120,9 @@ class Batcher:
         while self.waiting:
             request = self._next_waiting()
             if self.running and held + request.samples > self.max_batch_size:
-                request = next((r for r in self._by_priority() if self._joins_over_full(r, held)), None)
+                if not self.fair:
+                    break  # first come, first served: no over-full joins
+                request = next((r for r in self.queue_order() if self._joins_over_full(r, held)), None)
                 if request is None:
                     break
             self.waiting.remove(request)
@@ -161,11 +164,14 @@ class Batcher:
     def _joins_over_full(self, request: EngineRequest, held: int) -> bool:
         """A tenant with nothing running is never held behind another tenant's full batch: its
         request joins at once, over the batch size, up to twice it in all."""
-        if not self.fair or any(r.tenant == request.tenant for r in self.running):
+        if any(r.tenant == request.tenant for r in self.running):
             return False
         return held + request.samples <= 2 * self.max_batch_size
 
-    def _by_priority(self) -> list[EngineRequest]:
+    def queue_order(self) -> list[EngineRequest]:
+        """The waiting requests in the order admission takes them (queue positions follow it)."""
+        if not self.fair:
+            return list(self.waiting)
         return sorted(self.waiting, key=lambda r: self.counters.get(r.tenant, 0.0))  # stable: FIFO within ties
 
     def _turn(self, request: EngineRequest) -> tuple:
@@ -180,9 +186,6 @@ class Batcher:
 
     def _active_tenants(self) -> set[str]:
         return {r.tenant for r in self.waiting} | {r.tenant for r in self.running}
-
-    def _backlogged(self, tenant: str) -> bool:
-        return any(r.tenant == tenant for r in self.waiting) or any(r.tenant == tenant for r in self.running)
 
     def _forget_idle(self) -> None:
         active = self._active_tenants()

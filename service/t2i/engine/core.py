@@ -27,7 +27,7 @@ from .. import metrics
 from ..errors import InternalError, ServiceError
 from ..lora import text_encoder_wrapper
 from ..models.loader import LoadedModel
-from ..sampling import AncestralNoise, SamplingRun, compute_sigmas, initial_noise, latent_shape, starting_latent
+from ..sampling import AncestralNoise, SamplingRun, compute_sigmas, guide, initial_noise, latent_shape, starting_latent
 from .batching import Batcher, StepPlan
 from .denoise import evaluate, size_conditioning
 from .request import EngineRequest, RequestState
@@ -130,7 +130,7 @@ class EngineCore:
                 and now - request.last_preview >= self.preview_interval
             ):
                 # The guided prediction of the clean latent at this step: what a preview shows.
-                request.preview_latent = uncond + request.params.cfg_scale * (cond - uncond)
+                request.preview_latent = guide(cond, uncond, request.params.cfg_scale)
                 request.last_preview = now
             if request.run.done:
                 self.batcher.charge(request, request.decode_work)

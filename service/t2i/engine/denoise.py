@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..lora import UNET, LoadedLora, batched_loras, repeat_rows
+from ..lora import UNET, LoadedLora, batched_loras, unet_rows
 from ..models.loader import LoadedModel
 from .text import TextConditioning
 
@@ -66,10 +66,12 @@ def evaluate(model: LoadedModel, batch: Sequence[UNetInput]) -> list[tuple[Tenso
     dtype, device = model.dtype, model.device
     counts = [e.x.shape[0] for e in batch]
     x = torch.cat([e.x for e in batch for _ in (0, 1)])
-    sigmas = [e.sigma for e, n in zip(batch, counts) for _ in range(2 * n)]
-    sigma_column = torch.tensor(sigmas, dtype=x.dtype, device=device).view(-1, 1, 1, 1)
-    scale_in = torch.tensor([1.0 / math.sqrt(s * s + 1.0) for s in sigmas], dtype=x.dtype, device=device)
-    timesteps = torch.tensor([float(model.sigma_table.timestep(s)) for s in sigmas], device=device)
+    # Per input once (the timestep lookup searches the model's table), then one value per row.
+    rows = torch.tensor([2 * n for n in counts], device=device)
+    sigmas = [e.sigma for e in batch]
+    sigma_column = torch.tensor(sigmas, dtype=x.dtype, device=device).repeat_interleave(rows).view(-1, 1, 1, 1)
+    scale_in = torch.tensor([1.0 / math.sqrt(s * s + 1.0) for s in sigmas], dtype=x.dtype, device=device).repeat_interleave(rows)
+    timesteps = torch.tensor([float(model.sigma_table.timestep(s)) for s in sigmas], device=device).repeat_interleave(rows)
     context, mask = stack_contexts([c.context for e, n in zip(batch, counts) for c in (e.cond, e.uncond) for _ in range(n)])
     pooled = torch.cat([c.pooled.expand(n, -1) for e, n in zip(batch, counts) for c in (e.cond, e.uncond)])
     time_ids = torch.cat([e.time_ids.expand(2 * n, -1) for e, n in zip(batch, counts)])
@@ -77,8 +79,7 @@ def evaluate(model: LoadedModel, batch: Sequence[UNetInput]) -> list[tuple[Tenso
     # Each row's own LoRA deltas on top of one base forward for the whole batch (lora/apply.py).
     loras = nullcontext()
     if any(e.loras for e in batch):
-        rows = repeat_rows([[(l.weights, l.strength_model) for l in e.loras] for e in batch], [2 * n for n in counts])
-        loras = batched_loras(model.unet, UNET, rows)
+        loras = batched_loras(model.unet, UNET, unet_rows([e.loras for e in batch], [2 * n for n in counts]))
     with loras:
         eps = model.unet(
             (x * scale_in.view(-1, 1, 1, 1)).to(dtype),

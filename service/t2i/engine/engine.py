@@ -46,8 +46,7 @@ from .core import EngineCore, StepResult
 from .finishing import ImageFinisher
 from .request import EngineRequest, RequestState
 from .loras import load_loras, resolve_loras
-from .previews import latent_rgb
-from .text import PreparedPrompt, prepare_prompt
+from .text import PreparedPrompt, context_chunks, prepare_prompt
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class Checked:
     @property
     def context_chunks(self) -> int:
         """Chunks of the longer text context: what each evaluation attends to (t2i.cost)."""
-        return max(len(p.chunks[0]) for p in self.prompts)
+        return context_chunks(self.prompts)
 
 
 class AsyncEngine:
@@ -312,7 +311,6 @@ class AsyncEngine:
         now = time.monotonic()
         interval = self.config.progress_interval_ms / 1000
         for request in result.admitted:
-            request.started_at = now
             request.emit(Started(queue_seconds=request.times.queue_wait))
         for request in result.advanced:
             if request.events is None:
@@ -320,14 +318,13 @@ class AsyncEngine:
             run = request.run
             if run.done or now - request.last_reported >= interval:
                 request.last_reported = now
-                elapsed = now - (request.started_at or now)
+                elapsed = now - (request.arrival + request.times.queue_wait)  # since admission
                 remaining = elapsed / run.evaluations_done * (run.total_evaluations - run.evaluations_done)
                 request.emit(Progress(run.step, run.total_steps, run.evaluations_done, run.total_evaluations, elapsed, remaining))
             if request.preview_latent is not None:
-                pixels = latent_rgb(request.preview_latent)  # a 4x3 projection: cheap enough here
+                self.finisher.submit_preview(request, run.step, request.preview_latent)
                 request.preview_latent = None
-                self.finisher.submit_preview(request, run.step, pixels)
-        for ahead, request in enumerate(self.core.batcher.waiting):
+        for ahead, request in enumerate(self.core.batcher.queue_order()):
             if request.events is not None and ahead != request.reported_ahead and now - request.last_reported >= interval:
                 request.reported_ahead, request.last_reported = ahead, now
                 request.emit(Queued(position=ahead + 1, ahead=ahead))

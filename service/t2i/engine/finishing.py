@@ -26,7 +26,7 @@ from ..errors import InternalError, ServiceError
 from ..models.loader import LoadedModel
 from . import recipe
 from .imaging import decode_latents, encode_image
-from .previews import preview_jpeg
+from .previews import latent_rgb, preview_jpeg
 from .request import EngineRequest, RequestState
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,12 @@ class ImageFinisher:
                 log.exception("decode stage failed", extra={"request_id": request.request_id})
                 self._settle(request, RequestState.FAILED, error=InternalError(f"image decoding failed: {type(error).__name__}"))
 
-    def submit_preview(self, request: EngineRequest, step: int, pixels) -> None:
-        """JPEG-encode a preview off the denoise thread and send it to the request's caller."""
+    def submit_preview(self, request: EngineRequest, step: int, latent) -> None:
+        """Project `latent` (the step's guided x0) to RGB and JPEG-encode it off the denoise
+        thread (the copy to the CPU included), then send it to the request's caller."""
         def encode() -> None:
             try:
+                pixels = latent_rgb(latent)
                 jpeg = preview_jpeg(pixels)
             except Exception:
                 log.exception("preview encode failed", extra={"request_id": request.request_id})
@@ -156,10 +158,10 @@ class ImageFinisher:
         p = request.params
         started = time.perf_counter()
         try:
+            recipes = self._recipes(request, len(pixels)) if not p.omit_metadata else [None] * len(pixels)
             images = [
-                self.encode(image, p.image_format, quality=p.quality, compress_level=self._compress_level,
-                            text=None if p.omit_metadata else self._recipe(request, index))
-                for index, image in enumerate(pixels)
+                self.encode(image, p.image_format, quality=p.quality, compress_level=self._compress_level, text=text)
+                for image, text in zip(pixels, recipes)
             ]
         except Exception as error:
             log.exception("image encode failed", extra={"request_id": request.request_id})
@@ -170,13 +172,17 @@ class ImageFinisher:
         result = GenerateResult(images=images, seeds=[request.seed] * len(images), output_format=p.image_format)
         self._settle(request, RequestState.FINISHED, result=result)
 
-    def _recipe(self, request: EngineRequest, index: int) -> dict[str, str]:
+    def _recipes(self, request: EngineRequest, images: int) -> list[dict[str, str]]:
+        """Each image's text chunks: its own A1111 parameters (they name its batch position),
+        and the ComfyUI graph, which is the same for all of them."""
         model = self.models[request.params.model_id]
         lora_hashes = {lora.weights.name: lora.weights.sha256 for lora in request.loras}
-        return {
-            "parameters": recipe.parameters(request.params, request.seed, model.spec.path.stem, model.sha256, lora_hashes, index),
-            "prompt": recipe.comfyui_prompt(request.params, request.seed, model.spec.path.name),
-        }
+        graph = recipe.comfyui_prompt(request.params, request.seed, model.spec.path.name)
+        return [
+            {"parameters": recipe.parameters(request.params, request.seed, model.spec.path.stem, model.sha256, lora_hashes, index),
+             "prompt": graph}
+            for index in range(images)
+        ]
 
     @staticmethod
     def _log_finished(request: EngineRequest) -> None:

@@ -72,7 +72,3 @@ def encode_image(pixels: np.ndarray, image_format: str = "png", *, quality: int 
             exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + text["parameters"].encode("utf-16-be")
         image.save(buffer, format="WEBP" if image_format == "webp" else "JPEG", quality=quality, exif=exif.tobytes())
     return buffer.getvalue()
-
-
-def encode_png(pixels: np.ndarray, compress_level: int = 4) -> bytes:
-    return encode_image(pixels, "png", compress_level=compress_level)

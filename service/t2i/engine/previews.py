@@ -2,8 +2,9 @@
 
 A preview is the sampler's current prediction of the clean latent (the guided x0), projected
 linearly from SDXL's 4 latent channels to RGB with the standard SDXL latent-to-RGB factors, at
-1/8 of the image size; never a VAE decode. The projection (a 4x3 matmul per latent pixel) runs
-on the denoise thread; the JPEG encode runs on the finisher's encode pool.
+1/8 of the image size; never a VAE decode. The denoise thread only keeps the guided x0 of the
+step; the projection (a 4x3 matmul per latent pixel, after the copy to the CPU) and the JPEG
+encode run on the finisher's encode pool, where a failure loses the preview and nothing else.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from torch import Tensor
 
@@ -30,7 +31,7 @@ from ..domain import Event, GenerateRequest, GenerateResult, StageTimes
 from ..lora import LoadedLora, RequestLoras
 from ..sampling import SamplingRun
 from .denoise import UNetInput
-from .text import PreparedPrompt, TextConditioning
+from .text import PreparedPrompt, TextConditioning, context_chunks
 
 
 class RequestState(enum.Enum):
@@ -78,7 +79,6 @@ class EngineRequest:
     future: asyncio.Future | None = None
     # Streamed calls: called on the caller's loop with each event (engine.py throttles them).
     events: Callable[[Event], None] | None = None
-    started_at: float | None = None  # time.monotonic() at admission
     last_reported: float = 0.0  # when the last queued or progress event went out
     reported_ahead: int | None = None
     last_preview: float = float("-inf")  # when the last preview was taken (time.monotonic())
@@ -97,22 +97,24 @@ class EngineRequest:
         """Images this request makes: each is a cond and an uncond row in every forward."""
         return self.params.num_images
 
-    @property
+    # The work values (t2i.cost) follow from the request's settings and prompts, fixed at creation;
+    # cached, because the batcher charges evaluation_work for every request at every step.
+    @cached_property
     def context_chunks(self) -> int:
         """77-token chunks of the longer of its two text contexts (each UNet row attends to them)."""
-        return max(len(p.chunks[0]) for p in self.prompts) if self.prompts else 1
+        return context_chunks(self.prompts) if self.prompts else 1
 
-    @property
+    @cached_property
     def encode_work(self) -> float:
         chunks = sum(len(p.chunks[0]) for p in self.prompts) if self.prompts else 2
         return float(cost.encode_work(chunks))
 
-    @property
+    @cached_property
     def evaluation_work(self) -> float:
         p = self.params
         return float(cost.evaluation_work(p.width, p.height, self.context_chunks, self.samples))
 
-    @property
+    @cached_property
     def decode_work(self) -> float:
         return float(cost.decode_work(self.params.width, self.params.height, self.samples))
 

@@ -63,6 +63,11 @@ class PreparedPrompt:
         return not self.weighted and not self.embeddings
 
 
+def context_chunks(prompts: Sequence[PreparedPrompt]) -> int:
+    """77-token chunks of the longest of the prompts: the text context each UNet row attends to (t2i.cost)."""
+    return max(len(p.chunks[0]) for p in prompts)
+
+
 def prepare_prompt(model, text: str, field: str = "prompt", *, max_chunks: int | None = None) -> PreparedPrompt:
     """Parse and chunk `text` for `model` (a LoadedModel); InvalidArgument(field, ...) for a bad
     weight, an unknown or refused embedding, or more chunks than model.spec.max_prompt_chunks."""

@@ -107,9 +107,12 @@ class LoadedLora:
     strength_clip: float = 1.0
 
 
-def unet_rows(requests: Sequence[Sequence[LoadedLora]], rows_per_request: int = 2) -> list[list[Adapter]]:
-    """UNet rows in denoise.evaluate's order: each request's cond row, then its uncond row,
-    both with the request's LoRAs at strength_model."""
+def unet_rows(
+    requests: Sequence[Sequence[LoadedLora]], rows_per_request: int | Sequence[int] = 2
+) -> list[list[Adapter]]:
+    """UNet rows in denoise.evaluate's order: each request's cond rows, then its uncond rows
+    (`rows_per_request` in all, one count for all or one per request), all with the request's
+    LoRAs at strength_model."""
     return repeat_rows(
         [[(lora.weights, lora.strength_model) for lora in request] for request in requests], rows_per_request
     )
@@ -246,13 +249,15 @@ _by_module: weakref.WeakKeyDictionary[LoraWeights, dict[str, tuple[int, dict[nn.
     weakref.WeakKeyDictionary()
 )
 _generation = 0
-# module -> (the LoRA layers stacked, in order; their stack): the latest stack per module, so a
-# running batch's steps reuse it. The stacks are copies of LoRA factors outside the LoRA cache's
-# byte budget, so they have their own: past STACK_CACHE_BYTES a new stack serves its batch's
-# step only (built again the next step) and the kept ones stay until their module's LoRAs change.
+# module -> (weak references to the LoRA layers stacked, in order; their stack): the latest stack
+# per module, so a running batch's steps reuse it. The references are weak because a LayerLora
+# holds its module (the key) and the LoRA cache must be able to free an evicted LoRA. The stacks
+# are copies of LoRA factors outside the LoRA cache's byte budget, so they have their own: past
+# STACK_CACHE_BYTES a new stack serves its batch's step only (built again the next step).
 STACK_CACHE_BYTES = 256 * 2**20
-_stacks: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[LayerLora, ...], LayerLora]] = weakref.WeakKeyDictionary()
-_stack_bytes = 0
+_stacks: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[weakref.ref[LayerLora], ...], LayerLora]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @contextmanager
@@ -320,7 +325,7 @@ def remove_dispatchers(tree: nn.Module) -> int:
     plain forwards lose the idle hooks' cost (a few microseconds per patched layer). Call it
     between forwards: a forward running meanwhile would lose its deltas. The next
     `batched_loras` puts back what it needs."""
-    global _generation, _stack_bytes
+    global _generation
     removed = 0
     with _install_lock:
         for module in tree.modules():
@@ -328,9 +333,7 @@ def remove_dispatchers(tree: nn.Module) -> int:
             if dispatcher is not None:
                 dispatcher.handle.remove()
                 removed += 1
-            dropped = _stacks.pop(module, None)
-            if dropped is not None:
-                _stack_bytes -= dropped[1].nbytes
+            _stacks.pop(module, None)
         _generation += 1
     return removed
 
@@ -399,7 +402,7 @@ def _stack_of(module: nn.Module, entries: list[tuple[LayerLora, _Group]]) -> Lay
     """Every LoRA of a layer as one rank stack (the latest stack of the module, when its layers are the same)."""
     layers = tuple(layer for layer, _ in entries)
     cached = _stacks.get(module)
-    if cached is not None and len(cached[0]) == len(layers) and all(a is b for a, b in zip(cached[0], layers)):
+    if cached is not None and len(cached[0]) == len(layers) and all(ref() is layer for ref, layer in zip(cached[0], layers)):
         return cached[1]
     first = layers[0]
     stacked = LayerLora(
@@ -409,18 +412,16 @@ def _stack_of(module: nn.Module, entries: list[tuple[LayerLora, _Group]]) -> Lay
         padding=first.padding,
         dilation=first.dilation,
     )
-    global _stack_bytes
     with _install_lock:  # text encoders may run on other threads than the UNet
-        old = _stacks.pop(module, None)
-        if old is not None:
-            _stack_bytes -= old[1].nbytes
-        if _stack_bytes + stacked.nbytes > STACK_CACHE_BYTES:
-            # Count again: entries of modules that were since garbage-collected left the dictionary.
-            _stack_bytes = sum(entry[1].nbytes for entry in _stacks.values())
-        if _stack_bytes + stacked.nbytes <= STACK_CACHE_BYTES:
-            _stacks[module] = (layers, stacked)
-            _stack_bytes += stacked.nbytes
+        _stacks.pop(module, None)
+        if stack_bytes() + stacked.nbytes <= STACK_CACHE_BYTES:  # only on a miss, right after a cat
+            _stacks[module] = (tuple(weakref.ref(layer) for layer in layers), stacked)
     return stacked
+
+
+def stack_bytes() -> int:
+    """Bytes of the stacks kept between steps."""
+    return sum(stack.nbytes for _, stack in list(_stacks.values()))
 
 
 def _make_group(strengths: dict[int, float], batch: int, weights: LoraWeights) -> _Group:

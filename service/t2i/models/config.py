@@ -66,8 +66,8 @@ class ModelSpec(BaseModel):
 
     def info(self) -> ModelInfo:
         return ModelInfo(
-            self.id, self.name, self.min_size, self.max_size, self.max_steps, self.demo,
-            max_pixels=self.max_pixels or self.max_size**2, max_prompt_chunks=self.max_prompt_chunks,
+            id=self.id, name=self.name, min_size=self.min_size, max_size=self.max_size, max_steps=self.max_steps,
+            max_pixels=self.max_pixels or self.max_size**2, max_prompt_chunks=self.max_prompt_chunks, demo=self.demo,
         )
 
 

@@ -7,7 +7,7 @@ Pure PyTorch: no gRPC, no diffusers. The engine drives `SamplingRun`s; scripts a
 from .names import SAMPLER_NAMES, SCHEDULER_NAMES, UnknownNameError
 from .noise import AncestralNoise, initial_noise, latent_shape, resolve_seed, starting_latent
 from .run import SamplingRun
-from .samplers import count_evaluations
+from .samplers import count_evaluations, guide
 from .sampling import get_sigmas, sample
 from .schedulers import compute_sigmas
 from .sigma_table import SigmaTable, scaled_linear_betas
@@ -22,6 +22,7 @@ __all__ = [
     "compute_sigmas",
     "count_evaluations",
     "get_sigmas",
+    "guide",
     "initial_noise",
     "latent_shape",
     "resolve_seed",

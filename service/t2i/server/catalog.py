@@ -7,7 +7,7 @@ Shared by the servicer and by interceptors (billing prices requests per model) s
 from __future__ import annotations
 
 from ..domain import GenerateRequest
-from ..engine.engine import AsyncEngine
+from ..engine.engine import AsyncEngine, Checked
 from ..errors import Unavailable
 from ..models.loader import LoadedModel
 
@@ -34,7 +34,7 @@ class ModelCatalog:
         if refusal is not None:
             raise refusal
 
-    def check(self, request: GenerateRequest):
+    def check(self, request: GenerateRequest) -> Checked:
         """NotFound or InvalidArgument for a request the engine would refuse; else what the
         engine's check found (engine.Checked: its prompts' chunks, its LoRAs)."""
         return self.engine().check(request)

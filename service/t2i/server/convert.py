@@ -95,6 +95,7 @@ EVENTS = {
     Preview: ("preview", pb.PreviewEvent), GenerateResult: ("result", pb.GenerateImageResponse),
     Failed: ("error", pb.ErrorEvent),
 }
+_EVENT_CLASSES = {name: cls for cls, (name, _) in EVENTS.items()}
 
 
 def event_to_pb(event: Event) -> pb.GenerateImageEvent:
@@ -104,5 +105,4 @@ def event_to_pb(event: Event) -> pb.GenerateImageEvent:
 
 def event_from_pb(message: pb.GenerateImageEvent) -> Event:
     field = message.WhichOneof("event")
-    (cls,) = [cls for cls, (name, _) in EVENTS.items() if name == field]
-    return _from_pb(cls, getattr(message, field))
+    return _from_pb(_EVENT_CLASSES[field], getattr(message, field))

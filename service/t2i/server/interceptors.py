@@ -7,6 +7,7 @@ below (servicer, engine, billing interceptor) becomes its status code in one pla
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import time
@@ -126,7 +127,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(request, context)
 
             return wrap_unary(handler, unary)
-        if handler.unary_stream is not None:
+        # Server streams written as async generators (GenerateImageStream); others, such as the
+        # health service's Watch (a coroutine that calls context.write), pass through as they are.
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             async def stream(inner, request, context):
                 async with _Served(method, context):
                     async for message in inner(request, context):

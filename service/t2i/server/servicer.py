@@ -41,16 +41,14 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
             convert.request_from_pb(request), request_id=request_id_var.get(), deadline=_deadline(context),
             events=events.put_nowait, tenant=tenant.id, weight=tenant.weight,
         ))
+        # The engine hands every event to this loop before it settles the future, so the end
+        # marker the future leaves comes after the last event.
+        generation.add_done_callback(lambda _: events.put_nowait(None))
         sent = False
         try:
-            while not generation.done() or not events.empty():
-                waiting = asyncio.ensure_future(events.get())
-                await asyncio.wait({waiting, generation}, return_when=asyncio.FIRST_COMPLETED)
-                if waiting.done():
-                    sent = True
-                    yield convert.event_to_pb(waiting.result())
-                else:
-                    waiting.cancel()
+            while (event := await events.get()) is not None:
+                sent = True
+                yield convert.event_to_pb(event)
             try:
                 result = generation.result()
             except ServiceError as error:

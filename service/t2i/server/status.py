@@ -11,7 +11,7 @@ import grpc
 
 from .. import wire
 from ..domain import Failed
-from ..errors import kind_of
+from ..errors import http_status_of, kind_of
 
 
 def status_for(error: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -24,10 +24,9 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str,
 
 def failed_event(error: Exception) -> Failed:
     """The error event a stream ends with: the status and message the unary call would give."""
+    code, message, _ = status_for(error)
     kind = kind_of(error)
-    if kind is None:
-        return Failed(code=500, status="INTERNAL", message="internal error")
-    return Failed(code=kind.http, status=kind.status, message=str(error))
+    return Failed(code=kind.http if kind is not None else http_status_of(code.name), status=code.name, message=message)
 
 
 def _trailers(error: Exception) -> tuple[tuple[str, str], ...]:
