@@ -102,8 +102,8 @@ async def test_an_unattributed_loop_failure_fails_everything_then_the_loop_resta
     try:
         # Two run, two wait; then the loop breaks with all four in the engine.
         tasks = [asyncio.ensure_future(engine.generate(params(i, steps=40))) for i in range(4)]
-        for _ in range(500):  # until the first two run
-            if len(engine.core.batcher.running) == 2:
+        for _ in range(500):  # until two run and two wait
+            if len(engine.core.batcher.running) == 2 and len(engine.core.batcher.waiting) == 2:
                 break
             await asyncio.sleep(0.02)
         assert len(engine.core.batcher.running) == 2 and len(engine.core.batcher.waiting) == 2
