@@ -115,9 +115,20 @@ class Edge:
             time.sleep(0.2)
         raise TimeoutError("Envoy never saw the replicas healthy")
 
-    def upstreams(self, since: float = 0.0) -> Counter:
-        time.sleep(0.5)  # access log flush
-        counts: Counter = Counter()
+    def upstreams(self, since: float = 0.0, served: int = 0) -> Counter:
+        """201 answers per upstream among the access log entries that started at `since` (wall
+        time) or later, once the log holds at least `served` 201 answers in all: Envoy flushes it
+        every 0.5 s, so the test polls for what it knows was answered."""
+        deadline = time.monotonic() + 60  # only guards against a hang
+        while len(entries := self._served()) < served:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the access log holds {len(entries)} answers of {served}")
+            time.sleep(0.05)
+        return Counter(host for started, host in entries if started >= since)
+
+    def _served(self) -> list[tuple[float, str]]:
+        """(start time, whole seconds; upstream) of every 201 in the access log."""
+        served = []
         for line in self.log.read_text().splitlines():
             try:
                 entry = json.loads(line)
@@ -125,13 +136,22 @@ class Edge:
                 continue
             if entry.get("status") == "201" or entry.get("status") == 201:
                 started = calendar.timegm(time.strptime(entry["time"][:19], "%Y-%m-%dT%H:%M:%S"))
-                if started >= since:
-                    counts[str(entry.get("upstreamHost"))] += 1
-        return counts
+                served.append((started, str(entry.get("upstreamHost"))))
+        return served
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(30)
+
+
+def _load_until(condition, at_least: float, timeout: float = 120) -> None:
+    """Keep the load on for `at_least` seconds (the proof's window) and until `condition()`
+    holds; `timeout` more only guards against a hang."""
+    start = time.monotonic()
+    while time.monotonic() - start < at_least or not condition():
+        if time.monotonic() - start > at_least + timeout:
+            raise TimeoutError("the load never showed what this phase must")
+        time.sleep(0.05)
 
 
 def start_replica(data_dir: Path, folder: Path, name: str, port: int, pg: str, redis: str) -> ServerProcess:
@@ -169,66 +189,78 @@ def run_proof(folder: Path, clients: int = 6, spread_requests: int = 48, balance
             statuses = list(pool.map(lambda i: edge.post({**REQUEST, "seed": i}, key)[0], range(spread_requests)))
         if statuses.count(201) != spread_requests:
             report.problems.append(f"spread: {Counter(statuses)}")
-        report.per_replica = {host_name.get(h, h): c for h, c in edge.upstreams().items()}
+        served = statuses.count(201)  # 201 answers so far, which the access log must come to hold
+        report.per_replica = {host_name.get(h, h): c for h, c in edge.upstreams(served=served).items()}
 
         # 2. One balance.
         exact, exact_key = ledger.create_key("exact", balance_images, "unlimited")
         with ThreadPoolExecutor(3 * balance_images) as pool:
             statuses = list(pool.map(lambda i: edge.post({**REQUEST, "seed": i}, exact_key)[0], range(3 * balance_images)))
         report.balance_served, report.balance_refused = statuses.count(201), statuses.count(400)
+        served += report.balance_served
         report.balance_left = ledger.get_key(exact.id).balance
 
         # 3. One rate limit (burst 5, then 1 per minute, whichever replica answers).
         _, burst_key = ledger.create_key("burst", 1000, "burst5")
         statuses = [edge.post({**REQUEST, "seed": i}, burst_key)[0] for i in range(10)]
         report.rate_allowed, report.rate_refused = statuses.count(201), statuses.count(429)
+        served += report.rate_allowed
 
         # 4. Failover under load.
         stop = threading.Event()
-        outcomes: list[tuple[float, int, int]] = []  # (finished at, status, usage)
+        outcomes: list[tuple[float, float, int, int]] = []  # (started at, finished at, status, usage)
         lock = threading.Lock()
 
         def client(index: int) -> None:
             seed = 0
             while not stop.is_set():
                 seed += 1
+                started = time.monotonic()
                 try:
                     status, body = edge.post({**REQUEST, "seed": index * 10000 + seed}, key)
                 except OSError:
                     status, body = 0, {}
                 usage = int(body.get("stardustUsage", 0)) if status == 201 else 0
                 with lock:
-                    outcomes.append((time.monotonic(), status, usage))
+                    outcomes.append((started, time.monotonic(), status, usage))
+
+        def served_where(where) -> bool:
+            with lock:
+                return any(status == 201 and where(started, finished) for started, finished, status, _ in outcomes)
 
         before = ledger.usage(record.id)[2]
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         for t in threads:
             t.start()
-        time.sleep(failover_seconds / 2)
+        # Each half lasts failover_seconds / 2 and until it has shown what it must: images served
+        # before the kill, and by requests that started after it.
+        _load_until(lambda: served_where(lambda started, finished: True), failover_seconds / 2)
         kill_wall = time.time()
         killed_at = time.monotonic()
         replicas[0].process.send_signal(signal.SIGKILL)
         replicas[0].process.wait(30)
-        time.sleep(failover_seconds / 2)
+        _load_until(lambda: served_where(lambda started, finished: started > killed_at), failover_seconds / 2)
         stop.set()
         for t in threads:
             t.join()
-        settle = 1.0  # requests that were in flight on the killed replica end within this
-        for finished, status, usage in outcomes:
+        for started, finished, status, usage in outcomes:
             if finished < killed_at:
                 report.failover_before += status == 201
             elif status != 201:
                 report.failover_errors[status] += 1
-            if finished > killed_at + settle and status == 201:
+            # Started after the kill: only the survivor can have served it.
+            if started > killed_at and status == 201:
                 report.failover_after += 1
-        after = edge.upstreams(since=kill_wall + settle)
+        served += sum(status == 201 for _, _, status, _ in outcomes)
+        # Entries that started in a whole second at or after the kill started after it.
+        after = edge.upstreams(since=kill_wall, served=served)
         report.failover_after_by_replica = {host_name.get(h, h): c for h, c in after.items()}
 
         # Restart the killed replica: it releases what it left open.
         replicas[0] = start_replica(data_dir, folder / "restart", names[0], ports[0], pg, redis)
         report.released_on_restart = replicas[0].logged("billing ready")[0]["released_reservations"]
         report.open_after_restart = len(ledger.open_reservations())
-        report.delivered_usage = sum(usage for _, _, usage in outcomes)
+        report.delivered_usage = sum(usage for _, _, _, usage in outcomes)
         totals = ledger.usage(record.id)[2]
         report.charged = totals.get("commit", 0) - before.get("commit", 0)
         report.released = totals.get("release", 0) - before.get("release", 0)

@@ -14,18 +14,34 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from testbed.gate import FileGate
+
+
+ROOT = Path(__file__).resolve().parents[1]  # where `testbed` is importable from
+
 
 class ServerProcess:
-    """`python -m t2i serve` on free ports; its JSON log lines are collected in `logs`."""
+    """`python -m t2i serve` on free ports; its JSON log lines are collected in `logs`.
 
-    def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None, command: str = "serve") -> None:
+    With `gate` (a folder), the server runs through `python -m testbed.gated_serve` and every
+    UNet forward waits while `self.gate` (a testbed.gate.FileGate, open at start) is closed."""
+
+    def __init__(
+        self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None, command: str = "serve",
+        gate: Path | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
+        self.gate = FileGate(gate) if gate is not None else None
+        launcher = ["t2i"] if gate is None else ["testbed.gated_serve", str(gate)]
         args = [
-            sys.executable, "-m", "t2i", "--log-format", "json", command,
+            sys.executable, "-m", *launcher, "--log-format", "json", command,
             "--grpc-port", "0", "--metrics-port", "0", "--data-dir", str(data_dir), "--device", "cpu", *extra_args,
         ]
+        environment = {**os.environ, **(env or {})}
+        if gate is not None:
+            environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
         )
         self.logs: list[dict] = []
         self.raw: list[str] = []
@@ -85,6 +101,18 @@ class ServerProcess:
         with self._lock:
             return [entry for entry in self.logs if entry.get("msg") == msg]
 
+    def wait_logged(self, msg: str, count: int = 1, timeout: float = 60) -> list[dict]:
+        """Until `count` log lines with `msg` have arrived (each reaches this process a little
+        after the event); the timeout only guards against a hang."""
+        end = time.monotonic() + timeout
+        while len(entries := self.logged(msg)) < count:
+            if time.monotonic() > end:
+                raise TimeoutError(
+                    f"{msg!r} was logged {len(entries)} times, not {count}, within {timeout} s:\n{self.output()}"
+                )
+            time.sleep(0.02)
+        return entries
+
     def output(self) -> str:
         with self._lock:
             return "".join(self.raw[-80:])
@@ -95,6 +123,8 @@ class ServerProcess:
         return self.process.wait(timeout)
 
     def kill(self) -> None:
+        if self.gate is not None:
+            self.gate.open()  # a held forward must not keep a dying server busy
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(30)

@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.gate import FileGate
+from testbed.server import ROOT
+
 
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
@@ -37,21 +40,30 @@ class Reply:
 
 
 class UpProcess:
-    def __init__(self, models_from: Path, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    """`t2i up` on free ports. With `gate` (a folder), its service's UNet forwards wait while
+    `self.gate` (testbed.gate.FileGate, open at start) is closed (see testbed/gated_serve.py)."""
+
+    def __init__(
+        self, models_from: Path, data_dir: Path, *args: str, env: dict[str, str] | None = None, gate: Path | None = None
+    ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         if not (data_dir / "models").exists():
             shutil.copytree(Path(models_from) / "models", data_dir / "models")
         self.data_dir = data_dir
         self.http_port, self.grpc_port, self.metrics_port, self.admin_port = free_ports(4)
+        self.gate = FileGate(gate) if gate is not None else None
+        launcher = ["t2i"] if gate is None else ["testbed.gated_serve", str(gate)]
         command = [
-            sys.executable, "-m", "t2i", "--log-format", "json", "up", "--http-port", str(self.http_port),
+            sys.executable, "-m", *launcher, "--log-format", "json", "up", "--http-port", str(self.http_port),
             "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
             "--admin-port", str(self.admin_port), "--data-dir", str(data_dir), *args,
         ]
+        environment = {**os.environ, "T2I_DEVICE": "cpu", **(env or {})}
+        if gate is not None:
+            environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
         # Its own session, so that a Ctrl-C can be simulated for the whole process group.
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "T2I_DEVICE": "cpu", **(env or {})},
-            start_new_session=True,
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True,
         )
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -123,7 +135,20 @@ class UpProcess:
         os.killpg(self.process.pid, signal.SIGINT)
         return self.process.wait(timeout)
 
+    def wait_logged(self, msg: str, count: int = 1, timeout: float = 60) -> list[dict]:
+        """Until the service has logged `msg` `count` times; the timeout only guards against a hang."""
+        deadline = time.monotonic() + timeout
+        while len(entries := [e for e in self.service_log() if e.get("msg") == msg]) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{msg!r} was logged {len(entries)} times, not {count}, within {timeout} s:\n{self.output()}"
+                )
+            time.sleep(0.02)
+        return entries
+
     def kill(self) -> None:
+        if self.gate is not None:
+            self.gate.open()
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)

@@ -41,12 +41,15 @@ def write_configs(data_dir: Path, folder: Path, extra_config: str = "") -> tuple
 
 
 def start_billing_server(
-    data_dir: Path, folder: Path, database_url: str, *extra: str, extra_config: str = "", wait: bool = True
+    data_dir: Path, folder: Path, database_url: str, *extra: str, extra_config: str = "", wait: bool = True,
+    gate: bool = False,
 ) -> ServerProcess:
-    """The service on the demo model with BILLING_CONFIG (plus `extra_config` YAML lines)."""
+    """The service on the demo model with BILLING_CONFIG (plus `extra_config` YAML lines); with
+    `gate`, its UNet is behind `server.gate` (testbed/gate.py) for holding requests in flight."""
     models, billing = write_configs(data_dir, folder, extra_config)
     server = ServerProcess(
-        data_dir, "--models", str(models), "--billing-config", str(billing), "--database-url", database_url, *extra
+        data_dir, "--models", str(models), "--billing-config", str(billing), "--database-url", database_url, *extra,
+        gate=folder / "gate" if gate else None,
     )
     return server.wait_serving() if wait else server
 
@@ -58,7 +61,7 @@ def billing_db(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def billed_server(data_dir, billing_db, tmp_path_factory):
-    server = start_billing_server(data_dir, tmp_path_factory.mktemp("config"), billing_db)
+    server = start_billing_server(data_dir, tmp_path_factory.mktemp("config"), billing_db, gate=True)
     yield server
     server.kill()
 

@@ -23,6 +23,14 @@ SLOW_COST = price(
 )
 
 
+def wait_until(condition, timeout: float = 60) -> None:
+    """Poll until `condition()` holds; the timeout only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def ledger_for(database_url):
     dbs = []
@@ -64,15 +72,13 @@ def test_balance_for_k_images_serves_exactly_k_of_5k_concurrent_requests(data_di
 def test_killed_server_leaves_no_open_reservation_after_restart(data_dir, tmp_path, database_url, ledger_for):
     ledger = ledger_for()
     record, secret = ledger.create_key("victim", 100, "unlimited")
-    server = start_billing_server(data_dir, tmp_path / "a", database_url, "--instance-id", "replica-a")
+    server = start_billing_server(data_dir, tmp_path / "a", database_url, "--instance-id", "replica-a", gate=True)
     api = Api(server.target)
     done = api.generate(secret)  # one completed, charged image before the crash
     assert done.code is grpc.StatusCode.OK
+    server.gate.close()  # none of the four can finish before the kill
     futures = [api.generate_future(secret, width=256, height=256, steps=150, seed=i) for i in range(4)]
-    deadline = time.monotonic() + 30
-    while len(ledger.open_reservations()) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(ledger.open_reservations()) == 4, "the batch never started"
+    wait_until(lambda: len(ledger.open_reservations()) == 4)
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(30)
     assert all(f.exception(timeout=30) is not None for f in futures)
@@ -100,19 +106,21 @@ def test_a_dead_replica_is_swept_by_another_instance(data_dir, tmp_path, postgre
     ledger = Ledger(db)
     record, secret = ledger.create_key("victim", 50, "unlimited")
     common = ("--redis-url", redis_url)
-    dead = start_billing_server(data_dir, tmp_path / "dead", postgres_url, "--instance-id", "pod-1", *common)
+    dead = start_billing_server(data_dir, tmp_path / "dead", postgres_url, "--instance-id", "pod-1", *common, gate=True)
     api = Api(dead.target)
+    dead.gate.close()  # it cannot finish before the kill
     future = api.generate_future(secret, width=256, height=256, steps=150)
-    deadline = time.monotonic() + 30
-    while not ledger.open_reservations() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: ledger.open_reservations() != [])
     dead.process.send_signal(signal.SIGKILL)
     dead.process.wait(30)
     assert future.exception(timeout=30) is not None
-    time.sleep(2.5)
+    assert ledger.open_reservations() != []
     survivor = start_billing_server(data_dir, tmp_path / "new", postgres_url, "--instance-id", "pod-2", *common)
     try:
-        assert ledger.open_reservations() == []
+        # Released once pod-1's heartbeat is stale (2 s), by the survivor's start-up sweep or
+        # its periodic one, whichever comes after that: poll (the reservation's own time to
+        # live is 30 minutes, so only the sweep of a dead instance can do it).
+        wait_until(lambda: ledger.open_reservations() == [])
         assert ledger.get_key(record.id).balance == 50
         assert ledger.verify() == []
     finally:

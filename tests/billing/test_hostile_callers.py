@@ -116,27 +116,33 @@ def test_a_bad_request_id_breaks_nothing_for_anyone(data_dir, tmp_path, database
 
 def test_revoking_a_key_stops_its_queued_and_running_work_everywhere(data_dir, tmp_path):
     database = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    server = start_billing_server(data_dir, tmp_path, database, "--max-batch-size", "2")
+    server = start_billing_server(data_dir, tmp_path, database, "--max-batch-size", "2", gate=True)
     ledger = Ledger(open_database(database))
     try:
         record, key = ledger.create_key("revoked-soon", 10_000, "standard")
         _, bystander = ledger.create_key("bystander", 10_000, "standard")
         api = Api(server.target)
-        doomed = [api.generate_future(key, width=256, height=256, steps=60, seed=i) for i in range(4)]
-        other = api.generate_future(bystander, width=64, height=64, steps=20)
-        deadline = time.monotonic() + 30
-        while len(ledger.open_reservations()) < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(ledger.open_reservations()) == 5  # two running, three queued
-        revoked_at = time.monotonic()
-        ledger.revoke(record.id)  # as `t2i keys revoke` does, from another process
-        errors = [f.exception(timeout=30) for f in doomed]
-        stopped_after = time.monotonic() - revoked_at
+        with server.gate:  # nothing can finish: whatever ends the doomed requests is the revocation
+            # One running (held in its first forward), then three queued behind it, and the bystander.
+            doomed = [api.generate_future(key, width=256, height=256, steps=60, seed=0)]
+            server.gate.wait_held(rows=2)
+            doomed += [api.generate_future(key, width=256, height=256, steps=60, seed=i) for i in range(1, 4)]
+            other = api.generate_future(bystander, width=64, height=64, steps=20)
+            deadline = time.monotonic() + 60  # only guards against a hang
+            while len(ledger.open_reservations()) < 5:
+                assert time.monotonic() < deadline, ledger.open_reservations()
+                time.sleep(0.05)
+            ledger.revoke(record.id)  # as `t2i keys revoke` does, from another process
+            errors = [f.exception(timeout=60) for f in doomed]
+            # Stopped while the gate was still closed: by the revocation, not after their work.
+            assert server.gate.state()["held"] == 1
         assert all(e is not None and e.code() is grpc.StatusCode.PERMISSION_DENIED for e in errors), errors
         assert all("was revoked while this request was running; it was stopped and not charged" in e.details() for e in errors)
-        assert stopped_after < 5, stopped_after
         assert other.result(timeout=60).stardust_usage > 0  # the bystander is served
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60  # releases are queued, not awaited
+        while ledger.get_key(record.id).reserved:
+            assert time.monotonic() < deadline, ledger.get_key(record.id)
+            time.sleep(0.05)
         after = ledger.get_key(record.id)
         assert (after.balance, after.reserved) == (10_000, 0)
         assert api.list_models(key).code is grpc.StatusCode.PERMISSION_DENIED

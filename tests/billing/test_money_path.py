@@ -10,6 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
+
+from t2i import wire
 
 from t2i.billing.database import open_database
 from t2i.billing.group_commit import GroupCommitter
@@ -21,6 +24,14 @@ from testbed.backends import address_of, via
 from testbed.proxy import FaultyLink
 
 from .conftest import start_billing_server
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+    """Poll until `condition()` holds; the timeout only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -51,11 +62,21 @@ async def test_one_bad_op_in_a_shared_batch_fails_only_itself(ledger, database_u
     other, _ = ledger.create_key("other", 1000, "standard")
     victim = ledger.reserve(rich.id, 5, owner="i1")
     to_commit = [ledger.reserve(other.id, 2, owner="i1") for _ in range(5)]
+    # Knowing when the committer's thread has a batch in the database: what it submits after
+    # that waits for the next batch, all together.
+    in_database = threading.Event()
+    apply_batch = ledger.apply_batch
+
+    def spied(ops):
+        in_database.set()
+        return apply_batch(ops)
+
+    ledger.apply_batch = spied
     committer = GroupCommitter(ledger)
     try:
         held = HeldKey(ledger, rich.id)
         first = committer.submit(ReserveOp(rich.id, 1, "i1"))  # its batch waits behind the held row
-        await asyncio.sleep(0.3)
+        assert await asyncio.to_thread(in_database.wait, 60)
         # A commit naming a key that does not exist breaks the transaction it is in (its
         # UPDATE ... RETURNING finds no row); on PostgreSQL an over-long request id does too.
         bad = [committer.submit(CommitOp(Reservation(victim.id, "key_does_not_exist", 5)))]
@@ -78,8 +99,9 @@ async def test_one_bad_op_in_a_shared_batch_fails_only_itself(ledger, database_u
 
 def test_a_request_cancelled_at_any_moment_leaves_nothing_reserved(data_dir, tmp_path, database_url):
     """200 requests cancelled at random points (authentication, rate limit, reserve, denoise,
-    commit), and 20 whose deadline passes during the reserve: 1 s after the last answer
-    nothing is reserved, and only delivered images were charged."""
+    commit), and 20 whose deadline passes during the reserve: soon after the last answer (far
+    sooner than the reservations' 30-minute time to live) nothing is reserved, and only
+    delivered images were charged."""
     server = start_billing_server(data_dir, tmp_path, database_url)
     ledger = Ledger(open_database(database_url))
     try:
@@ -90,7 +112,7 @@ def test_a_request_cancelled_at_any_moment_leaves_nothing_reserved(data_dir, tmp
 
         def cancelled(delay: float) -> bool:
             future = api.generate_future(secret, seed=rng.randrange(1 << 30))
-            time.sleep(delay)
+            time.sleep(delay)  # a random moment to cancel at, not a wait for anything
             future.cancel()
             try:
                 return future.result(timeout=60).stardust_usage > 0
@@ -104,9 +126,10 @@ def test_a_request_cancelled_at_any_moment_leaves_nothing_reserved(data_dir, tmp
             delivered = sum(pool.map(cancelled, delays))
         for _ in range(20):  # grpc-timeout of 1 ms: the deadline passes inside the reserve
             assert api.generate(secret, timeout=0.001).code is grpc.StatusCode.DEADLINE_EXCEEDED
-        time.sleep(1.0)
+        # Releases are queued, not awaited: poll. The deadline only guards against a hang (the
+        # sweeper's time to live, 30 minutes, cannot be what empties them).
+        wait_until(lambda: ledger.open_reservations() == [] and ledger.get_key(record.id).reserved == 0)
         after = ledger.get_key(record.id)
-        assert ledger.open_reservations() == [] and after.reserved == 0
         _, _, totals = ledger.usage(record.id)
         assert after.balance == 100_000 - totals.get("commit", 0)
         # Each delivered image was charged; a request cancelled after its commit may be charged too.
@@ -134,14 +157,21 @@ def test_an_unreachable_ledger_is_unavailable_and_nothing_stays_open(data_dir, t
                 while not stop.is_set():
                     outcomes.append(api.generate(secret, seed=worker, steps=4))
 
+            def answered(code, since: int = 0) -> bool:
+                return any(o.code is code for o in outcomes[since:])
+
+            # Each phase lasts until it has shown what it must: served before the cut, refused
+            # during it, served again after it.
             with ThreadPoolExecutor(4) as pool:
                 for worker in range(4):
                     pool.submit(load, worker)
-                time.sleep(1.5)
+                wait_until(lambda: answered(grpc.StatusCode.OK))
                 link.cut("reset")
-                time.sleep(3.0)
+                cut_at = len(outcomes)
+                wait_until(lambda: answered(grpc.StatusCode.UNAVAILABLE, cut_at))
                 link.heal()
-                time.sleep(2.0)
+                healed_at = len(outcomes)
+                wait_until(lambda: answered(grpc.StatusCode.OK, healed_at))
                 stop.set()
             codes = {o.code for o in outcomes}
             assert grpc.StatusCode.OK in codes and grpc.StatusCode.UNAVAILABLE in codes, codes
@@ -151,10 +181,7 @@ def test_an_unreachable_ledger_is_unavailable_and_nothing_stays_open(data_dir, t
             assert not any("secret" in d or d == "internal error" for d in (o.details for o in outcomes))
             internal = [o.details for o in outcomes if o.code is grpc.StatusCode.INTERNAL]
             assert all("nothing was charged" in d for d in internal), internal
-            deadline = time.monotonic() + 15
-            while ledger.open_reservations() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert ledger.open_reservations() == []
+            wait_until(lambda: ledger.open_reservations() == [])
             _, _, totals = ledger.usage(record.id)
             delivered = sum(o.response.stardust_usage for o in outcomes if o.code is grpc.StatusCode.OK)
             assert totals.get("commit", 0) == delivered and ledger.get_key(record.id).balance == 10_000 - delivered
@@ -193,7 +220,7 @@ async def test_failed_releases_are_retried_until_they_succeed(postgres_url):
             assert isinstance(first.exception(timeout=30), Unavailable)
             assert committer.pending_releases == 1 and ledger.open_reservations() != []
             link.heal()
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 60  # only guards against a hang
             while ledger.open_reservations() and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             assert ledger.open_reservations() == [] and committer.pending_releases == 0
@@ -207,19 +234,20 @@ async def test_failed_releases_are_retried_until_they_succeed(postgres_url):
 
 def test_requests_refused_while_shutting_down_never_reserve(data_dir, tmp_path):
     database = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    server = start_billing_server(data_dir, tmp_path, database, "--grace-period", "60")
+    server = start_billing_server(data_dir, tmp_path, database, "--grace-period", "60", gate=True)
     ledger = Ledger(open_database(database))
     try:
         record, secret = ledger.create_key("late", 10_000, "unlimited")
         api = Api(server.target)
-        in_flight = api.generate_future(secret, width=256, height=256, steps=40)
-        deadline = time.monotonic() + 30
-        while not ledger.open_reservations() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        server.process.send_signal(15)
-        time.sleep(0.5)
-        refused = [api.generate(secret, seed=i) for i in range(20)]
-        assert {o.code for o in refused} == {grpc.StatusCode.UNAVAILABLE}, {o.details for o in refused}
+        with server.gate:  # in flight, held, for as long as the refusals take
+            in_flight = api.generate_future(secret, steps=40)
+            server.gate.wait_held(rows=2)
+            server.process.send_signal(15)
+            # Reported right before it stops admitting, on the loop that handles the calls below.
+            wait_until(lambda: server.health(wire.SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING)
+            refused = [api.generate(secret, seed=i) for i in range(20)]
+            assert {o.code for o in refused} == {grpc.StatusCode.UNAVAILABLE}, {o.details for o in refused}
+            assert not in_flight.done()
         assert in_flight.result(timeout=120).stardust_usage > 0
         _, entries, totals = ledger.usage(record.id, limit=100)
         assert [e["kind"] for e in reversed(entries)] == ["credit", "reserve", "commit"]  # nothing for the 20

@@ -1,5 +1,8 @@
 """Streams are billed exactly like unary calls: charged once, at the result event, which carries
-usage and balance; nothing charged for an error event, a disconnect or a revocation."""
+usage and balance; nothing charged for an error event, a disconnect or a revocation.
+
+Streams that must still be running are held at their first UNet forward by the server's gate
+(testbed/gate.py)."""
 
 import time
 
@@ -13,6 +16,14 @@ from testbed.metrics import scrape, value
 def stream(api: Api, key: str, **fields):
     request = pb.GenerateImageRequest(**{**TINY, **fields})
     return api.stub.GenerateImageStream(request, metadata=api.metadata(key), timeout=120)
+
+
+def wait_released(ledger, key_id: str, timeout: float = 60) -> None:
+    """Releases are queued, not awaited: poll; the timeout only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while ledger.get_key(key_id).reserved:
+        assert time.monotonic() < deadline, "the reservation was never released"
+        time.sleep(0.05)
 
 
 def test_a_stream_is_charged_once_with_usage_and_balance_in_its_result(billed_server, ledger):
@@ -52,16 +63,21 @@ def test_a_stream_refused_before_it_starts_is_a_status(billed_server, ledger):
 def test_a_client_that_disconnects_mid_stream_is_not_charged_and_the_work_stops(billed_server, ledger):
     record, key = ledger.create_key("leaver", 1000, "standard")
     api = Api(billed_server.target)
-    call = stream(api, key, width=256, height=256, steps=150)
-    for event in call:
-        if event.WhichOneof("event") == "progress":
-            break
-    before = value(scrape(billed_server.metrics_port), "t2i_unet_evaluations_total", model="1")
-    call.cancel()
-    time.sleep(1.0)  # the release is queued, and the engine drops the request at its next step
-    settled = value(scrape(billed_server.metrics_port), "t2i_unet_evaluations_total", model="1")
-    time.sleep(1.0)
-    assert value(scrape(billed_server.metrics_port), "t2i_unet_evaluations_total", model="1") == settled < before + 20
+    server, gate = billed_server, billed_server.gate
+    drops, cancels = len(server.logged("request dropped")), len(server.logged("request cancelled by the client"))
+    with gate:
+        call = stream(api, key, width=256, height=256, steps=150)
+        assert next(call).WhichOneof("event") == "queued"
+        gate.wait_held(rows=2)  # its first evaluation is in the UNet, held
+        passed, held_at = gate.state()["passed"], value(scrape(server.metrics_port), "t2i_unet_evaluations_total", model="1")
+        call.cancel()
+        server.wait_logged("request cancelled by the client", cancels + 1)  # the engine has the abort
+    # Open again: the held forward ends, and the request goes before its next one.
+    server.wait_logged("request dropped", drops + 1)
+    state = gate.state()
+    assert state["held"] == 0 and state["passed"] == passed + 1, state
+    assert value(scrape(server.metrics_port), "t2i_unet_evaluations_total", model="1") == held_at + 1
+    wait_released(ledger, record.id)
     after = ledger.get_key(record.id)
     assert (after.balance, after.reserved) == (1000, 0)
     assert ledger.verify() == []
@@ -85,16 +101,16 @@ def test_revoking_the_key_mid_stream_ends_it_with_an_error_event_and_no_charge(b
     record, key = ledger.create_key("revoked-mid-stream", 1000, "standard")
     api = Api(billed_server.target)
     kinds = []
-    for event in stream(api, key, width=256, height=256, steps=150):
-        kinds.append(event.WhichOneof("event"))
-        if kinds.count("progress") == 1:
-            ledger.revoke(record.id)
-        last = event
+    with billed_server.gate:  # held in its first forward until the revocation has ended the stream
+        for event in stream(api, key, width=256, height=256, steps=150):
+            kinds.append(event.WhichOneof("event"))
+            if kinds == ["queued"]:
+                billed_server.gate.wait_held(rows=2)
+                ledger.revoke(record.id)
+            last = event
     assert kinds[-1] == "error" and "result" not in kinds
     assert last.error.status == "PERMISSION_DENIED" and last.error.code == 403
     assert "was revoked while this request was running" in last.error.message
-    deadline = time.monotonic() + 10  # the release is queued, not awaited
-    while ledger.get_key(record.id).reserved and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_released(ledger, record.id)
     assert (ledger.get_key(record.id).balance, ledger.get_key(record.id).reserved) == (1000, 0)
     api.close()

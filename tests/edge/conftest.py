@@ -21,9 +21,10 @@ def billing_env(folder, config: str = BILLING_CONFIG) -> dict[str, str]:
 
 @pytest.fixture(scope="package")
 def edge(data_dir, tmp_path_factory):
-    """The service and real Envoy via `t2i up`, with billing and a demo key."""
+    """The service and real Envoy via `t2i up`, with billing and a demo key; its UNet is behind
+    `edge.gate` (testbed/gate.py, open unless a test closes it) for holding requests in flight."""
     folder = tmp_path_factory.mktemp("edge")
-    up = UpProcess(data_dir, folder / "data", env=billing_env(folder)).wait_ready()
+    up = UpProcess(data_dir, folder / "data", env=billing_env(folder), gate=folder / "gate").wait_ready()
     yield up
     up.kill()
 

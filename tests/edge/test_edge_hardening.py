@@ -123,7 +123,7 @@ def test_the_service_and_its_metrics_listen_on_loopback_only(edge):
 
 
 def test_sigterm_lets_in_flight_requests_finish_before_anything_stops(data_dir, tmp_path):
-    up = UpProcess(data_dir, tmp_path / "data", env=billing_env(tmp_path)).wait_ready()
+    up = UpProcess(data_dir, tmp_path / "data", env=billing_env(tmp_path), gate=tmp_path / "gate").wait_ready()
     try:
         body = {**SMALL, "width": 128, "height": 128, "steps": 30}
         replies: list = []
@@ -132,13 +132,15 @@ def test_sigterm_lets_in_flight_requests_finish_before_anything_stops(data_dir, 
             replies.append(up.request("POST", "/text-to-image/generate", {**body, "seed": seed}, headers(up.demo_key), timeout=300))
 
         threads = [threading.Thread(target=call, args=(seed,)) for seed in range(8)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 60
-        while value(scrape(up.metrics_port), "t2i_inflight_requests") < 8:
-            assert time.monotonic() < deadline, "the eight requests never reached the service"
-            time.sleep(0.05)
-        up.process.send_signal(signal.SIGTERM)  # to `t2i up` alone, as an orchestrator sends it
+        with up.gate:  # none can finish before the SIGTERM is being handled
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 60  # only guards against a hang
+            while value(scrape(up.metrics_port), "t2i_inflight_requests") < 8:
+                assert time.monotonic() < deadline, "the eight requests never reached the service"
+                time.sleep(0.05)
+            up.process.send_signal(signal.SIGTERM)  # to `t2i up` alone, as an orchestrator sends it
+            up.wait_logged("shutting down")  # the service drains: now let the work go on
         for thread in threads:
             thread.join(300)
         assert [r.status for r in replies] == [201] * 8, [r.body[:120] for r in replies]

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -242,17 +243,27 @@ def test_a_generation_shows_progress_previews_images_seeds_charge_and_balance(br
         fill(browser, element_id, value)
     assert browser.find_element("id", "previews").is_selected()
     before = ledger.find_key(edge.demo_key).balance
-    browser.find_element("id", "generate").click()
-
-    samples = []
-    while True:
-        state = browser.execute_script(STATE)
-        assert not state["error"], state["error"]
-        samples.append(state)
-        if state["images"] == 2:
-            break
-        assert len(samples) < 3000, samples[-1]  # about a minute
-        time.sleep(0.02)
+    # Progress and previews are throttled in wall-clock time: hold each of the first four UNet
+    # forwards 0.55 s (over the 500 ms preview interval), so that the page has progress at
+    # steps 1 to 4 and a preview to show however fast the machine computes them.
+    edge.gate.close()
+    pacer = threading.Thread(target=edge.gate.pace, args=(4, 0.55), daemon=True)
+    pacer.start()
+    try:
+        browser.find_element("id", "generate").click()
+        samples = []
+        deadline = time.monotonic() + 120  # only guards against a hang
+        while True:
+            state = browser.execute_script(STATE)
+            assert not state["error"], state["error"]
+            samples.append(state)
+            if state["images"] == 2:
+                break
+            assert time.monotonic() < deadline, samples[-1]
+            time.sleep(0.02)
+    finally:
+        edge.gate.open()
+        pacer.join(60)
 
     during = [s for s in samples if s["images"] == 0]
     values = [s["value"] for s in during]
@@ -327,13 +338,15 @@ def test_stop_ends_the_generation_and_nothing_is_charged(browser, edge, ledger):
     for element_id, value in (("width", 256), ("height", 256), ("steps", 150), ("num-images", 1)):
         fill(browser, element_id, value)
     before = ledger.find_key(edge.demo_key).balance
-    browser.find_element("id", "generate").click()
-    wait(browser, lambda d: d.execute_script(STATE)["value"] > 0, what="the first progress")
-    browser.find_element("id", "stop").click()
-    wait(browser, lambda d: (text(d, "status") or "").startswith("Stopped."), what="the stop")
+    with edge.gate:  # the generation is held in its first UNet forward until it was stopped
+        browser.find_element("id", "generate").click()
+        edge.gate.wait_held(rows=2)
+        wait(browser, lambda d: d.find_element("id", "stop").is_enabled(), what="the stop button")
+        browser.find_element("id", "stop").click()
+        wait(browser, lambda d: (text(d, "status") or "").startswith("Stopped."), what="the stop")
     assert browser.execute_script(STATE)["images"] == 0 and not browser.execute_script(STATE)["error"]
     assert browser.find_element("id", "generate").is_enabled() and not browser.find_element("id", "stop").is_enabled()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60  # the release is queued, not awaited; this only guards against a hang
     while ledger.find_key(edge.demo_key).reserved and time.monotonic() < deadline:
         time.sleep(0.05)
     after = ledger.find_key(edge.demo_key)

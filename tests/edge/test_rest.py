@@ -15,6 +15,16 @@ from t2i.edge.launcher import DOCUMENTED_EXAMPLE
 
 from ..lora.factory import KOHYA_SGM, make_lora
 
+
+def until(condition, what: str, timeout: float = 60):
+    """Poll until `condition()` is truthy; the timeout only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+    return result
+
+
 SMALL = {"modelId": 1, "prompt": "1girl", "negativePrompt": "", "width": 64, "height": 64, "steps": 2, "cfgScale": 5,
          "seed": 3, "samplerName": "euler", "scheduler": "normal"}
 
@@ -82,20 +92,23 @@ def test_both_negative_prompt_spellings_are_applied(edge, spelling):
 def test_request_id_is_kept_and_reaches_the_service_logs(edge):
     reply = edge.request("POST", "/text-to-image/generate", SMALL, headers(edge.demo_key, **{"x-request-id": "rest-test-req-1"}))
     assert reply.status == 201 and reply.headers["x-request-id"] == "rest-test-req-1"
-    generated = [e for e in edge.service_log() if e.get("msg") == "image generated" and e.get("request_id") == "rest-test-req-1"]
-    assert len(generated) == 1
+
+    def generated():
+        return [e for e in edge.service_log() if e.get("msg") == "image generated" and e.get("request_id") == "rest-test-req-1"]
+
+    until(generated, "the request id in the service log")  # the log reaches this process a little later
+    assert len(generated()) == 1
     fresh = edge.request("GET", "/model/list", headers=headers(edge.demo_key))
     assert len(fresh.headers["x-request-id"]) >= 16  # generated when the client sends none
 
 
 def test_api_key_never_reaches_the_access_log(edge):
+    earlier = len([e for e in edge.access_log() if e["path"] == "/model/list"])
     edge.request("GET", "/model/list", headers=headers(edge.demo_key))
     edge.request("GET", "/model/list", headers=headers("ilx_not-a-key-000000000000000000000000000"))
-    import time
-
-    time.sleep(1.0)  # Envoy flushes its access log every 0.5 s
+    # Envoy flushes its access log every 0.5 s: poll until both calls are in it.
+    until(lambda: len([e for e in edge.access_log() if e["path"] == "/model/list"]) >= earlier + 2, "the access log")
     log = edge.access_log()
-    assert any(entry["path"] == "/model/list" for entry in log)
     # Everything Envoy and the service logged (the start-up banner shows the demo key on purpose).
     text = json.dumps(log) + "".join(edge.stderr)
     assert edge.demo_key not in text and "ilx_not-a-key" not in text

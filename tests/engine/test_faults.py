@@ -11,6 +11,8 @@ from t2i.errors import InternalError, Unavailable
 from t2i.sampling import samplers
 from t2i.settings import EngineConfig
 
+from testbed.gate import Gate
+
 from ..support.faults import Faults, InjectedFault, faulty, with_faulty_unet
 
 SMALL = dict(model_id=1, prompt="1girl", negative_prompt="", height=64, width=64, steps=3, cfg_scale=5.0,
@@ -34,6 +36,14 @@ async def started(model, **config) -> tuple[AsyncEngine, Health]:
     health = Health(engine)
     engine.start()
     return engine, health
+
+
+async def until(condition, timeout: float = 60, what: str = "") -> None:
+    """Poll `condition()` on the loop; the timeout only guards against a hang."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.01)
 
 
 async def outcomes(engine: AsyncEngine, requests: list[GenerateRequest]) -> list:
@@ -100,20 +110,23 @@ async def test_an_unattributed_loop_failure_fails_everything_then_the_loop_resta
     schedule = engine.core.batcher.schedule
     monkeypatch.setattr(engine.core.batcher, "schedule", faulty(schedule, faults, "schedule"))
     try:
-        # Two run, two wait; then the loop breaks with all four in the engine.
-        tasks = [asyncio.ensure_future(engine.generate(params(i, steps=40))) for i in range(4)]
-        for _ in range(500):  # until two run and two wait
-            if len(engine.core.batcher.running) == 2 and len(engine.core.batcher.waiting) == 2:
-                break
-            await asyncio.sleep(0.02)
-        assert len(engine.core.batcher.running) == 2 and len(engine.core.batcher.waiting) == 2
-        faults.once = 1
+        # Two run, two wait; then the loop breaks with all four in the engine. The engine is
+        # stepped one forward at a time until then, and the fault is armed while a forward is
+        # held, so none can finish first.
+        batcher = engine.core.batcher
+        with Gate().on(demo_model.unet) as gate:
+            tasks = [asyncio.ensure_future(engine.generate(params(i, steps=40))) for i in range(4)]
+            while True:
+                # Held in a forward, the engine thread leaves the batcher alone: read it then.
+                counts = await asyncio.to_thread(gate.wait_for, lambda s: s["held"] == 1)
+                if len(batcher.running) == 2 and len(batcher.waiting) == 2:
+                    break
+                gate.let_through(1)
+                await asyncio.to_thread(gate.wait_for, lambda s, passed=counts["passed"]: s["passed"] > passed)
+            faults.once = 1
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)
         assert all(isinstance(r, InternalError) and "not charged" in str(r) for r in results), results
-        for _ in range(100):  # the restart is reported right after the answers went out
-            if len(health.events) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(health.events) == 2, what="the restart reported")  # right after the answers went out
         assert [serving for serving, _ in health.events] == [False, True]
         assert "InjectedFault" in health.events[0][1]
         served = await outcomes(engine, [params(9)])
@@ -130,8 +143,8 @@ async def test_repeated_loop_failures_make_the_engine_give_up(demo_model, monkey
         for seed in (1, 2):
             (result,) = await outcomes(engine, [params(seed)])
             assert isinstance(result, InternalError)
-        await asyncio.sleep(0.1)
-        assert engine.fatal.is_set() and "2 times" in engine.fatal_reason
+        await until(engine.fatal.is_set, what="the engine gave up")
+        assert "2 times" in engine.fatal_reason
         assert health.events[-1][0] is False
         with pytest.raises(Unavailable, match="engine failed"):
             await engine.generate(params(3))

@@ -9,6 +9,7 @@ checkpoint tests already validate against diffusers' own loader), never from t2i
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +76,17 @@ def make_lora(
     text_encoders: bool = True,
     locon_mid: bool = False,
     dtype: torch.dtype = torch.float32,
+    exact: bool = False,
 ) -> FakeLora:
     """A random LoRA over the chosen layers of `model` (a LoadedModel).
 
     `locon_mid` gives every conv with a kernel over 1x1 a CP-decomposed LoCon factor (down 1x1
     plus an r x r x kh x kw mid). Factor sizes make each layer's delta comparable to its weight,
-    so an unapplied or misplaced LoRA cannot pass for an applied one."""
+    so an unapplied or misplaced LoRA cannot pass for an applied one.
+
+    `exact` puts every factor on a coarse grid (see `on_grid`), so that however the code under
+    test prepares them in float32 (alpha / r into up, mid folded into down, up @ down) the
+    result is exact: a float64 comparison then sees float64 rounding only."""
     generator = torch.Generator().manual_seed(seed)
     lora = FakeLora(metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
     sgm = sgm_map(model.unet) if naming == KOHYA_SGM else {}
@@ -92,6 +98,9 @@ def make_lora(
             chosen += [(component, p, m) for p, m in targets(encoder).items() if ".layers." in p]
     for component, path, module in chosen:
         layer = _random_layer(component, path, module, rank, alpha, locon_mid, generator)
+        if exact:
+            layer.down, layer.up = on_grid(layer.down), on_grid(layer.up)
+            layer.mid = None if layer.mid is None else on_grid(layer.mid)
         lora.layers.append(layer)
         base = _key_base(component, path, naming, sgm)
         if naming == PEFT:
@@ -148,16 +157,33 @@ def _random_layer(component, path, module, rank, alpha, locon_mid, generator) ->
     return FakeLayer(component, path, down * boost, up * boost, mid, alpha)
 
 
+# 6-bit integers (times a power of two): float32's 24-bit significand holds exactly a factor
+# times a strength of up to 3 significant bits (9 bits), and mid folded into down, a sum of r
+# products of two factors (12 bits each, under 15 bits for r <= 8).
+GRID_LEVELS = 63
+
+
+def on_grid(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to integers times a power of two, at most GRID_LEVELS of them in size: still
+    random and full rank, exactly representable in float16, bfloat16 and float32, and so are
+    the ways the code under test prepares factors (above; alpha / r too, when it is a power of
+    two). Tests that rely on this use strengths with few significant bits (0.75, not 0.7)."""
+    step = 2.0 ** math.ceil(math.log2(t.abs().max().item() / GRID_LEVELS))
+    return torch.round(t / step) * step
+
+
 def merged_delta(layer: FakeLayer, weight_shape: torch.Size) -> torch.Tensor:
     """(alpha / r) * up @ down in the weight's shape, with a LoCon mid first combined with down
-    into one r x in x kh x kw factor: combined[o, i] = sum_j mid[o, j] * down[j, i] (docs/lora.md)."""
+    into one r x in x kh x kw factor: combined[o, i] = sum_j mid[o, j] * down[j, i] (docs/lora.md).
+    In float64, so that the oracle adds no float32 rounding of its own; callers cast."""
     rank = layer.down.shape[0]
     scale = layer.alpha / rank if layer.alpha is not None else 1.0
-    down = layer.down
+    down = layer.down.double()
     if layer.mid is not None:
         d = down.reshape(rank, -1)  # (r, in)
-        down = (layer.mid.permute(2, 3, 0, 1) @ d).permute(2, 3, 0, 1)  # (r, in, kh, kw)
-    return scale * (layer.up.reshape(layer.up.shape[0], rank) @ down.reshape(rank, -1)).reshape(weight_shape)
+        down = (layer.mid.double().permute(2, 3, 0, 1) @ d).permute(2, 3, 0, 1)  # (r, in, kh, kw)
+    up = layer.up.double().reshape(layer.up.shape[0], rank)
+    return scale * (up @ down.reshape(rank, -1)).reshape(weight_shape)
 
 
 def merged_copy(module: nn.Module, component: str, loras: list[tuple[FakeLora, float]]) -> nn.Module:

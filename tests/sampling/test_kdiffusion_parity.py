@@ -1,4 +1,5 @@
-"""k-diffusion as an independent oracle: same sigmas, same noise draws, float64, 1e-10 relative."""
+"""k-diffusion as an independent oracle: same sigmas, same noise draws, float64, within the
+rounding bound of elementwise float64 arithmetic (toy.sampler_tolerance)."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from t2i.sampling import SigmaTable, get_sigmas, sample
 from t2i.sampling.samplers import guide
 
 from .kdiffusion_oracle import load_kdiffusion_sampling
-from .toy import nonlinear_pair
+from .toy import nonlinear_pair, sampler_tolerance
 
 K = load_kdiffusion_sampling()
 TABLE = SigmaTable.sdxl()
@@ -22,8 +23,8 @@ ORACLE_SAMPLERS = {
 SEED = 1234
 
 
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
+def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
 
 
 def _run_oracle(name, x, sigmas, cfg_scale):
@@ -49,7 +50,7 @@ def test_samplers_match_kdiffusion(name, scheduler, steps, cfg_scale):
     oracle = _run_oracle(name, x.clone(), sigmas, cfg_scale)
     assert ours.dtype == torch.float64
     assert torch.isfinite(ours).all()
-    assert _relative_error(ours, oracle) < 1e-10
+    assert _difference(ours, oracle) <= sampler_tolerance(x, sigmas)
 
 
 def test_oracle_comparison_can_fail():
@@ -59,8 +60,9 @@ def test_oracle_comparison_can_fail():
     oracle = _run_oracle("euler_ancestral", x.clone(), sigmas, 6.0)
     other_seed = sample("euler_ancestral", nonlinear_pair, x.clone(), sigmas, cfg_scale=6.0, seed=SEED + 1)
     other_cfg = sample("euler", nonlinear_pair, x.clone(), sigmas, cfg_scale=6.5, seed=SEED)
-    assert _relative_error(other_seed, oracle) > 1e-3
-    assert _relative_error(other_cfg, _run_oracle("euler", x.clone(), sigmas, 6.0)) > 1e-4
+    tolerance = sampler_tolerance(x, sigmas)
+    assert _difference(other_seed, oracle) > 100 * tolerance
+    assert _difference(other_cfg, _run_oracle("euler", x.clone(), sigmas, 6.0)) > 100 * tolerance
 
 
 @pytest.mark.parametrize("steps", [1, 2, 10, 28, 150])
@@ -70,4 +72,6 @@ def test_karras_and_exponential_sigmas_match_kdiffusion(steps):
     for ours, oracle in ((get_sigmas("karras", steps), karras), (get_sigmas("exponential", steps), exponential)):
         assert ours.shape == oracle.shape
         assert ours.dtype == oracle.dtype == torch.float32
-        assert torch.allclose(ours.double(), oracle.double(), rtol=1e-10, atol=0)
+        # The same float32 formula in the same torch operations, elementwise: the same bits on
+        # any machine (a tolerance under float32's spacing would be equality anyway).
+        assert torch.equal(ours, oracle)

@@ -15,7 +15,7 @@ from t2i.sampling import (
 )
 from t2i.sampling.samplers import ancestral_split, guide
 
-from .toy import COND_MEAN, VARIANCE, exact_ode, gaussian_x0, nonlinear_pair, same_pair
+from .toy import COND_MEAN, VARIANCE, exact_ode, gaussian_x0, nonlinear_pair, same_pair, sampler_tolerance
 
 F64 = torch.float64
 DETERMINISTIC = ["euler", "euler_cfg_pp", "dpm_2"]
@@ -192,7 +192,7 @@ def test_cfg_pp_samplers_follow_the_spec_formulas(name, scheduler, steps, cfg_sc
     x = start(sigmas)
     ours = sample(name, float_sigma_pair, x.clone(), sigmas, cfg_scale=cfg_scale, seed=3)
     spec = SPEC_CFG_PP[name](float_sigma_pair, x.clone(), sigmas, cfg_scale, seed=3)
-    assert torch.allclose(ours, spec, rtol=1e-12, atol=1e-12)
+    assert (ours - spec).abs().max() <= sampler_tolerance(x, sigmas)
 
 
 def test_dpmpp_2s_ancestral_cfg_pp_mixes_first_denoised_with_midpoint_uncond():
@@ -222,8 +222,8 @@ def test_dpmpp_2s_ancestral_cfg_pp_mixes_first_denoised_with_midpoint_uncond():
 
     wrong = variant_with_first_uncond(float_sigma_pair, x.clone(), sigmas, 1.5, 9)
     right = spec_dpmpp_2s_ancestral_cfg_pp(float_sigma_pair, x.clone(), sigmas, 1.5, 9)
-    assert torch.allclose(ours, right, rtol=1e-12, atol=1e-12)
-    assert (ours - wrong).abs().max() > 1e-3
+    assert (ours - right).abs().max() <= sampler_tolerance(x, sigmas)
+    assert (ours - wrong).abs().max() > 1e-3 > 100 * sampler_tolerance(x, sigmas)
 
 
 @pytest.mark.parametrize("pp,plain", [("euler_cfg_pp", "euler"), ("euler_ancestral_cfg_pp", "euler_ancestral")])
@@ -233,11 +233,11 @@ def test_cfg_pp_reduces_to_the_plain_sampler_when_cond_equals_uncond(pp, plain, 
     x = start(sigmas)
     a = sample(pp, same_pair, x.clone(), sigmas, cfg_scale=1.7, seed=21)
     b = sample(plain, same_pair, x.clone(), sigmas, cfg_scale=1.7, seed=21)
-    assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert (a - b).abs().max() <= sampler_tolerance(x, sigmas)
     # ...and they genuinely differ once cond and uncond differ.
     c = sample(pp, nonlinear_pair, x.clone(), sigmas, cfg_scale=1.7, seed=21)
     d = sample(plain, nonlinear_pair, x.clone(), sigmas, cfg_scale=1.7, seed=21)
-    assert (c - d).abs().max() > 1e-3
+    assert (c - d).abs().max() > 1e-3 > 100 * sampler_tolerance(x, sigmas)
 
 
 def test_dpmpp_2s_ancestral_cfg_pp_does_not_reduce_because_of_u2():

@@ -11,6 +11,17 @@ from t2i.sampling import scaled_linear_betas
 TABLE = SigmaTable.sdxl()
 STEP_COUNTS = [1, 2, 3, 7, 10, 28, 38, 76, 150]
 
+EPS32 = torch.finfo(torch.float32).eps
+LOG_SIGMAS = TABLE.sigmas.double().log()
+MAX_LOG_SIGMA = LOG_SIGMAS.abs().max().item()  # |ln sigma| <= 3.6
+# Interpolating the table at t: float32 rounds t by up to eps * t, which moves ln sigma by the
+# table's slope there times that; the largest t * slope over the table.
+MAX_T_SLOPE = (torch.arange(1, 1000, dtype=torch.float64) * LOG_SIGMAS.diff().abs()).max().item()
+# float32 interpolation in log space against float64: the exponent carries four roundings of
+# values up to MAX_LOG_SIGMA (two logs, the weights, the sum), plus the rounding of t; exp adds
+# one ulp and the result's rounding half of one. As a relative error of sigma:
+INTERPOLATION_RTOL = EPS32 * (4 * MAX_LOG_SIGMA / 2 + MAX_T_SLOPE + 1.5)
+
 
 def test_sdxl_table_matches_the_documented_constants():
     assert TABLE.sigmas.dtype == torch.float32
@@ -68,14 +79,14 @@ def test_normal_interpolates_linspace_timesteps(steps):
     sigmas = get_sigmas("normal", steps)
     ts = np.linspace(999, 0, steps)
     expected = [_sigma_at(t) for t in ts]
-    np.testing.assert_allclose(sigmas[:-1].numpy(), expected, rtol=2e-6)
+    np.testing.assert_allclose(sigmas[:-1].numpy(), expected, rtol=INTERPOLATION_RTOL)
 
 
 @pytest.mark.parametrize("steps", [1, 5, 28])
 def test_sgm_uniform_drops_the_last_linspace_point(steps):
     sigmas = get_sigmas("sgm_uniform", steps)
     expected = [_sigma_at(999 - 999 * k / steps) for k in range(steps)]
-    np.testing.assert_allclose(sigmas[:-1].numpy(), expected, rtol=2e-6)
+    np.testing.assert_allclose(sigmas[:-1].numpy(), expected, rtol=INTERPOLATION_RTOL)
     # It never reaches the table's minimum, unlike normal.
     assert sigmas[-2] > TABLE.sigma_min * 2
 
@@ -129,10 +140,19 @@ def test_karras_and_exponential_follow_their_closed_forms():
     n = 28
     ramp = np.linspace(0, 1, n)
     rho = 7
-    karras = (TABLE.sigma_max ** (1 / rho) + ramp * (TABLE.sigma_min ** (1 / rho) - TABLE.sigma_max ** (1 / rho))) ** rho
-    np.testing.assert_allclose(get_sigmas("karras", n)[:-1].numpy(), karras, rtol=1e-5)
+    high, low = TABLE.sigma_max ** (1 / rho), TABLE.sigma_min ** (1 / rho)
+    karras = (high + ramp * (low - high)) ** rho
+    # float32 against float64: the base high + ramp * (low - high) carries six roundings (high,
+    # low, their difference, the ramp point, the product, the sum) of values up to `high` in a
+    # result of at least `low`: up to 6/2 * high/low eps relative; the power multiplies that by
+    # rho and adds one ulp, the final rounding another.
+    karras_rtol = EPS32 * (rho * 6 / 2 * high / low + 2)
+    np.testing.assert_allclose(get_sigmas("karras", n)[:-1].numpy(), karras, rtol=karras_rtol)
     exponential = np.exp(np.linspace(math.log(TABLE.sigma_max), math.log(TABLE.sigma_min), n))
-    np.testing.assert_allclose(get_sigmas("exponential", n)[:-1].numpy(), exponential, rtol=1e-5)
+    # The exponent: three roundings (the two end points, the linspace point) of values up to
+    # MAX_LOG_SIGMA; exp adds one ulp and the final rounding half of one.
+    exponential_rtol = EPS32 * (3 * MAX_LOG_SIGMA / 2 + 1.5)
+    np.testing.assert_allclose(get_sigmas("exponential", n)[:-1].numpy(), exponential, rtol=exponential_rtol)
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)

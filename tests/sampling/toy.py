@@ -42,3 +42,19 @@ def same_pair(x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
     """cond == uncond: guidance has no effect and the exact Gaussian ODE applies."""
     d = gaussian_x0(x, as_column(sigma, x), COND_MEAN)
     return d, d.clone()
+
+
+# Rounding operations in one sampler step on these toys, counted generously: the longest step
+# (dpmpp_2s_ancestral_cfg_pp) evaluates the pair twice (about 24 operations each: two Gaussian
+# x0s and two sin/cos terms) and updates x with about 20 more; twice that, for the rest.
+OPERATIONS_PER_STEP = 128
+
+
+def sampler_tolerance(x_start: torch.Tensor, sigmas: torch.Tensor) -> float:
+    """float64 rounding bound between two implementations of the same sampler on these toys:
+    elementwise arithmetic on values no larger than the starting latent (tests/support/tolerance.py)."""
+    from tests.support.tolerance import EPS64, elementwise_bound
+
+    steps = len(sigmas) - 1
+    return elementwise_bound(eps=EPS64, magnitude=x_start.abs().max().item(), operations=steps * OPERATIONS_PER_STEP)
+

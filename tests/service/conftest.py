@@ -6,9 +6,13 @@ from testbed.server import ServerProcess
 
 
 @pytest.fixture(scope="package")
-def server(data_dir):
-    """The service on the demo model, shared by the tests of this package."""
-    with ServerProcess(data_dir, "--no-billing", "--max-batch-size", "8", "--admission-window-ms", "20") as process:
+def server(data_dir, tmp_path_factory):
+    """The service on the demo model, shared by the tests of this package. Its UNet is behind
+    `server.gate` (testbed/gate.py, open unless a test closes it), for tests that must hold
+    requests in flight."""
+    gate = tmp_path_factory.mktemp("gate")
+    arguments = ("--no-billing", "--max-batch-size", "8", "--admission-window-ms", "20")
+    with ServerProcess(data_dir, *arguments, gate=gate) as process:
         process.wait_serving()
         yield process
 

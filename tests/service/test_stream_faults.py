@@ -36,9 +36,9 @@ async def test_a_failure_after_the_stream_started_is_an_error_event_and_free(dem
             assert events[0].WhichOneof("event") == "queued" and events[-1].WhichOneof("event") == "error"
             error = events[-1].error
             assert (error.code, error.status) == (500, "INTERNAL") and "image decoding failed" in error.message
-            for _ in range(50):  # the release is queued, not awaited
-                if billing.ledger.get_key(record.id).reserved == 0:
-                    break
+            deadline = asyncio.get_running_loop().time() + 60  # the release is queued, not awaited
+            while billing.ledger.get_key(record.id).reserved:
+                assert asyncio.get_running_loop().time() < deadline, "the reservation was never released"
                 await asyncio.sleep(0.05)
             assert billing.ledger.get_key(record.id).balance == 100
             # The same request again succeeds, and is charged once.
