@@ -6,6 +6,8 @@ PostgreSQL or Redis.
         ...
         link.cut("blackhole")   # packets vanish: calls hang until their timeouts
         link.cut("reset")       # connections are closed and new ones refused at once
+        link.cut("deaf")        # requests reach the server, its replies are lost
+        link.cut("deaf", after=b"EVALSHA")  # the same from the first request holding those bytes on
         link.heal()
 """
 
@@ -21,21 +23,25 @@ class FaultyLink:
         self.upstream = upstream
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
-        self._mode = "up"  # up, blackhole or reset
+        self._mode = "up"  # up, blackhole, deaf or reset
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._closed = False
+        self._deaf_after: bytes | None = None  # deaf only once a request held these bytes
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def cut(self, mode: str = "reset") -> None:
-        if mode not in ("blackhole", "reset"):
-            raise ValueError(f"mode must be blackhole or reset, got {mode!r}")
+    def cut(self, mode: str = "reset", after: bytes | None = None) -> None:
+        if mode not in ("blackhole", "deaf", "reset"):
+            raise ValueError(f"mode must be blackhole, deaf or reset, got {mode!r}")
+        if after is not None and mode != "deaf":
+            raise ValueError("only a deaf cut can wait for a request (after=...)")
         with self._lock:
-            self._mode = mode
+            self._deaf_after = after
+            self._mode = mode if after is None else "up"
             pairs = list(self._pairs) if mode == "reset" else []
             if mode == "reset":
                 self._pairs.clear()
@@ -44,7 +50,7 @@ class FaultyLink:
 
     def heal(self) -> None:
         with self._lock:
-            self._mode = "up"
+            self._mode, self._deaf_after = "up", None
 
     def close(self) -> None:
         self._closed = True
@@ -93,9 +99,13 @@ class FaultyLink:
                     data = sock.recv(65536)
                     if not data:
                         return
-                    if mode == "up":
+                    if sock is client and self._deaf_after is not None and self._deaf_after in data:
+                        with self._lock:  # the request goes through; from its answer on, nothing comes back
+                            self._mode, self._deaf_after, mode = "deaf", None, "deaf"
+                    if mode == "up" or (mode == "deaf" and sock is client):
                         peers[sock].sendall(data)
-                    # blackhole: read and drop, so nothing ever arrives
+                    # blackhole: read and drop both ways, so nothing ever arrives; deaf: the
+                    # server does what it is asked and its answers are dropped
         except (OSError, ValueError):  # a socket closed by cut() or close() under select()
             return
         finally:

@@ -208,7 +208,9 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         and let revocation find its task."""
         key, address = await self._authenticate(context)
         tier = self.settings.tiers.get(key.tier) or self.settings.tiers[self.settings.default_tier]
-        slot = request_id_var.get() or uuid.uuid4().hex
+        # The slot is named by the server, never after anything the caller sends: calls sharing one
+        # x-request-id must still take one slot each (a shared name would count them once).
+        slot = uuid.uuid4().hex
         decision = await self.limiter.admit(address, key.id, tier, slot)
         if not decision.allowed:
             metrics.RATE_LIMITED.labels(limit=decision.verdict.value).inc()

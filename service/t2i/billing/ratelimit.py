@@ -280,12 +280,20 @@ class RedisLimiter:
         self._renew = self.client.register_script(_RENEW)
         self._calls = _Coalescer(self.client)
         self._unreleased: set[tuple[str, str]] = set()  # releases that failed, retried by maintain()
+        self._releasing: set[asyncio.Task] = set()  # first tries of those releases, referenced until done
 
     async def admit(self, address: str, key_id: str, tier: Tier, slot: str) -> Decision:
         keys = [self.PREFIX + f"auth:{address}", self.PREFIX + f"rate:{key_id}", self.PREFIX + f"slots:{key_id}"]
         args = [*self._auth_params(), 60000.0 / tier.requests_per_minute, tier.burst, slot, tier.max_concurrent,
                 self._lease_ms()]
-        result = await self._guarded(lambda: self._calls.call(lambda p: self._admit(keys=keys, args=args, client=p)))
+        try:
+            result = await self._guarded(lambda: self._calls.call(lambda p: self._admit(keys=keys, args=args, client=p)))
+        except BaseException:
+            # Redis may have run the script, and taken the slot, before its answer was lost. The
+            # call will not run, so the slot goes now, or at the first maintain() that reaches
+            # Redis, instead of blocking the key until its lease ends.
+            self._release_later(key_id, slot)
+            raise
         limit = self.settings.auth_failure_burst if result and int(result[0]) == 1 else tier.burst
         return self._decision(result, limit)
 
@@ -295,6 +303,18 @@ class RedisLimiter:
         except Exception as error:  # retried by maintain(); the lease ends it anyway
             log.warning("could not release a concurrency slot; will retry", extra={"key_id": key_id, "error": str(error)[:200]})
             self._unreleased.add((key_id, slot))
+
+    def _release_later(self, key_id: str, slot: str) -> None:
+        self._unreleased.add((key_id, slot))  # maintain() retries it until Redis answers
+        task = asyncio.ensure_future(self._zrem(key_id, slot))
+        self._releasing.add(task)
+
+        def done(task: asyncio.Task) -> None:
+            self._releasing.discard(task)
+            if not task.cancelled() and task.exception() is None:
+                self._unreleased.discard((key_id, slot))
+
+        task.add_done_callback(done)
 
     async def _zrem(self, key_id: str, slot: str) -> None:
         await self._calls.call(lambda p: p.zrem(self.PREFIX + f"slots:{key_id}", slot))
