@@ -1,4 +1,4 @@
-"""Per-row LoRAs in one batched UNet forward: t2i.lora's hooks ("group" and "stack") against
+"""Per-row LoRAs in one batched UNet forward: t2i.lora's hooks ("each" and "stack") against
 PEFT's mixed-adapter batch, on the demo model's UNet.
 
     python -m benchmarks.lora_layers [--data-dir data] [--repeats 15] [--threads N] [--write]
@@ -6,7 +6,7 @@ PEFT's mixed-adapter batch, on the demo model's UNet.
 8 requests x 2 rows (cond, uncond) at 128x128 (latent 16x16), rank 32 LoRAs on every Linear and
 Conv2d of the UNet (134 layers), cases (a) no LoRA, (b) the same LoRA on every row, (c) 8
 different LoRAs, one per request. Median milliseconds per forward, the variants interleaved;
-(a) "hooks group" is the model with the idle hooks LoRAs leave behind, (a) "PEFT mixed" PEFT's
+(a) "hooks each" is the model with the idle hooks LoRAs leave behind, (a) "PEFT mixed" PEFT's
 model with every row `__base__`. The LoRAs go through the real path (a safetensors file,
 inspect_file, load_weights); PEFT gets the same factors, and its output is checked against ours
 before anything is timed. `--write` puts the table into docs/benchmarks.md (section
@@ -30,7 +30,7 @@ from torch import nn
 from t2i.lora import UNET, LayerIndex, batched_loras, inspect_file, load_weights
 
 REQUESTS, RANK, LATENT = 8, 32, 16
-COLUMNS = ("plain model", "hooks group", "hooks stack", "PEFT mixed")
+COLUMNS = ("plain model", "hooks each", "hooks stack", "PEFT mixed")
 
 
 def random_lora_file(unet: nn.Module, path: Path, seed: int) -> Path:
@@ -164,17 +164,17 @@ def main() -> None:
     runs = {
         ("(a) no LoRA", "plain model"): lambda: plain(**inputs).sample,
         # the same model after LoRAs ran on it: idle dispatchers on every patched layer
-        ("(a) no LoRA", "hooks group"): lambda: unet(**inputs).sample,
-        ("(b) same LoRA, all rows", "hooks group"): ours(same, "group"),
+        ("(a) no LoRA", "hooks each"): lambda: unet(**inputs).sample,
+        ("(b) same LoRA, all rows", "hooks each"): ours(same, "each"),
         ("(b) same LoRA, all rows", "hooks stack"): ours(same, "stack"),
-        ("(c) 8 LoRAs, one per request", "hooks group"): ours(different, "group"),
+        ("(c) 8 LoRAs, one per request", "hooks each"): ours(different, "each"),
         ("(c) 8 LoRAs, one per request", "hooks stack"): ours(different, "stack"),
     }
     peft = peft_unet(unet, weights)
     if peft is not None:
         names_c = [f"l{b // 2}" for b in range(rows)]
         with torch.inference_mode():
-            expected = ours(different, "group")()
+            expected = ours(different, "each")()
             got = peft_forward(peft, names_c, inputs)
         torch.testing.assert_close(
             got, expected, rtol=1e-3, atol=1e-3

@@ -187,12 +187,20 @@ class AsyncEngine:
             prompts=checked.prompts, loop=loop, future=loop.create_future(), events=events, tenant=tenant, weight=weight,
         )
         if checked.loras:
+            # Refused before any weights are pinned or read when it would be refused anyway.
+            refusal = self.admission_error()
+            if refusal is not None:
+                raise refusal
             # Loaded off the denoise thread; the request joins the engine once its LoRAs are on
             # the device, so a first use never stalls anyone else's steps.
             request.loras, request.lora_leases = await load_loras(self.model(params.model_id), checked.loras)
         with self._wakeup:
             refusal = self.admission_error()
             if refusal is not None:
+                # The queue filled (or shutdown began) while the LoRAs loaded: the request never
+                # enters the engine, so nothing would settle it; give its pins back here.
+                if request.lora_leases is not None:
+                    request.lora_leases.release()
                 raise refusal
             ahead = len(self._inbox) + len(self.core.batcher.waiting)
             if events is not None:

@@ -10,73 +10,51 @@ where the base layer has already run once for the whole batch. Rows are samples:
 each request has two (cond and uncond) that both get the request's LoRAs; in a CLIP encoder
 they are the prompt windows of each request (see `unet_rows` and `text_rows`).
 
-How rows are grouped ("group", the default). Per layer, the rows that use one LoRA file (the
-same LoraWeights object, whatever their strengths) form one group: its down factor runs once on
-those rows, the rank-r activations are scaled per row by the strengths (alpha / r is already in
-`up`), up runs, and the result is added back. Rows are taken and added through views when they
-are consecutive (a request's rows always are; the whole batch needs no gather at all), else by
-`index_select` / `index_add_`. Several LoRAs on one request are several groups containing that
-row: their deltas add, exactly like ComfyUI's merged sum. A row with no LoRA is in no group and
-costs nothing; a strength of 0 means the LoRA is absent.
+A row's arithmetic depends on its own LoRAs only. Rows are grouped by their LoRA *set* (the
+ordered list of (LoRA file, strength) a row uses, zero strengths dropped): rows with equal sets
+share each call, and everything a row's deltas go through (which factors, in which order,
+stacked or not) is decided from its set and the layer, never from what else is in the batch.
+Grouping by LoRA file across sets, or stacking every LoRA of the batch into one factor pair,
+would make a row's sums run over its batch-mates' ranks or in an order they decide, so the
+same request gave another image in another batch. (The base layers themselves are one matmul
+for the batch; CPU and GPU kernels may round a row differently at another batch size, which
+no per-row rule can change.) A request's rows are consecutive, so a set's rows are read and
+added through views; rows spread over the batch go through `index_select` / `index_add_`.
 
-Hooks. Each module some LoRA patches gets one forward hook (a dispatcher) the first time it is
-needed, and keeps it; entering `batched_loras` only records the batch's plan for the current
-thread, and the dispatcher applies the plans active on the thread that runs the forward.
-Registering the hooks per step instead (~800 on the full SDXL UNet, with 8 LoRAs) measured
-10 ms a step with the garbage collector frozen and 45 ms without, all Python; recording a plan
-takes ~0.1 ms. An idle dispatcher costs a few microseconds per call (torch's hook path):
-`remove_dispatchers` takes them off a model that will run without LoRAs for a while. A forward
-on another thread (say, a text encode without LoRAs) sees no plan at all.
+Strategies, per (layer, set) with several LoRAs on the layer:
+- "each" (the default): one down/up pair per LoRA, added in the set's order (a LoCon's mid
+  stays a separate conv, which is cheaper than its folded kernel);
+- "stack": the set's factors concatenated into one rank stack with the strengths folded into
+  `up`: one down/up pair per layer whatever the number of LoRAs, at the cost of a copy of the
+  factors per set (kept for the next steps, see below);
+- "auto": "stack" when the stacked factors hold at most STACK_SHARE of the base weight's
+  elements, else "each".
+A layer with one LoRA of the set runs one pair either way. On an SDXL-size UNet on a CPU the
+three are within run-to-run noise of each other (`benchmarks/lora_sdxl.py`, docs/benchmarks.md
+section "lora-sdxl"), so the default is the one that copies nothing; stacking saves kernel
+calls, which may pay on a GPU, where that has not been measured yet.
 
-"stack" concatenates, per layer, the down and up factors of every LoRA in the batch into one
-rank stack and masks it with a (rows x total rank) strength matrix: one down and one up per
-layer whatever the number of LoRAs, but every row pays for every LoRA's rank (LoCon mid is
-folded into down for it). The stack of a layer is kept for the next batch with the same LoRAs
-on it (one stack per module, the latest: consecutive steps of a running batch reuse it), and the
-mask is built once per batch for all layers that share it. With one LoRA on a layer both
-strategies run the same code.
+Hooks. Each module a resident LoRA patches gets one forward hook (a dispatcher), installed when
+a LoRA file's weights are first applied and removed when the last live LoRA patching the module
+is freed (the LoRA cache evicted it and no request holds it), so a model with no LoRA resident
+runs with no hooks at all. Entering `batched_loras` only records the batch's plan for the
+current thread; the dispatcher applies the plans active on the thread that runs the forward,
+so a forward on another thread (a text encode without LoRAs, say) sees none. Registering ~800
+hooks per step instead costs 10-45 ms on a CPU; an idle dispatcher costs a few microseconds.
 
-"auto" (the default) picks per layer: "stack" when the layer has several LoRAs and the stacked
-factors hold at most STACK_SHARE times the base weight's elements, else "group". Per row, both
-strategies cost FLOPs in proportion to the factors they run, so the rule bounds what "stack"
-can add at STACK_SHARE of the base layer's own work. It stacks where one pair of calls instead
-of one pair per LoRA is the larger saving, which is at small total ranks, where a "group" pass
-is mostly fixed cost per call. Rank 32 on the demo UNet's 32-64 channels stays grouped.
-Measured with benchmarks/lora.py (8 requests, 8 different LoRAs, images/s against no LoRA):
-rank 2 was 0.55x with share 0.25, 0.65x with 1.0 and 0.67x with everything stacked; rank 32 was
-0.45x, 0.45x and 0.21x. On SDXL, 5 rank-32 LoRAs on a 320-wide layer sit at the 1.0 mark;
-whether a GPU wants a larger or a smaller share is not measured.
-
-Measured on the demo UNet (benchmarks/lora_layers.py; CPU fp32 on this 2-core machine while
-other work ran on it, so read the ratios; 8 requests x 2 rows, latent 16x16, rank 32 on all
-134 Linear/Conv2d layers; median ms per forward with 2 torch threads / with 1):
-
-    case                            plain model   "group"      "stack"      PEFT mixed batch
-    (a) no LoRA                     58 / 72       56 / 74 *                 72 / 90 (all `__base__`)
-    (b) one LoRA on every row                     97 / 125     109 / 136    143 / 183
-    (c) 8 LoRAs, one per request                  174 / 191    286 / 380    292 / 307
-    * the model with the idle hooks that earlier LoRAs left on it
-
-At rank 32 "group" beats "stack" in (c) by 1.6-2x. The reason is that "stack" makes every row
-pay for every LoRA's rank, and that is why "auto" leaves such layers grouped. The table is from
-before stacks were kept between batches. Rank 32 is a large share of the demo UNet's 32-64
-channels; on SDXL's 320-1280 channels the LoRA share of a forward is much smaller.
-
-PEFT's mixed-adapter batch (`adapter_names=`, `LoraLayer._mixed_batch_forward`) is the same
-grouping idea, slower in every case above (its wrapped layers cost even rows without an
-adapter, and it gathers rows with Python lists), and it does not fit this service: it allows
-ONE adapter per row (stacking 2-5 LoRAs per request would need a merged adapter per
-combination); its scale is per adapter and global (`scaling[adapter]`, `set_scale`) while
-strengths here are per request (one file at 0.6 and at 1.0 in the same batch would need two
-copies); it has no LoCon `lora_mid`; and its adapters live inside the model's modules
-(injecting and deleting one mutates the shared model while other requests run), where here
-the weights stay outside the model and a batch's plan exists for one forward.
+Stacks are kept between steps (a running batch's next step reuses them) under their own byte
+budget, STACK_CACHE_BYTES, with a running count: a new stack evicts the least recently used
+stacks that the current forward does not use; when it still does not fit it serves this
+forward only. Stacks hold no reference to the LoRA layers they were built from (a LoRA the
+cache evicts is freed at once, and its stacks with it).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,10 +66,13 @@ from .keys import TEXT_ENCODERS, UNET
 from .weights import LayerLora, LoraWeights
 
 Adapter = tuple[LoraWeights, float]  # a LoRA file's weights and the strength one row uses it at
-STRATEGIES = ("auto", "group", "stack")
-# "auto": a layer's LoRAs are stacked when their factors hold at most this share of the base
-# weight's elements (the extra work "stack" can cost a row, against the layer's own).
+STRATEGIES = ("auto", "each", "stack")
+DEFAULT_STRATEGY = "each"  # measured: see the module docstring
+# "auto": a layer's LoRAs (of one set) are stacked when their factors hold at most this share of
+# the base weight's elements (the extra work a stack can cost, against the layer's own).
 STACK_SHARE = 1.0
+# Bytes of stacks kept between steps (copies of LoRA factors, outside the LoRA cache's budget).
+STACK_CACHE_BYTES = 256 * 2**20
 
 
 class LoraBatchError(RuntimeError):
@@ -150,24 +131,25 @@ def repeat_rows(per_item: Sequence[Sequence[Adapter]], counts: int | Sequence[in
     return [list(adapters) for adapters, count in zip(per_item, counts) for _ in range(count)]
 
 
+@dataclass(frozen=True)
+class ActiveLoras:
+    """What a `batched_loras` context applies (for logs, metrics and tests)."""
+
+    rows: int
+    component: str
+    layers: int  # patched layers
+    loras: int  # distinct LoRA files
+    sets: int  # distinct LoRA sets (rows with equal sets share every call)
+
+
 @dataclass(eq=False)
-class _Group:
-    """One LoRA file's rows in this batch and their strengths."""
+class _RowSet:
+    """Rows that use the same LoRAs at the same strengths, and those LoRAs by module."""
 
-    # Which rows: None for every row; a slice when they are consecutive (a request's rows
-    # always are), which reads and adds through views; else an index tensor.
+    # None for every row; a slice when they are consecutive (a request's rows always are), which
+    # reads and adds through views; else an index tensor.
     rows: slice | Tensor | None
-    strengths: Tensor | float  # per row (shape (n,)), or one value for all its rows
-    _views: dict[int, Tensor] = field(default_factory=dict)
-
-    def scale(self, ndim: int) -> Tensor | float:
-        """The strengths shaped to broadcast over rank activations with `ndim` dimensions."""
-        if isinstance(self.strengths, float):
-            return self.strengths
-        view = self._views.get(ndim)
-        if view is None:
-            view = self._views[ndim] = self.strengths.view(-1, *([1] * (ndim - 1)))
-        return view
+    adapters: tuple[tuple[dict[nn.Module, LayerLora], float], ...]  # (layers by module, strength), the set's order
 
     def gather(self, x: Tensor) -> Tensor:
         if self.rows is None:
@@ -176,93 +158,64 @@ class _Group:
             return x[self.rows]
         return x.index_select(0, self.rows)
 
-    def add_into(self, output: Tensor, delta: Tensor) -> Tensor:
+    def add_into(self, output: Tensor, delta: Tensor, alpha: float = 1.0) -> Tensor:
         if self.rows is None:
-            return output.add_(delta)
+            return output.add_(delta, alpha=alpha)
         if isinstance(self.rows, slice):
-            output[self.rows].add_(delta)
+            output[self.rows].add_(delta, alpha=alpha)
             return output
-        return output.index_add_(0, self.rows, delta)
-
-
-@dataclass
-class ActiveLoras:
-    """What a `batched_loras` context applies (for logs, metrics and tests)."""
-
-    rows: int
-    component: str
-    layers: int  # patched layers
-    groups: int  # distinct LoRA files
+        return output.index_add_(0, self.rows, delta, alpha=alpha)
 
 
 @dataclass(eq=False)
 class _Plan:
-    """One context's work: for each LoRA in the batch, its layers by module and its rows."""
+    """One context's work: its row sets, and what each module does for each of them (decided at
+    the module's first forward under this plan)."""
 
     component: str
     batch: int
     strategy: str
-    groups: list[tuple[dict[nn.Module, LayerLora], _Group]]
-    # What each module does in this plan, decided at its first forward: ("group", entries) or
-    # ("stack", stacked factors, mask); and the masks, shared by layers with the same entries.
-    routes: dict[nn.Module, tuple] = field(default_factory=dict)
-    masks: dict[tuple, Tensor] = field(default_factory=dict)
+    sets: list[_RowSet]
+    serial: int  # which forward this is, for the stack cache's recency
+    routes: dict[nn.Module, list[tuple[_RowSet, str, object]]] = field(default_factory=dict)
 
-    def route(self, module: nn.Module) -> tuple:
+    def route(self, module: nn.Module) -> list[tuple[_RowSet, str, object]]:
+        """[(row set, "one" | "each" | "stack", what to apply)] for the sets that patch `module`."""
         route = self.routes.get(module)
         if route is None:
-            entries = [(by_module[module], group) for by_module, group in self.groups if module in by_module]
-            stacked = len(entries) > 1 and (
-                self.strategy == "stack" or (self.strategy == "auto" and _stack_is_cheap(module, entries))
-            )
-            route = self.routes[module] = ("stack", _stack_of(module, entries), self._mask(entries)) if stacked else (
-                "group", entries
-            )
+            route = []
+            for row_set in self.sets:
+                entries = [(by_module[module], s) for by_module, s in row_set.adapters if module in by_module]
+                if not entries:
+                    continue
+                if len(entries) == 1:
+                    route.append((row_set, "one", entries[0]))
+                elif self.strategy == "stack" or (self.strategy == "auto" and _stack_is_cheap(module, entries)):
+                    route.append((row_set, "stack", _stacks.get(module, entries, self.serial)))
+                else:
+                    route.append((row_set, "each", entries))
+            self.routes[module] = route
         return route
-
-    def _mask(self, entries: list[tuple[LayerLora, _Group]]) -> Tensor:
-        """The (rows, total rank) strengths of a stack: column block k is LoRA k's rows."""
-        key = tuple((id(group), layer.rank) for layer, group in entries)
-        mask = self.masks.get(key)
-        if mask is None:
-            first = entries[0][0]
-            columns = []
-            for layer, group in entries:
-                column = torch.zeros(self.batch, dtype=first.down.dtype, device=first.down.device)
-                column[slice(None) if group.rows is None else group.rows] = group.strengths
-                columns.append(column.unsqueeze(1).expand(self.batch, layer.rank))
-            mask = self.masks[key] = torch.cat(columns, dim=1)
-        return mask
 
 
 # Per thread, the plans of the contexts it is inside: the dispatchers read them, so a forward on
 # another thread sees none.
 _local = threading.local()
-_install_lock = threading.Lock()
-# One dispatcher per patched module, installed the first time a LoRA needs the module and kept:
-# registering ~800 hooks per step on the full SDXL UNet (and the garbage their handles make)
-# costs 10-45 ms a step on a CPU, where an idle dispatcher costs a few microseconds a call.
+# Dispatchers are installed and removed under this lock (loads, requests and frees may come
+# from several threads); reentrant because a weakref callback may run inside it.
+_install_lock = threading.RLock()
 _dispatchers: weakref.WeakKeyDictionary[nn.Module, _Dispatcher] = weakref.WeakKeyDictionary()
-# LoraWeights -> component -> (dispatcher generation, {module: layer}), resolved once per weights
-# and again after remove_dispatchers (which starts a new generation).
-_by_module: weakref.WeakKeyDictionary[LoraWeights, dict[str, tuple[int, dict[nn.Module, LayerLora]]]] = (
+# LoraWeights -> component -> {module: layer}: resolved once per live weights object; while it
+# is in here, it counts as a user of each of those modules' dispatchers.
+_by_module: weakref.WeakKeyDictionary[LoraWeights, dict[str, dict[nn.Module, LayerLora]]] = (
     weakref.WeakKeyDictionary()
 )
-_generation = 0
-# module -> (weak references to the LoRA layers stacked, in order; their stack): the latest stack
-# per module, so a running batch's steps reuse it. The references are weak because a LayerLora
-# holds its module (the key) and the LoRA cache must be able to free an evicted LoRA. The stacks
-# are copies of LoRA factors outside the LoRA cache's byte budget, so they have their own: past
-# STACK_CACHE_BYTES a new stack serves its batch's step only (built again the next step).
-STACK_CACHE_BYTES = 256 * 2**20
-_stacks: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[weakref.ref[LayerLora], ...], LayerLora]] = (
-    weakref.WeakKeyDictionary()
-)
+_serials = itertools.count()
 
 
 @contextmanager
 def batched_loras(
-    tree: nn.Module, component: str, rows: Sequence[Sequence[Adapter]], *, strategy: str = "auto"
+    tree: nn.Module, component: str, rows: Sequence[Sequence[Adapter]], *, strategy: str = DEFAULT_STRATEGY
 ) -> Iterator[ActiveLoras]:
     """Apply each row's LoRAs during forwards of `tree` on this thread inside the block.
 
@@ -273,29 +226,43 @@ def batched_loras(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     batch = len(rows)
-    per_lora: dict[int, tuple[LoraWeights, dict[int, float]]] = {}
+    by_set: dict[tuple, list[int]] = {}
+    adapters_of: dict[tuple, list[tuple[LoraWeights, float]]] = {}
     for b, adapters in enumerate(rows):
+        strengths: dict[int, list] = {}  # id(weights) -> [weights, summed strength], in first-use order
         for weights, strength in adapters:
-            if not weights.layers.get(component):
-                continue
-            entry = per_lora.setdefault(id(weights), (weights, {}))[1]
-            entry[b] = entry.get(b, 0.0) + float(strength)
-    groups: list[tuple[dict[nn.Module, LayerLora], _Group]] = []
-    for weights, strengths in per_lora.values():
-        active = {b: s for b, s in strengths.items() if s != 0.0}  # strength 0: the LoRA is absent
-        if active:
-            groups.append((_layers_by_module(weights, component, tree), _make_group(active, batch, weights)))
-    if not groups:
-        yield ActiveLoras(batch, component, 0, 0)
+            if weights.layers.get(component):
+                strengths.setdefault(id(weights), [weights, 0.0])[1] += float(strength)
+        row_set = [(weights, s) for weights, s in strengths.values() if s != 0.0]  # strength 0: absent
+        if row_set:
+            key = tuple((id(weights), s) for weights, s in row_set)
+            by_set.setdefault(key, []).append(b)
+            adapters_of[key] = row_set
+    if not by_set:
+        yield ActiveLoras(batch, component, 0, 0, 0)
         return
-    plan = _Plan(component, batch, strategy, groups)
+    sets = [
+        _RowSet(_rows(members, batch, adapters_of[key][0][0].device),
+                tuple((_layers_by_module(weights, component, tree), s) for weights, s in adapters_of[key]))
+        for key, members in by_set.items()
+    ]
+    plan = _Plan(component, batch, strategy, sets, next(_serials))
     plans = _local.__dict__.setdefault("plans", [])
     plans.append(plan)
     try:
-        layers = len(set().union(*(by_module for by_module, _ in groups)))
-        yield ActiveLoras(batch, component, layers, len(groups))
+        patched = {id(by_module): by_module for row_set in sets for by_module, _ in row_set.adapters}
+        layers = len(set().union(*patched.values()))
+        yield ActiveLoras(batch, component, layers, len(patched), len(sets))
     finally:
         plans.remove(plan)
+
+
+def _rows(members: list[int], batch: int, device: torch.device) -> slice | Tensor | None:
+    if len(members) == batch:
+        return None
+    if members == list(range(members[0], members[-1] + 1)):
+        return slice(members[0], members[-1] + 1)
+    return torch.tensor(members, dtype=torch.long, device=device)
 
 
 def _layers_by_module(weights: LoraWeights, component: str, tree: nn.Module) -> dict[nn.Module, LayerLora]:
@@ -304,47 +271,58 @@ def _layers_by_module(weights: LoraWeights, component: str, tree: nn.Module) -> 
         raise ValueError(
             f"LoRA {weights.name!r}: its {component} layers were placed on another module tree than the one given"
         )
-    cached = _by_module.setdefault(weights, {})
-    generation, by_module = cached.get(component, (-1, {}))
-    if generation != _generation:
-        by_module = {}
-        with _install_lock:
+    resolved = _by_module.get(weights)
+    by_module = resolved.get(component) if resolved is not None else None
+    if by_module is not None:
+        return by_module
+    with _install_lock:
+        resolved = _by_module.get(weights)
+        if resolved is None:
+            resolved = _by_module[weights] = {}
+            # When the weights are freed, their modules lose a user (and, the last one, the hook).
+            weakref.finalize(weights, _release_modules, resolved)
+        if component not in resolved:
+            by_module = {}
             for path, layer in weights.layers[component].items():
                 module = layer.module if layer.module is not None else tree.get_submodule(path)
                 by_module[module] = layer
-                if module not in _dispatchers:
-                    _dispatchers[module] = _Dispatcher(module, path)
-            cached[component] = (_generation, by_module)
-    return by_module
+                dispatcher = _dispatchers.get(module)
+                if dispatcher is None:
+                    dispatcher = _dispatchers[module] = _Dispatcher(module, path)
+                dispatcher.users += 1
+            resolved[component] = by_module
+        return resolved[component]
 
 
-def remove_dispatchers(tree: nn.Module) -> int:
-    """Take the LoRA hooks off every module of `tree`; returns how many were removed.
-
-    For when no LoRA will run on the model for a while (say, the cache holds none), so that
-    plain forwards lose the idle hooks' cost (a few microseconds per patched layer). Call it
-    between forwards: a forward running meanwhile would lose its deltas. The next
-    `batched_loras` puts back what it needs."""
-    global _generation
-    removed = 0
+def _release_modules(resolved: dict[str, dict[nn.Module, LayerLora]]) -> None:
+    """A LoRA's weights were freed: each module it patched has one user less; the last takes the hook."""
     with _install_lock:
-        for module in tree.modules():
-            dispatcher = _dispatchers.pop(module, None)
-            if dispatcher is not None:
-                dispatcher.handle.remove()
-                removed += 1
-            _stacks.pop(module, None)
-        _generation += 1
-    return removed
+        for by_module in resolved.values():
+            for module in by_module:
+                dispatcher = _dispatchers.get(module)
+                if dispatcher is None:
+                    continue
+                dispatcher.users -= 1
+                if dispatcher.users <= 0:
+                    dispatcher.handle.remove()
+                    del _dispatchers[module]
+        resolved.clear()
+
+
+def hooked_modules(tree: nn.Module) -> int:
+    """How many modules of `tree` carry a LoRA dispatcher now (0 once no LoRA for it is alive)."""
+    with _install_lock:
+        return sum(1 for module in tree.modules() if module in _dispatchers)
 
 
 class _Dispatcher:
     """The forward hook of one patched module: adds the deltas of the plans active on this thread."""
 
-    __slots__ = ("handle", "path")
+    __slots__ = ("handle", "path", "users", "__weakref__")
 
     def __init__(self, module: nn.Module, path: str) -> None:
         self.path = path
+        self.users = 0  # live LoRA weights that patch the module
         self.handle = module.register_forward_hook(self)
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
@@ -354,32 +332,29 @@ class _Dispatcher:
         x = args[0]
         for plan in plans:
             route = plan.route(module)
-            if route[0] == "stack":
-                self._check(x, plan)
-                stacked, mask = route[1], route[2]
-                h = stacked.project_down(x.to(stacked.down.dtype))
-                # Rank activations are (rows, ..., R) for a Linear and (rows, R, H, W) for a conv.
-                h = h * (
-                    mask[:, :, None, None] if stacked.is_conv else mask.view(plan.batch, *([1] * (h.ndim - 2)), -1)
+            if route and x.shape[0] != plan.batch:
+                raise LoraBatchError(
+                    f"{plan.component} layer {self.path} got a batch of {x.shape[0]} rows but the LoRA rows given "
+                    f"were {plan.batch}; give one LoRA set per row of the batch the module sees"
                 )
-                output = output.add_(stacked.project_up(h).to(output.dtype))
-                continue
-            for layer, group in route[1]:
-                self._check(x, plan)
-                h = layer.project_down(group.gather(x).to(layer.down.dtype))
-                h = h * group.scale(h.ndim)
-                output = group.add_into(output, layer.project_up(h).to(output.dtype))
+            for row_set, kind, what in route:
+                xs = row_set.gather(x)
+                if kind == "stack":  # strengths are folded into the stack's up factor
+                    output = row_set.add_into(output, _delta(what, xs, output.dtype))
+                elif kind == "one":
+                    layer, strength = what
+                    output = row_set.add_into(output, _delta(layer, xs, output.dtype), strength)
+                else:
+                    for layer, strength in what:  # the set's order, whatever the batch holds
+                        output = row_set.add_into(output, _delta(layer, xs, output.dtype), strength)
         return output
 
-    def _check(self, x: Tensor, plan: _Plan) -> None:
-        if x.shape[0] != plan.batch:
-            raise LoraBatchError(
-                f"{plan.component} layer {self.path} got a batch of {x.shape[0]} rows but the LoRA rows given "
-                f"were {plan.batch}; give one LoRA set per row of the batch the module sees"
-            )
+
+def _delta(layer: LayerLora, x: Tensor, dtype: torch.dtype) -> Tensor:
+    return layer.project_up(layer.project_down(x.to(layer.down.dtype))).to(dtype)
 
 
-def _stack_is_cheap(module: nn.Module, entries: list[tuple[LayerLora, _Group]]) -> bool:
+def _stack_is_cheap(module: nn.Module, entries: list[tuple[LayerLora, float]]) -> bool:
     weight = getattr(module, "weight", None)
     if weight is None:
         return False
@@ -398,45 +373,88 @@ def _folded_down(layer: LayerLora) -> Tensor:
     return torch.einsum("ojhw,ji->oihw", layer.mid.float(), layer.down.float().flatten(1)).to(layer.down.dtype)
 
 
-def _stack_of(module: nn.Module, entries: list[tuple[LayerLora, _Group]]) -> LayerLora:
-    """Every LoRA of a layer as one rank stack (the latest stack of the module, when its layers are the same)."""
-    layers = tuple(layer for layer, _ in entries)
-    cached = _stacks.get(module)
-    if cached is not None and len(cached[0]) == len(layers) and all(ref() is layer for ref, layer in zip(cached[0], layers)):
-        return cached[1]
-    first = layers[0]
-    stacked = LayerLora(
-        down=torch.cat([_folded_down(layer) for layer in layers]),
-        up=torch.cat([layer.up for layer in layers], dim=1),
+def _build_stack(entries: list[tuple[LayerLora, float]]) -> LayerLora:
+    first = entries[0][0]
+    return LayerLora(
+        down=torch.cat([_folded_down(layer) for layer, _ in entries]),
+        # The set's strengths go into up: rows of one set share them, so the stack is the set's own.
+        up=torch.cat([(layer.up.float() * strength).to(layer.up.dtype) for layer, strength in entries], dim=1),
         stride=first.stride,
         padding=first.padding,
         dilation=first.dilation,
     )
-    with _install_lock:  # text encoders may run on other threads than the UNet
-        _stacks.pop(module, None)
-        if stack_bytes() + stacked.nbytes <= STACK_CACHE_BYTES:  # only on a miss, right after a cat
-            _stacks[module] = (tuple(weakref.ref(layer) for layer in layers), stacked)
-    return stacked
+
+
+class _StackCache:
+    """Stacks by (module, LoRA layers, strengths), least recently used first, under a byte budget.
+
+    Entries hold weak references to the layers (a LayerLora holds its module, and the LoRA cache
+    must be able to free an evicted LoRA); when one of them dies the entry goes with it."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple, tuple[LayerLora, int]] = OrderedDict()  # key -> (stack, last serial)
+        self._refs: dict[tuple, tuple[weakref.ref, ...]] = {}
+        self.bytes = 0
+        self._lock = threading.RLock()
+
+    def get(self, module: nn.Module, entries: list[tuple[LayerLora, float]], serial: int) -> LayerLora:
+        key = (id(module), *((id(layer), strength) for layer, strength in entries))
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None and all(ref() is layer for ref, (layer, _) in zip(self._refs[key], entries)):
+                self._entries[key] = (found[0], serial)
+                self._entries.move_to_end(key)
+                return found[0]
+            if found is not None:  # ids reused by new objects: a stale entry
+                self._drop(key)
+        stack = _build_stack(entries)
+        with self._lock:
+            self._make_room(stack.nbytes, serial)
+            if self.bytes + stack.nbytes <= STACK_CACHE_BYTES:
+                self._entries[key] = (stack, serial)
+                self._refs[key] = tuple(weakref.ref(layer, lambda _, key=key: self._dead(key)) for layer, _ in entries)
+                self.bytes += stack.nbytes
+        return stack
+
+    def _make_room(self, nbytes: int, serial: int) -> None:
+        """Evict least recently used stacks that this forward does not use until `nbytes` fit."""
+        for key in list(self._entries):
+            if self.bytes + nbytes <= STACK_CACHE_BYTES:
+                return
+            if self._entries[key][1] != serial:
+                self._drop(key)
+
+    def _dead(self, key: tuple) -> None:
+        with self._lock:
+            if key in self._entries:
+                self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
+        stack, _ = self._entries.pop(key)
+        self._refs.pop(key, None)
+        self.bytes -= stack.nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def of(self, module: nn.Module) -> list[LayerLora]:
+        """The stacks kept for `module` (for tests and debugging)."""
+        with self._lock:
+            return [stack for key, (stack, _) in self._entries.items() if key[0] == id(module)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._refs.clear()
+            self.bytes = 0
+
+
+_stacks = _StackCache()
 
 
 def stack_bytes() -> int:
     """Bytes of the stacks kept between steps."""
-    return sum(stack.nbytes for _, stack in list(_stacks.values()))
-
-
-def _make_group(strengths: dict[int, float], batch: int, weights: LoraWeights) -> _Group:
-    order = sorted(strengths)
-    values = [strengths[b] for b in order]
-    rows: slice | Tensor | None
-    if order == list(range(batch)):
-        rows = None
-    elif order == list(range(order[0], order[-1] + 1)):
-        rows = slice(order[0], order[-1] + 1)
-    else:
-        rows = torch.tensor(order, dtype=torch.long, device=weights.device)
-    if all(v == values[0] for v in values):
-        return _Group(rows, values[0])
-    return _Group(rows, torch.tensor(values, dtype=weights.dtype, device=weights.device))
+    return _stacks.bytes
 
 
 __all__ = [
@@ -448,8 +466,9 @@ __all__ = [
     "LoadedLora",
     "LoraBatchError",
     "batched_loras",
-    "remove_dispatchers",
+    "hooked_modules",
     "repeat_rows",
+    "stack_bytes",
     "text_encoder_wrapper",
     "text_rows",
     "unet_rows",

@@ -196,7 +196,7 @@ class LoraCache:
 
     # ---------------------------------------------------------------- budget
 
-    def _make_room(self, nbytes: int, for_name: str) -> None:
+    def _make_room(self, nbytes: int, for_name: str, warn: bool = True) -> None:
         """Evict unpinned, loaded entries, least recent first, until `nbytes` more fit."""
         for key in list(self._entries):
             if self._bytes + nbytes <= self.budget_bytes:
@@ -208,7 +208,8 @@ class LoraCache:
             self._bytes -= entry.nbytes
             metrics.LORA_CACHE_EVICTIONS.labels(self._label).inc()
             log.info("evicted a LoRA from the device", extra={"lora": entry.info.name, "bytes": entry.nbytes})
-        if self._bytes + nbytes > self.budget_bytes:
+        self._publish_bytes()
+        if warn and self._bytes + nbytes > self.budget_bytes:
             log.warning(
                 "LoRA cache over budget: every resident LoRA is in use",
                 extra={"lora": for_name, "bytes": self._bytes + nbytes, "budget_bytes": self.budget_bytes},
@@ -217,6 +218,10 @@ class LoraCache:
     def _unpin(self, entry: _Entry) -> None:
         with self._lock:
             entry.pins -= 1
+            if self._bytes > self.budget_bytes:
+                # Over budget because everything was pinned when a load went ahead: back under it
+                # as soon as pins allow, rather than at the next load.
+                self._make_room(0, entry.info.name, warn=False)
 
     def _publish_bytes(self) -> None:
         metrics.LORA_CACHE_BYTES.labels(self._label).set(self._bytes)
