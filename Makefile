@@ -56,10 +56,12 @@ render: install
 proto-check: install
 	PY=$(PY) BUF=$(BUF) scripts/proto.sh check
 
-# Serving benchmark: the service vs a dynamic-batching peer vs a naive peer (diffusers), homogeneous and
-# mixed workloads, open loop at three loads, plus raw engine vs service; writes docs/benchmarks.md
-# ("serving"). About 14 to 17 minutes on 2 cores.
+# Serving benchmark: first the engine's own cost outside the UNet (the loop per step with a no-op
+# UNet at batch 1 and 8, and per request against diffusers' pipeline; "loop"), then the service vs a
+# dynamic-batching peer vs a naive peer (diffusers), homogeneous and mixed workloads, open loop at
+# three loads, plus raw engine vs service ("serving"). About 15 to 18 minutes on 2 cores.
 bench: install
+	$(PY) -m benchmarks.loop_cost
 	$(PY) -m benchmarks.serving
 
 # The GPU check on a CUDA machine, offline, under 8 minutes (benchmarks/gpu_check.sh's header says how to
@@ -92,6 +94,11 @@ bench-cost: install
 # Per-request LoRA: mixed batches vs one adapter set per batch; writes docs/benchmarks.md.
 bench-lora: install
 	$(PY) -m benchmarks.lora
+
+# Per-row LoRAs on an SDXL-size UNet (random weights), no LoRA vs rank 16/64 and each strategy;
+# writes docs/benchmarks.md ("lora-sdxl"). About 15 minutes and 16 GB of memory on a 2-core CPU.
+bench-lora-sdxl: install
+	$(PY) -m benchmarks.lora_sdxl
 
 # Scale-out proof: two replicas + one Envoy + PostgreSQL + Redis; writes docs/scale-out.md.
 scaleout: install

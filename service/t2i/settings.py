@@ -29,7 +29,10 @@ class EngineConfig:
         8, "Images per UNet evaluation (a request of numImages N counts N; each image is two rows, cond and uncond); "
         "with fair sharing, an API key with nothing running may join a full batch, up to twice this."
     )
-    admission_window_ms: float = setting(20.0, "How long an idle engine waits for companions of a first request.")
+    admission_window_ms: float = setting(20.0, "How long an idle engine waits for companions of a first request, at most.")
+    admission_gap_ms: float = setting(
+        2.0, "The idle engine's wait for companions ends when none arrived for this long (a lone request starts at once)."
+    )
     max_queue: int = setting(64, "Waiting requests before RESOURCE_EXHAUSTED.")
     # OpenMP teams spinning against the gRPC and decode threads on a fully booked machine cost
     # more than the extra thread gains (measured: 2x at batch 1 on 2 cores), hence cores - 1.

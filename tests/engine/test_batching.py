@@ -25,6 +25,24 @@ def test_idle_engine_holds_the_first_request_for_the_admission_window():
     assert all(r.state is RequestState.RUNNING for r in plan.admit)
 
 
+def test_a_lone_request_waits_only_the_gap_and_a_burst_keeps_the_window_open():
+    batcher = Batcher(max_batch_size=8, admission_window=0.020, admission_gap=0.002)
+    batcher.add(request("lone", arrival=5.0))
+    assert batcher.schedule(now=5.001).wait == pytest.approx(0.001)
+    plan = batcher.schedule(now=5.0021)  # nobody came within the gap: it starts, 18 ms early
+    assert [r.request_id for r in plan.admit] == ["lone"]
+    burst = Batcher(max_batch_size=8, admission_window=0.020, admission_gap=0.002)
+    for i in range(4):  # arrivals 1.5 ms apart keep the window open ...
+        burst.add(request(f"b{i}", arrival=10.0 + 0.0015 * i))
+        assert burst.schedule(now=10.0 + 0.0015 * i + 0.001).wait > 0
+    plan = burst.schedule(now=10.0 + 0.0015 * 3 + 0.0021)  # ... until a gap: all four start together
+    assert [r.request_id for r in plan.admit] == ["b0", "b1", "b2", "b3"]
+    capped = Batcher(max_batch_size=8, admission_window=0.005, admission_gap=0.002)
+    for i in range(6):  # a steady trickle, one every millisecond, cannot hold the engine past the window
+        capped.add(request(f"c{i}", arrival=20.0 + 0.001 * i))
+    assert capped.schedule(now=20.0051).admit
+
+
 def test_a_full_batch_does_not_wait_for_the_window():
     batcher = Batcher(max_batch_size=2, admission_window=10.0)
     batcher.add(request("a", 0.0))

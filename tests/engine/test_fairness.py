@@ -143,6 +143,42 @@ def test_work_conserving_nobody_waits_while_there_is_room():
     assert len(sim2.batcher.running) == 4
 
 
+def test_when_the_fair_pick_does_not_fit_a_request_that_fits_is_admitted():
+    sim = Simulation(Batcher(4, 0.0))
+    a1, = backlog(sim, "a", 1, steps=50)
+    b1, = backlog(sim, "b", 1, steps=50)
+    sim.step()
+    assert sim.batcher.running == [a1, b1]
+    sim.batcher.counters["b"] = sim.batcher.counters["a"] + 10.0  # a is owed service: its request is the fair pick
+    a2, = backlog(sim, "a", 1, images=4)
+    b2, = backlog(sim, "b", 1)
+    assert sim.batcher.queue_order()[0] is a2
+    sim.step()
+    # a2 (4 images) cannot fit beside a1 and b1; b2 fits in the two free slots and must not wait.
+    assert b2 in sim.batcher.running and a2 in sim.batcher.waiting
+    assert sum(r.samples for r in sim.batcher.running) == 3
+    # a's own newer request never passes a2, even though it would fit.
+    a3, = backlog(sim, "a", 1)
+    sim.step()
+    assert a3 in sim.batcher.waiting and a2 in sim.batcher.waiting
+    # Once a1 is gone, a has nothing running and a2 joins over the batch at once.
+    sim.batcher.finish(a1)
+    sim.step()
+    assert a2 in sim.batcher.running
+
+
+def test_nothing_passes_a_request_larger_than_the_batch():
+    sim = Simulation(Batcher(4, 0.0))
+    a1, = backlog(sim, "a", 1, steps=50)
+    b1, = backlog(sim, "b", 1, steps=50)
+    sim.step()
+    sim.batcher.counters["b"] = sim.batcher.counters["a"] + 10.0
+    huge, = backlog(sim, "a", 1, images=8)  # more than max_batch_size: runs alone once the batch drains
+    small, = backlog(sim, "b", 1)
+    sim.step()
+    assert huge in sim.batcher.waiting and small in sim.batcher.waiting
+
+
 def test_only_a_tenant_with_nothing_running_joins_over_a_full_batch():
     sim = Simulation(Batcher(2, 0.0))
     backlog(sim, "flood", 10)

@@ -5,9 +5,12 @@ StepPlan that nobody changes afterwards:
 
 1. Requests whose caller went away (`abort`) or whose deadline passed are dropped, waiting or
    running; no more work is spent on them.
-2. Admission window: when nothing is running, the first waiting requests are held for up to
-   `admission_window` seconds (or until `max_batch_size` samples are waiting) so that
-   requests arriving together start together. While anything runs, nobody waits: a new
+2. Admission window: when nothing is running, the first waiting requests are held so that
+   requests arriving together start together: until `max_batch_size` samples are waiting, the
+   oldest has waited `admission_window` seconds, or `admission_gap` seconds passed without a new
+   arrival, whichever comes first. The gap ends the wait of a lone request early (a burst
+   arrives within a few milliseconds; waiting the whole window for companions that are not
+   coming was most of a lone request's overhead). While anything runs, nobody waits: a new
    arrival joins at the very next evaluation.
 3. Admission: while the running requests hold fewer than `max_batch_size` samples (a request
    of numImages N holds N; one larger than the whole batch is admitted alone, when nothing
@@ -16,6 +19,11 @@ StepPlan that nobody changes afterwards:
    A tenant with nothing running is admitted even over a full batch (up to twice
    `max_batch_size` samples in all), so that one tenant's full batch never queues another's
    request: its wait for a slot would otherwise be a whole flood request's run.
+   When that request does not fit in the room left (say 4 images with 2 slots free), the
+   oldest request of the next tenant in counter order that does fit is admitted instead, so
+   no slot stays empty while a request that fits waits. A tenant's own requests never pass
+   each other, and nothing passes a request larger than the whole batch: that one needs the
+   batch to drain. With `fair=False` the order is strict: the oldest waits for room.
    An admitted request has its prompts encoded in this step and takes part in this step's
    forward if it belongs to the chosen bucket.
 4. Bucket choice: requests can share a forward only with the same model and latent size;
@@ -63,12 +71,13 @@ class StepPlan:
 
 
 class Batcher:
-    def __init__(self, max_batch_size: int, admission_window: float, *, fair: bool = True,
-                 lora_sets_apart: bool = False) -> None:
+    def __init__(self, max_batch_size: int, admission_window: float, *, admission_gap: float | None = None,
+                 fair: bool = True, lora_sets_apart: bool = False) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.admission_window = admission_window
+        self.admission_gap = admission_window if admission_gap is None else min(admission_gap, admission_window)
         self.fair = fair
         self.lora_sets_apart = lora_sets_apart
         self.waiting: deque[EngineRequest] = deque()
@@ -112,19 +121,17 @@ class Batcher:
 
         if not self.running and self.waiting and sum(r.samples for r in self.waiting) < self.max_batch_size:
             waited = now - min(r.arrival for r in self.waiting)
-            if waited < self.admission_window:
-                return StepPlan(dropped=tuple(dropped), wait=self.admission_window - waited)
+            quiet = now - max(r.arrival for r in self.waiting)
+            hold = min(self.admission_window - waited, self.admission_gap - quiet)
+            if hold > 0:
+                return StepPlan(dropped=tuple(dropped), wait=hold)
 
         admit = []
         held = sum(r.samples for r in self.running)
         while self.waiting:
-            request = self._next_waiting()
-            if self.running and held + request.samples > self.max_batch_size:
-                if not self.fair:
-                    break  # first come, first served: no over-full joins
-                request = next((r for r in self.queue_order() if self._joins_over_full(r, held)), None)
-                if request is None:
-                    break
+            request = self._next_admitted(held)
+            if request is None:
+                break
             self.waiting.remove(request)
             held += request.samples
             request.advance(RequestState.RUNNING)
@@ -155,11 +162,22 @@ class Batcher:
 
     # --- the rule's parts ----------------------------------------------------------------------
 
-    def _next_waiting(self) -> EngineRequest:
+    def _next_admitted(self, held: int) -> EngineRequest | None:
+        """The waiting request to admit next with `held` samples running, or None to admit none."""
         if not self.fair:
-            return self.waiting[0]
-        # The oldest request (deque order) of the tenant with the least counter.
-        return min(self.waiting, key=lambda r: self.counters.get(r.tenant, 0.0))
+            head = self.waiting[0]  # first come, first served: strict order, no over-full joins
+            return head if not self.running or held + head.samples <= self.max_batch_size else None
+        tenants = set()
+        for request in self.queue_order():
+            if request.tenant in tenants:
+                continue  # a tenant's requests go in its own order: only its oldest is a candidate
+            tenants.add(request.tenant)
+            if not self.running or held + request.samples <= self.max_batch_size or self._joins_over_full(request, held):
+                return request
+            if request.samples > self.max_batch_size:
+                return None  # it can only run alone: let the batch drain rather than fill it behind its back
+            # It does not fit yet (its tenant has work running): the next tenant's request may.
+        return None
 
     def _joins_over_full(self, request: EngineRequest, held: int) -> bool:
         """A tenant with nothing running is never held behind another tenant's full batch: its

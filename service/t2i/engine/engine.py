@@ -70,7 +70,8 @@ class AsyncEngine:
         self.config = config
         self._torch_threads: int | None = None
         self.core = EngineCore(
-            models, Batcher(config.max_batch_size, config.admission_window_ms / 1000, fair=config.fair_share,
+            models, Batcher(config.max_batch_size, config.admission_window_ms / 1000,
+                            admission_gap=config.admission_gap_ms / 1000, fair=config.fair_share,
                             lora_sets_apart=config.lora_sets_apart),
             preview_interval=config.preview_interval_ms / 1000,
         )
