@@ -7,7 +7,8 @@ A generated block sits between a line containing `BEGIN GENERATED: <name>` and o
 `END GENERATED: <name>` (in a YAML/Lua comment or a Markdown HTML comment); the lines between
 are replaced, indented like the BEGIN line. Sources:
 - the error table, t2i.errors.ERROR_KINDS: the Envoy Lua tables and local-reply mappers in
-  edge/envoy.yaml, the error tables of README.md and edge/README.md (and, through
+  edge/envoy.yaml (with t2i.wire's limits, also the reply to requests Envoy refused unread),
+  the error tables of README.md and edge/README.md (and, through
   scripts/openapi.py, the OpenAPI error responses);
 - the serving settings, t2i.settings (via t2i.cli_options): the `t2i serve` flag table of README.md;
 - the sampler and scheduler names (t2i.sampling.names), the API key header (t2i.wire) and the
@@ -101,6 +102,61 @@ def envoy_local_replies() -> list[str]:
     return lines
 
 
+# Messages for the replies Envoy makes before the Lua filter has read a request (its codec or
+# connection manager refused it), by Envoy's response code details; their own bodies are empty
+# or only a reason phrase. Anything else names the details.
+UNREAD_MESSAGES = {
+    "http1.too_many_headers": f"too many request headers: at most {wire.MAX_HEADER_COUNT} are allowed",
+    "http1.headers_too_large": f"request headers too large: the limit is {wire.MAX_HEADER_BYTES} bytes",
+    "path_normalization_failed": "invalid request path: a path may not hold a #fragment or malformed characters",
+    "missing_host_header": "a Host header is required",
+    "low_version": "HTTP/1.0 is not supported: use HTTP/1.1 or HTTP/2",
+    "upgrade_failed": "protocol upgrades (WebSocket and others) are not supported",
+    "overload": "the API edge is overloaded; retry later",
+}
+
+
+def cel_literal(value: int | str) -> str:
+    if isinstance(value, int):
+        return str(value)
+    # Inside a double-quoted YAML string and an Envoy %CEL(...)% command: keep it plain.
+    if any(c in value for c in "'\"\\%"):
+        raise ValueError(f"{value!r}: quotes, backslashes and % are not rendered into CEL")
+    return f"'{value}'"
+
+
+def cel_choice(subject: str, cases: dict, default: str) -> str:
+    """A CEL expression: the value of the first case equal to `subject`, else `default`."""
+    return "".join(f"{subject} == {cel_literal(k)} ? {cel_literal(v)} : " for k, v in cases.items()) + default
+
+
+def envoy_unread_reply() -> list[str]:
+    """The local-reply mapper for requests the Lua filter never saw (it records request_id in
+    dynamic metadata for every request it reads). Their x-request-id, if any, was never
+    checked, so it is not echoed: the reply gets a fresh id, in the header and the body."""
+    status = cel_choice("response.code", {http: name for http, name in http_names().items()},
+                        "(response.code >= 500 ? 'INTERNAL' : 'INVALID_ARGUMENT')")
+    message = cel_choice("response.code_details", UNREAD_MESSAGES,
+                         "'the request is malformed and was not read (' + response.code_details + ')'")
+    return [
+        "- filter:",
+        "    metadata_filter:",
+        "      matcher: {filter: illustrious.edge, path: [{key: request_id}], value: {present_match: false}}",
+        "      match_if_key_not_found: true",
+        "  headers_to_add:",
+        '  - header: {key: x-request-id, value: "%UNIQUE_ID%"}',
+        "    append_action: OVERWRITE_IF_EXISTS_OR_ADD",
+        "  body_format_override:",
+        "    content_type: application/json",
+        "    json_format:",
+        "      error:",
+        '        code: "%RESPONSE_CODE%"',
+        f'        status: "%CEL({status})%"',
+        f'        message: "%CEL({message})%"',
+        '        requestId: "%RESP(X-REQUEST-ID)%"',
+    ]
+
+
 def readme_errors() -> list[str]:
     rows = sorted(ERROR_KINDS, key=lambda k: k.http)
     return ["| HTTP | `status` | when |", "| --- | --- | --- |", *(f"| {k.http} | {k.status} | {k.when} |" for k in rows)]
@@ -167,7 +223,8 @@ def playground_names() -> list[str]:
 # --- the files ------------------------------------------------------------------------------
 
 BLOCKS: dict[str, dict[str, Callable[[], list[str]]]] = {
-    "edge/envoy.yaml": {"lua-error-tables": envoy_lua_tables, "local-reply-statuses": envoy_local_replies},
+    "edge/envoy.yaml": {"lua-error-tables": envoy_lua_tables, "local-reply-statuses": envoy_local_replies,
+                        "unread-request-reply": envoy_unread_reply},
     "README.md": {"error-table": readme_errors, "serve-flags": readme_serve_flags, "price-table": readme_price_table},
     "edge/README.md": {"grpc-http-table": edge_readme_errors},
     "edge/playground/playground.js": {"playground-names": playground_names},

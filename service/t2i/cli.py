@@ -33,6 +33,25 @@ def main(
     logs.configure(log_level, log_format)
 
 
+EXIT_BAD_CONFIG = 2  # what a bad option gets, too: nothing started
+
+
+def check_models_file(path: Path | None) -> None:
+    """Exit with EXIT_BAD_CONFIG and one log line naming the file, the key and what is
+    allowed, before anything starts, when the models file cannot be used."""
+    if path is None:
+        return
+    import logging
+
+    from .models.config import ModelsFileError, load_models_file
+
+    try:
+        load_models_file(path)
+    except ModelsFileError as error:
+        logging.getLogger("t2i.cli").error(str(error))
+        raise typer.Exit(EXIT_BAD_CONFIG) from None
+
+
 DATA_DIR = option_for(ServeSettings, "data_dir")
 DATABASE_URL = option_for(ServeSettings, "database_url")
 BILLING_CONFIG = option_for(ServeSettings, "billing_config")
@@ -42,6 +61,7 @@ BILLING_CONFIG = option_for(ServeSettings, "billing_config")
 @with_options(ServeSettings)
 def serve(settings: ServeSettings) -> None:
     """Run the gRPC service."""
+    check_models_file(settings.models_file)
     import asyncio
     import logging
 
@@ -73,6 +93,7 @@ def serve(settings: ServeSettings) -> None:
 @with_options(UpSettings)
 def up(settings: UpSettings) -> None:
     """Run the service and the Envoy REST edge together (Ctrl-C stops both)."""
+    check_models_file(settings.models_file)
     from .edge.launcher import run
 
     raise typer.Exit(run(settings))

@@ -40,6 +40,10 @@ AUTH_FAILURES = Counter("t2i_auth_failures_total", "Refused API keys, by reason 
 RATE_LIMITED = Counter("t2i_rate_limited_total", "Requests refused by a rate limit", ["limit"])
 RATE_LIMITER_ERRORS = Counter("t2i_rate_limiter_errors_total", "Rate limiter (Redis) calls that failed")
 IDEMPOTENT_REPLAYS = Counter("t2i_idempotent_replays_total", "Retries answered from a stored result")
+STREAM_EVENTS_DROPPED = Counter(
+    "t2i_stream_events_dropped_total",
+    "Stream events (previews, progress) not sent because their request had already ended, by event", ["event"],
+)
 LEDGER_LATENCY = Histogram(
     "t2i_ledger_seconds", "Ledger operation latency", ["operation"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),

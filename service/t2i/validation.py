@@ -6,6 +6,7 @@ Runs before a request is queued, so NaN, negative or absurd values never reach t
 from __future__ import annotations
 
 import math
+import unicodedata
 
 from .cost import PIXELS_PER_MEGAPIXEL
 from .domain import GenerateRequest, ModelInfo
@@ -19,6 +20,11 @@ IMAGE_FORMATS = ("png", "webp", "jpeg")
 MIN_STEPS = 1
 MAX_CFG_SCALE = 30.0
 SIZE_MULTIPLE = 8
+# The control characters a prompt may hold: what people paste. The others are refused: NUL ends
+# the text of a PNG text chunk (and many readers choke on it), and none of them means anything
+# to the text encoder, while several (\v, \f, \x1c-\x1e, \x85) are line breaks to some readers
+# of the image's recipe (engine/recipe.py writes the prompt on one line).
+ALLOWED_CONTROLS = "\t\n\r"
 
 
 # Fields a request must set, with their wire (JSON) names. A protobuf field left out arrives as
@@ -39,11 +45,24 @@ def check_required(request: GenerateRequest) -> None:
         raise MissingFields(missing)
 
 
+def check_text(field: str, text: str) -> None:
+    """InvalidArgument naming the first control character of `text` that is not allowed."""
+    for position, character in enumerate(text):
+        if character not in ALLOWED_CONTROLS and unicodedata.category(character) == "Cc":
+            raise InvalidArgument(
+                field, text,
+                f"control character U+{ord(character):04X} at position {position} is not allowed "
+                "(of the control characters only tab, line feed and carriage return are)",
+            )
+
+
 def validate(request: GenerateRequest, model: ModelInfo) -> None:
     if not 1 <= len(request.prompt) <= MAX_PROMPT_CHARS:
         raise InvalidArgument("prompt", request.prompt, f"must be 1 to {MAX_PROMPT_CHARS} characters")
     if len(request.negative_prompt) > MAX_PROMPT_CHARS:
         raise InvalidArgument("negativePrompt", request.negative_prompt, f"must be at most {MAX_PROMPT_CHARS} characters")
+    check_text("prompt", request.prompt)
+    check_text("negativePrompt", request.negative_prompt)
     for name, value in (("height", request.height), ("width", request.width)):
         if value % SIZE_MULTIPLE or not model.min_size <= value <= model.max_size:
             raise InvalidArgument(

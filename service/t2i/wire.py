@@ -35,6 +35,9 @@ MAX_REQUEST_BYTES = 1024 * 1024
 # limit (which the service raises to MAX_METADATA_BYTES), so that gRPC never answers
 # RESOURCE_EXHAUSTED for headers that the edge let through.
 MAX_HEADER_BYTES = 16 * 1024
+# The most request headers the edge reads (Envoy's max_headers_count in edge/envoy.yaml; more:
+# 431 from Envoy's codec, before any filter runs).
+MAX_HEADER_COUNT = 100
 MAX_METADATA_BYTES = 64 * 1024
 # Responses hold PNGs: up to 8 large images.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024

@@ -124,14 +124,6 @@ def test_embeddings_take_their_positions_and_move_whole(clip_tokenizers):
     assert chunks[1][4] == (X, 1.0)
 
 
-def test_an_embedding_of_8_or_more_vectors_is_not_split_when_it_fits(clip_tokenizers):
-    first, _ = clip_tokenizers
-    segments = [TextSegment("a " * 70, 1.0), EmbeddingSegment("ten", 1.0)]
-    chunks = chunks_of(first, segments, {"ten": 10})
-    assert text_ids(chunks[0]) == [A] * 70
-    assert ids(chunks[1])[1:11] == [VectorRef(i) for i in range(10)]
-
-
 def test_vector_indices_run_over_all_references(clip_tokenizers):
     first, _ = clip_tokenizers
     segments = [EmbeddingSegment("two", 1.0), TextSegment("a", 1.0), EmbeddingSegment("two", 1.0), EmbeddingSegment("one", 1.0)]

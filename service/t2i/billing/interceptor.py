@@ -235,15 +235,21 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                 # reset() raises; by then the slot is already given back.
                 current_tenant.reset(tenant)
 
-    def _revocation(self, admitted: Admitted) -> PermissionDenied | None:
+    def _revocation(self, admitted: Admitted, charged: bool | None = False) -> PermissionDenied | None:
         """The error for a generation stopped because its key was revoked (None: the caller
-        cancelled it); un-cancels the task, so the answer still goes out."""
+        cancelled it); un-cancels the task, so the answer still goes out. `charged`: whether its
+        charge was recorded (None: it was being recorded when the revocation came), for the
+        message to say what happened to the money."""
         if admitted.key.id not in self._revoked:
             return None
         admitted.task.uncancel()
-        return PermissionDenied(
-            f"API key {admitted.key.id} was revoked while this request was running; it was stopped and not charged"
-        )
+        if charged is None:
+            outcome = "it was stopped while its charge was being recorded, so it may have been charged; its image was not delivered"
+        elif charged:
+            outcome = "its result had already been delivered and charged"
+        else:
+            outcome = "it was stopped and not charged"
+        return PermissionDenied(f"API key {admitted.key.id} was revoked while this request was running; {outcome}")
 
     async def _reserve(self, request, context, key: KeyRecord) -> Charge:
         """Price the request and reserve its price (or find its idempotent replay). Everything
@@ -285,6 +291,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
 
     async def _generate(self, inner, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext):
         async with self._admitted(context) as admitted:
+            charged: bool | None = False
             try:
                 charge = await self._reserve(request, context, admitted.key)
                 if charge.replay is not None:
@@ -292,16 +299,20 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                     return charge.replay_response()
                 try:
                     response = await inner(request, context)
+                    charged = None  # a cancellation from here on may come after the charge is made
                     await self._commit(charge, admitted.key, response)
+                    charged = True
                 except BaseException:
                     self._release(charge, "generation failed or was cancelled")
                     raise
                 await context.send_initial_metadata(tuple(admitted.headers.items()))
                 return response
             except asyncio.CancelledError:
-                revoked = self._revocation(admitted)
+                revoked = self._revocation(admitted, charged)
                 if revoked is None:
                     raise
+                if charged:
+                    return response  # charged before the revocation: the image is the caller's
                 raise revoked from None
 
     async def _generate_stream(self, inner, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext):
@@ -314,22 +325,25 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             if charge.replay is not None:
                 yield pb.GenerateImageEvent(result=charge.replay_response())
                 return
-            charged = False
+            charged: bool | None = False
             try:
                 async for event in inner(request, context):
                     if event.WhichOneof("event") == "result":
+                        charged = None  # a cancellation from here on may come after the charge is made
                         try:
                             await self._commit(charge, admitted.key, event.result)
                         except ServiceError as error:
+                            charged = False
                             yield convert.event_to_pb(failed_event(error))
                             return
                         charged = True
                     yield event
             except asyncio.CancelledError:
-                revoked = self._revocation(admitted)
+                revoked = self._revocation(admitted, charged)
                 if revoked is None:
                     raise
-                yield convert.event_to_pb(failed_event(revoked))
+                if not charged:  # after a result, the stream has had its one answer
+                    yield convert.event_to_pb(failed_event(revoked))
             finally:
                 if not charged:
                     self._release(charge, "generation failed or was cancelled")

@@ -108,6 +108,9 @@ class ImageFinisher:
         """Project `latent` (the step's guided x0) to RGB and JPEG-encode it off the denoise
         thread (the copy to the CPU included), then send it to the request's caller."""
         def encode() -> None:
+            if request.state.terminal:  # it ended while this waited for a worker: no one to show
+                request.dropped_event(Preview(step=step, jpeg=b"", width=0, height=0))
+                return
             try:
                 pixels = latent_rgb(latent)
                 jpeg = preview_jpeg(pixels)

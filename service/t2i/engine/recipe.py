@@ -12,11 +12,20 @@ data; a value with a comma, colon or quote is JSON-quoted, as A1111 quotes it.) 
 the equivalent ComfyUI API-format graph: checkpoint loader, the LoRA loaders, two text encodes,
 an empty latent of the batch size, KSampler, VAE decode and save, so that dropping the image
 into ComfyUI gives the same settings.
+
+`parameters` is read by lines: A1111 takes its last line as the settings and a line starting
+with "Negative prompt:" as the start of the negative prompt, so a prompt's own line breaks
+could forge either. The prompt and the negative prompt are therefore written on one line each,
+as the text encoder reads them: every line break (\n, \r, U+2028, U+2029) becomes a space, and
+a prompt that begins with "Negative prompt:" has those words in lower case. Neither changes the
+image: ComfyUI and CLIP read a line break as a space and lower-case all text, so pasting the
+recipe back gives the same conditioning. The exact text is in the `prompt` graph (JSON).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 from .. import __version__
 from ..domain import GenerateRequest
@@ -32,6 +41,26 @@ A1111_SCHEDULES = {
 }
 
 
+# Whatever a reader may split lines at (str.splitlines() also splits at \v, \f, \x1c-\x1e and
+# \x85, but validation refuses those control characters in prompts).
+LINE_BREAKS = re.compile("[\r\n\u2028\u2029]")
+NEGATIVE_LABEL = "Negative prompt:"
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of `parameters`, read by the text encoder exactly as `text` is."""
+    return LINE_BREAKS.sub(" ", text)
+
+
+def prompt_line(prompt: str) -> str:
+    """The first line of `parameters`: the prompt, which no reader may take for the negative."""
+    line = one_line(prompt)
+    body = line.lstrip()  # readers strip a line before they look at how it starts
+    if body.startswith(NEGATIVE_LABEL):
+        line = line[: len(line) - len(body)] + NEGATIVE_LABEL.lower() + body[len(NEGATIVE_LABEL):]
+    return line
+
+
 def quote(value: str) -> str:
     """A1111's quoting of an infotext value."""
     if "," not in value and "\n" not in value and ":" not in value and '"' not in value:
@@ -41,10 +70,10 @@ def quote(value: str) -> str:
 
 def parameters(request: GenerateRequest, seed: int, model_name: str, model_hash: str | None,
                lora_hashes: dict[str, str], index: int = 0) -> str:
-    prompt = request.prompt + "".join(f" <lora:{l.name}:{l.strength:g}>" for l in request.loras)
+    prompt = prompt_line(request.prompt) + "".join(f" <lora:{l.name}:{l.strength:g}>" for l in request.loras)
     lines = [prompt]
     if request.negative_prompt:
-        lines.append(f"Negative prompt: {request.negative_prompt}")
+        lines.append(f"{NEGATIVE_LABEL} {one_line(request.negative_prompt)}")
     fields = {
         "Steps": str(request.steps),
         "Sampler": A1111_SAMPLERS[request.sampler],

@@ -12,12 +12,19 @@ raises on any other, so a bug shows up as an error instead of a request answered
 
 FINISHED, ABORTED and FAILED are terminal: entering one settles the caller's future, exactly
 once, from whichever thread made the transition.
+
+A streamed request's events reach its caller's loop in the order they were emitted, and all of
+them before its answer: `emit` checks the state and hands the event over under the same lock as
+`settle` changes it, so an event emitted from another thread (a preview from the encode pool)
+either goes out before the answer or, once the request has ended, not at all; those late
+events are counted (t2i_stream_events_dropped_total) and logged at debug.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -26,12 +33,14 @@ from functools import cached_property
 
 from torch import Tensor
 
-from .. import cost
+from .. import cost, metrics
 from ..domain import Event, GenerateRequest, GenerateResult, StageTimes
 from ..lora import LoadedLora, RequestLoras
 from ..sampling import SamplingRun
 from .denoise import UNetInput
 from .text import PreparedPrompt, TextConditioning, context_chunks
+
+log = logging.getLogger(__name__)
 
 
 class RequestState(enum.Enum):
@@ -123,13 +132,25 @@ class EngineRequest:
         return self.events is not None and self.params.preview_every_steps > 0
 
     def emit(self, event: Event) -> None:
-        """Hand `event` to the caller's loop (from any thread); dropped once the caller is gone."""
-        if self.events is None or self.loop is None or self.state.terminal:
+        """Hand `event` to the caller's loop (from any thread), ahead of the answer; dropped,
+        counted and logged at debug once the request has ended (see the module docstring)."""
+        if self.events is None or self.loop is None:
             return
-        try:
-            self.loop.call_soon_threadsafe(self.events, event)
-        except RuntimeError:  # the loop is closed
-            pass
+        with self._lock:  # settle() cannot end the request between the check and the hand-over
+            if not self.state.terminal:
+                try:
+                    self.loop.call_soon_threadsafe(self.events, event)
+                except RuntimeError:  # the loop is closed
+                    pass
+                return
+        self.dropped_event(event)
+
+    def dropped_event(self, event: Event) -> None:
+        """An event that comes after the request ended: never sent, but counted and logged."""
+        kind = type(event).__name__.lower()
+        metrics.STREAM_EVENTS_DROPPED.labels(event=kind).inc()
+        log.debug("stream event after the request ended, dropped",
+                  extra={"request_id": self.request_id, "event": kind, "state": self.state.value})
 
     @property
     def bucket(self) -> tuple[int, int, int]:

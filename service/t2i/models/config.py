@@ -13,6 +13,10 @@ Example (YAML)::
         embeddings_dir: /models/embeddings   # optional: SDXL textual inversions (.safetensors)
         lora_dir: /models/loras              # optional: LoRAs requests may name (.safetensors)
         max_prompt_chunks: 8   # optional: longest prompt, in chunks of 75 CLIP tokens
+
+A file that cannot be used is a ModelsFileError whose message is one line: the file, where in
+it (`models[0].colour`), and what is allowed there, so `t2i serve` and `t2i up` can say it and
+exit with status 2 before anything starts.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..domain import ModelInfo
+
+
+class ModelsFileError(ValueError):
+    """A models file that cannot be used; the message is one line."""
 
 
 class ModelSpec(BaseModel):
@@ -85,12 +93,21 @@ class ModelsFile(BaseModel):
 
 
 def load_models_file(path: Path) -> list[ModelSpec]:
-    """Parse and check a models file; relative paths are relative to the file's folder."""
+    """Parse and check a models file; relative paths are relative to the file's folder.
+    ModelsFileError (one line) for a file that cannot be used."""
     try:
         raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ModelsFileError(f"models file {path}: cannot be read ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        raise ModelsFileError(f"models file {path}: not valid YAML ({_one_line(error)})") from None
+    if not isinstance(raw, dict):
+        found = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise ModelsFileError(f"models file {path}: must be a mapping with a `models` list, found {found}")
+    try:
         parsed = ModelsFile.model_validate(raw)
-    except (OSError, yaml.YAMLError, ValidationError) as error:
-        raise ValueError(f"models file {path}: {error}") from error
+    except ValidationError as error:
+        raise ModelsFileError(f"models file {path}: " + "; ".join(_problem(e) for e in error.errors())) from None
     base = path.parent
     specs = []
     for spec in parsed.models:
@@ -102,11 +119,30 @@ def load_models_file(path: Path) -> list[ModelSpec]:
                 update[folder] = base / getattr(spec, folder)
         resolved = spec.model_copy(update=update)
         if not resolved.path.exists():
-            raise ValueError(f"models file {path}: model {spec.id} path {resolved.path} does not exist")
+            raise ModelsFileError(f"models file {path}: model {spec.id} path {resolved.path} does not exist")
         # A named but missing folder is a typo to report, not "none of them".
         for folder in ("embeddings_dir", "lora_dir"):
             value = getattr(resolved, folder)
             if value is not None and not value.is_dir():
-                raise ValueError(f"models file {path}: model {spec.id} {folder} {value} is not a folder")
+                raise ModelsFileError(f"models file {path}: model {spec.id} {folder} {value} is not a folder")
         specs.append(resolved)
     return specs
+
+
+def _problem(error: dict) -> str:
+    """One validation error as `where: what is wrong; what is allowed`."""
+    *parents, last = error["loc"] or ("(top level)",)
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    if error["type"] == "extra_forbidden":
+        allowed = ModelSpec.model_fields if parents else ModelsFile.model_fields
+        return f"{where}: unknown key {last!r}; the keys allowed here are {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"{where}: missing; every model needs {', '.join(n for n, f in ModelSpec.model_fields.items() if f.is_required())}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" or "input" not in error:
+        return f"{where or '(top level)'}: {message}"
+    return f"{where}: {message}, got {error['input']!r}"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

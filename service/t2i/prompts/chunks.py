@@ -2,12 +2,12 @@
 
 Each segment is tokenized on its own, without start and end tokens; its tokens carry its
 weight. An embedding reference takes one position per vector. Units (a segment's tokens, or
-one embedding) are appended to chunks of start + up to 75 + end + padding:
+one embedding's vectors) are appended to chunks of start + up to 75 + end + padding:
 - a unit that fits goes in whole;
-- a text unit of SPLIT_MIN_TOKENS or more that does not fit is split: it fills the chunk and
-  goes on in the next one;
-- a shorter unit, or an embedding, that does not fit closes the chunk and moves whole to the
-  next one (an embedding has at most 75 vectors, so it always fits in a fresh chunk).
+- a unit of SPLIT_MIN_TOKENS or more that does not fit is split: it fills the chunk and goes
+  on in the next one. ComfyUI builds chunks from token groups without asking whether a group
+  is text or an embedding, so an embedding of 8 or more vectors is split like text;
+- a shorter unit that does not fit closes the chunk and moves whole to the next one.
 
 No torch here: chunking runs when a request is checked, so its cap can refuse it up front.
 """
@@ -49,7 +49,11 @@ class SpecialTokens:
 @dataclass(frozen=True)
 class _Unit:
     tokens: tuple[Token, ...]
-    splittable: bool
+
+    @property
+    def splittable(self) -> bool:
+        # One rule for text and embeddings, as in ComfyUI (docs/prompts.md, "Long prompts").
+        return len(self.tokens) >= SPLIT_MIN_TOKENS
 
 
 def chunk_segments(
@@ -92,11 +96,9 @@ def _units(segments: Sequence[Segment], tokenize, vector_counts: Mapping[str, in
             count = vector_counts[segment.name]
             refs = tuple((VectorRef(vectors + j), segment.weight) for j in range(count))
             vectors += count
-            # An embedding longer than a chunk cannot move whole; the loader refuses those.
-            units.append(_Unit(refs, splittable=count > CHUNK_TOKENS))
+            units.append(_Unit(refs))
         else:
-            tokens = tuple((token, segment.weight) for token in ids[segment.text])
-            units.append(_Unit(tokens, splittable=len(tokens) >= SPLIT_MIN_TOKENS))
+            units.append(_Unit(tuple((token, segment.weight) for token in ids[segment.text])))
     return units
 
 

@@ -5,8 +5,11 @@ SDXL) and `clip_g` (n x CLIP-G width, 1280); its n vectors replace n token embed
 prompt, one per encoder. Only `.safetensors` files are loaded: `.pt` and `.bin` embeddings are
 pickles, which can run arbitrary code when unpickled, so they are refused with a log line and
 a prompt naming one gets an error that says why. Files are checked against the model's
-encoders (width, 1 to 75 vectors so one always fits in a chunk, finite values in the model's
-dtype); a file that fails is refused the same way instead of failing the model's start.
+encoders (width, 1 to 75 vectors, finite values in the model's dtype); a file that fails is
+refused the same way instead of failing the model's start. The 75 is one chunk's room. Chunking
+no longer needs it (an embedding of 8 or more vectors is split at a chunk boundary like text,
+t2i.prompts.chunks); it is kept because it bounds what one reference adds to a prompt, and a
+larger tensor is more likely a wrong file than a textual inversion.
 """
 
 from __future__ import annotations

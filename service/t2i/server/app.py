@@ -2,7 +2,11 @@
 
 Order matters for orchestrators: the port and the health service come up first (NOT_SERVING),
 models load and warm up, and only then does health report SERVING. On SIGTERM health goes
-back to NOT_SERVING, new requests are refused, and in-flight ones get `grace_period` to finish.
+back to NOT_SERVING, new requests are refused (UNAVAILABLE, before anything else looks at them:
+a caller's rate limits must not answer 429 for a server that is going away), and in-flight ones
+get `grace_period` to finish. Those still running after it are answered UNAVAILABLE, not
+charged (a stream's last event says so), and get ANSWER_SECONDS to reach their callers before
+the gRPC server stops.
 Health follows the engine too: NOT_SERVING while its loop restarts after a failure, and for
 good when it gives up, after which the process exits with EXIT_ENGINE_FAILED so that the
 orchestrator replaces it.
@@ -25,6 +29,7 @@ from prometheus_client import start_http_server
 
 from .. import metrics, wire
 from ..engine.engine import AsyncEngine
+from ..errors import Unavailable
 from ..models.config import ModelSpec, load_models_file
 from ..models.demo import demo_spec
 from ..models.loader import LoadedModel, load_model, resolve_device
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextToImageService"].full_name
 assert SERVICE_NAME == wire.SERVICE, "t2i.wire.SERVICE must name the proto's service"
 EXIT_ENGINE_FAILED = 70  # EX_SOFTWARE
+# After the grace period: time for the UNAVAILABLE answers of the stopped generations to go out.
+ANSWER_SECONDS = 2.0
 
 
 def model_specs(settings: ServeSettings) -> list[ModelSpec]:
@@ -87,7 +94,7 @@ class Server:
         self.servicer = TextToImageServicer(self.catalog)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
-            interceptors=[ServingInterceptor(), *interceptors],
+            interceptors=[ServingInterceptor(gate=self.catalog.unavailable), *interceptors],
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),
@@ -156,12 +163,19 @@ class Server:
         self._stopping = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + grace
+        answer = 0.5
         if self.engine is not None:
             self.engine.stop_admitting()
             drained = await self.engine.drain(grace)
             log.info("draining finished" if drained else "grace period over with requests in flight")
+            if not drained:
+                self.servicer.stop_generations(Unavailable(
+                    f"the server is shutting down and this request did not finish within the {grace:g} s it was given; "
+                    "it was stopped and not charged: retry it"
+                ))
+                answer = ANSWER_SECONDS
         # Let the answers of the last requests reach their callers before closing.
-        await self.grpc.stop(max(0.5, deadline - time.monotonic()))
+        await self.grpc.stop(max(answer, deadline - time.monotonic()))
         if self.engine is not None:
             await self.engine.close()
         for interceptor in self.interceptors:
@@ -183,7 +197,13 @@ async def run_until_signal(server: Server) -> int:
     failed = asyncio.create_task(server.failed.wait())
     done, _ = await asyncio.wait({starting, stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
     if starting in done:
-        starting.result()  # start-up errors end the process with their traceback
+        try:
+            starting.result()  # start-up errors end the process with their traceback
+        except BaseException:
+            # Stopped on this loop: left to its finalizer, the gRPC server would try to stop
+            # itself on a loop already closed and add an "Event loop is closed" crash.
+            await server.grpc.stop(None)
+            raise
         done, _ = await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
     else:
         starting.cancel()

@@ -28,6 +28,15 @@ class ModelCatalog:
         """The loaded model; NotFound for an unknown id."""
         return self.engine().model(model_id)
 
+    def unavailable(self) -> Unavailable | None:
+        """Why no generation can be taken now, whatever it asks: starting, shutting down, or the
+        engine gave up. None otherwise (a full queue is the engine's to say, per request)."""
+        try:
+            refusal = self.engine().admission_error()
+        except Unavailable as starting:
+            return starting
+        return refusal if isinstance(refusal, Unavailable) else None
+
     def admission_check(self) -> None:
         """Unavailable or Overloaded when the engine would refuse a new request right now."""
         refusal = self.engine().admission_error()

@@ -1,7 +1,10 @@
 """The outermost server interceptor: request id, error mapping, metrics and access logs.
 
 Every unary RPC passes through here, billing included, so a domain exception raised anywhere
-below (servicer, engine, billing interceptor) becomes its status code in one place.
+below (servicer, engine, billing interceptor) becomes its status code in one place. Generation
+calls also pass its gate first: while the server cannot take any (starting, shutting down) they
+are UNAVAILABLE before billing authenticates or rate-limits them, so a caller at its limits
+hears the truth (503, retry elsewhere) rather than 429, and spends no rate-limit tokens on it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from .. import metrics, wire
-from ..errors import ServiceError
+from ..errors import ServiceError, Unavailable
 from ..logs import request_id_var
 from .status import status_for
 
@@ -115,7 +118,18 @@ class _Served:
             request_id_var.reset(self.token)
 
 
+GENERATION_METHODS = frozenset({wire.GENERATE_METHOD, wire.GENERATE_STREAM_METHOD})
+
+
 class ServingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, gate: Callable[[], Unavailable | None] = lambda: None) -> None:
+        """`gate()`: why no generation can be taken right now, or None."""
+        self.gate = gate
+
+    def _pass_gate(self, full_method: str) -> None:
+        if full_method in GENERATION_METHODS and (refusal := self.gate()) is not None:
+            raise refusal
+
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
@@ -124,6 +138,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             async def unary(inner, request, context):
                 async with _Served(method, context):
+                    self._pass_gate(details.method)
                     return await inner(request, context)
 
             return wrap_unary(handler, unary)
@@ -132,6 +147,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             async def stream(inner, request, context):
                 async with _Served(method, context):
+                    self._pass_gate(details.method)
                     async for message in inner(request, context):
                         yield message
 

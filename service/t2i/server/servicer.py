@@ -3,6 +3,10 @@
 Errors are not handled here: domain exceptions propagate to the ServingInterceptor, which
 maps them to status codes (server/status.py); the one exception is a stream that already sent
 events, which ends with an error event instead. Billing never appears here either.
+
+A shutdown whose grace period ran out calls `stop_generations(error)`: every generation still
+waiting here answers with that error (a unary call's status, a stream's last event) instead of
+being cut off without a word when the gRPC server stops, and its engine request is dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 
-from ..errors import ServiceError
+from ..errors import ServiceError, Unavailable
 from ..logs import request_id_var
 from ..tenancy import current_tenant
 from . import convert
@@ -25,13 +29,35 @@ from .status import failed_event
 class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
     def __init__(self, catalog: ModelCatalog) -> None:
         self.catalog = catalog
+        self._stopped = asyncio.Event()
+        self._stop_error: ServiceError = Unavailable("the server is shutting down")
+
+    def stop_generations(self, error: ServiceError) -> None:
+        """Answer every generation in progress with `error` now (see the module docstring)."""
+        self._stop_error = error
+        self._stopped.set()
+
+    async def _unless_stopped(self, awaitable):
+        """The awaitable's result, or the stop error if generations are stopped first (a result
+        that is ready by then still wins: its work is done)."""
+        task = asyncio.ensure_future(awaitable)
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()  # the caller went away, or the stop: no one waits for it any more
+        if not task.done():
+            raise self._stop_error
+        return task.result()
 
     async def GenerateImage(self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext) -> pb.GenerateImageResponse:
         tenant = current_tenant.get()
-        result = await self.catalog.engine().generate(
+        result = await self._unless_stopped(self.catalog.engine().generate(
             convert.request_from_pb(request), request_id=request_id_var.get(), deadline=_deadline(context),
             tenant=tenant.id, weight=tenant.weight,
-        )
+        ))
         return convert.result_to_pb(result)
 
     async def GenerateImageStream(self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext):
@@ -46,10 +72,10 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
         generation.add_done_callback(lambda _: events.put_nowait(None))
         sent = False
         try:
-            while (event := await events.get()) is not None:
-                sent = True
-                yield convert.event_to_pb(event)
             try:
+                while (event := await self._unless_stopped(events.get())) is not None:
+                    sent = True
+                    yield convert.event_to_pb(event)
                 result = generation.result()
             except ServiceError as error:
                 if not sent:
