@@ -100,7 +100,11 @@ def unet_phase(dry_run: bool, attention: str, compile_mode: str) -> dict:
             return {"skipped": f"xformers {problem}"}
     unet = gpu_unet.build_unet(sizes["unet"], device, dtype)
     gpu_unet.set_attention(unet, attention)
-    model = gpu_unet.apply_compile(unet, compile_mode)
+    # A dry run checks the plumbing (dynamo tracing the blocks, the phase's bookkeeping), not the
+    # host's C++ toolchain: inductor's CPU code generation depends on the CPU's vector ISA and did
+    # not build under ATen's scalar kernels (ATEN_CPU_CAPABILITY=default), so the dry run traces
+    # with "aot_eager", which runs the same graphs without generating code.
+    model = gpu_unet.apply_compile(unet, compile_mode, backend="aot_eager" if dry_run else "inductor")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     one, warm_one = gpu_unet.seconds_per_run(model, 1, sizes["size"], sizes["steps"], device, dtype)

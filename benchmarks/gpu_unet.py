@@ -97,16 +97,17 @@ def set_attention(unet, backend: str) -> None:
         raise ValueError(f"attention must be one of {ATTENTION}, got {backend!r}")
 
 
-def apply_compile(unet, mode: str):
+def apply_compile(unet, mode: str, backend: str = "inductor"):
     """none; regional: torch.compile of each repeated transformer block (diffusers'
-    compile_repeated_blocks: one compilation serves every block of a shape); full: the whole UNet."""
+    compile_repeated_blocks: one compilation serves every block of a shape); full: the whole UNet.
+    `backend` is torch.compile's (the GPU check's dry run takes "aot_eager", see there)."""
     if mode == "none":
         return unet
     if mode == "regional":
-        unet.compile_repeated_blocks()
+        unet.compile_repeated_blocks(backend=backend)
         return unet
     if mode == "full":
-        return torch.compile(unet)
+        return torch.compile(unet, backend=backend)
     raise ValueError(f"compile must be one of {COMPILE}, got {mode!r}")
 
 
