@@ -121,6 +121,9 @@ def generate(
     height: int = typer.Option(REQUEST.height, "--height"),
     steps: int = typer.Option(REQUEST.steps, "--steps"),
     cfg_scale: float = typer.Option(REQUEST.cfg_scale, "--cfg-scale"),
+    cfg_rescale: float = typer.Option(
+        REQUEST.cfg_rescale, "--cfg-rescale", help="RescaleCFG multiplier, 0 (plain cfg) to 1; 0.7 is usual for v-pred models."
+    ),
     seed: int = typer.Option(REQUEST.seed, "--seed", help="-1 picks a random seed."),
     sampler: str = typer.Option(REQUEST.sampler, "--sampler"),
     scheduler: str = typer.Option(REQUEST.scheduler, "--scheduler"),
@@ -136,6 +139,7 @@ def generate(
             result = client.generate(
                 prompt, negative_prompt=negative_prompt, model_id=model_id, width=width, height=height, steps=steps,
                 cfg_scale=cfg_scale, seed=seed, sampler=sampler, scheduler=scheduler, loras=tuple(map(_lora, lora)),
+                cfg_rescale=cfg_rescale,
             )
         except ClientError as error:
             typer.echo(f"error: {error}", err=True)

@@ -39,6 +39,9 @@ class GenerateRequest:
     omit_metadata: bool = False
     output_format: str = "png"  # png, webp or jpeg ("" on the wire: png)
     quality: int = 90  # webp and jpeg
+    # RescaleCFG's multiplier phi, 0 to 1 (0: plain cfg); docs/sampling.md "RescaleCFG". Last,
+    # so that positional construction keeps its meaning.
+    cfg_rescale: float = 0.0
 
     @property
     def image_format(self) -> str:
@@ -67,6 +70,10 @@ class ModelInfo:
     demo: bool = False
     # Textual inversions a prompt can name as `embedding:NAME` on this model.
     embeddings: tuple[str, ...] = ()
+    # What the UNet predicts (epsilon or v_prediction) and whether its sigma table has zero
+    # terminal SNR: what a client needs to reproduce the model's images elsewhere.
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ MAX_IMAGES = 8
 IMAGE_FORMATS = ("png", "webp", "jpeg")
 MIN_STEPS = 1
 MAX_CFG_SCALE = 30.0
+MAX_CFG_RESCALE = 1.0  # RescaleCFG's phi mixes the rescaled and the plain guidance: 0 to 1
 SIZE_MULTIPLE = 8
 # The control characters a prompt may hold: what people paste. The others are refused: NUL ends
 # the text of a PNG text chunk (and many readers choke on it), and none of them means anything
@@ -77,6 +78,10 @@ def validate(request: GenerateRequest, model: ModelInfo) -> None:
         raise InvalidArgument("steps", request.steps, f"must be {MIN_STEPS} to {model.max_steps}")
     if not (math.isfinite(request.cfg_scale) and 0.0 <= request.cfg_scale <= MAX_CFG_SCALE):
         raise InvalidArgument("cfgScale", request.cfg_scale, f"must be a finite number from 0 to {MAX_CFG_SCALE:g}")
+    if not (math.isfinite(request.cfg_rescale) and 0.0 <= request.cfg_rescale <= MAX_CFG_RESCALE):
+        raise InvalidArgument(
+            "cfgRescale", request.cfg_rescale, f"must be a finite number from 0 (plain cfg) to {MAX_CFG_RESCALE:g}"
+        )
     if request.seed != RANDOM_SEED and not 0 <= request.seed <= MAX_SEED:
         raise InvalidArgument("seed", request.seed, f"must be -1 (random) or 0 to {MAX_SEED}")
     if request.sampler not in SAMPLER_NAMES:

@@ -86,3 +86,20 @@ def test_the_documented_prompt_takes_two_chunks(demo_model):
 
     chunks = [len(prepare_prompt(demo_model, DOCUMENTED_EXAMPLE[f]).chunks[0]) for f in ("prompt", "negative_prompt")]
     assert chunks == [2, 1]
+
+
+@pytest.mark.parametrize("steps", [1, 7, 28, 38, 139, 150])
+def test_a_v_prediction_zero_terminal_snr_request_with_rescale_costs_what_an_epsilon_one_does(steps):
+    """The engine runs the same evaluations on the zero-terminal-SNR table (the schedules keep
+    their lengths: beta's repeats are of integer timesteps), and RescaleCFG adds no forward."""
+    from dataclasses import replace
+
+    from t2i.sampling import SAMPLER_NAMES, SCHEDULER_NAMES
+
+    zero_snr = SigmaTable.sdxl(zero_terminal_snr=True)
+    for sampler in SAMPLER_NAMES:
+        for scheduler in SCHEDULER_NAMES:
+            plain = request(steps=steps, sampler=sampler, scheduler=scheduler)
+            rescaled = replace(plain, cfg_rescale=0.7)
+            assert evaluations(rescaled, zero_snr) == evaluations(plain, SDXL), (sampler, scheduler)
+            assert price(rescaled, 1.0, zero_snr, SETTINGS, 2) == price(plain, 1.0, SDXL, SETTINGS, 2)

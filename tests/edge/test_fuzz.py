@@ -22,6 +22,7 @@ INVALID_VALUES = {
     "steps": [0, -1, 151, 10**6, 2**31 - 1],
     "seed": [-2, -(2**63), "-9223372036854775808"],
     "cfgScale": [-0.001, 30.0001, 1e308, -1e308, "NaN", "Infinity", "-Infinity"],
+    "cfgRescale": [-0.001, 1.0001, 1e308, "NaN", "-Infinity"],
     "samplerName": ["", "EULER", "euler ", "dpmpp_2m", "euler\u0000", "\u202eeuler", "'; DROP TABLE api_keys;--"],
     "scheduler": ["", "Normal", "linear", "karras\n", "${jndi:ldap://x}"],
     "prompt": ["", "x" * 3001],

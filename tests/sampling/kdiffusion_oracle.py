@@ -2,7 +2,8 @@
 
 k-diffusion (MIT) is installed with --no-deps (see Makefile). Its package __init__ imports
 torchvision and training code; sampling.py only needs `utils.append_dims`, so we give it a
-stub package whose `utils` provides exactly that.
+stub package whose `utils` provides exactly that. external.py (its model wrappers, the
+v-prediction parameterisation among them) needs only sampling and that `utils` too.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import types
 _PACKAGE = "_kdiffusion_oracle"
 
 
-def load_kdiffusion_sampling() -> types.ModuleType:
-    if f"{_PACKAGE}.sampling" in sys.modules:
-        return sys.modules[f"{_PACKAGE}.sampling"]
+def _source(name: str) -> pathlib.Path:
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("k-diffusion is not installed; `make test` installs it with --no-deps")
-    source = pathlib.Path(next(iter(spec.submodule_search_locations))) / "sampling.py"
+    return pathlib.Path(next(iter(spec.submodule_search_locations))) / f"{name}.py"
+
+
+def load_kdiffusion_sampling() -> types.ModuleType:
+    if f"{_PACKAGE}.sampling" in sys.modules:
+        return sys.modules[f"{_PACKAGE}.sampling"]
+    source = _source("sampling")
 
     package = types.ModuleType(_PACKAGE)
     package.__path__ = []
@@ -36,6 +41,19 @@ def load_kdiffusion_sampling() -> types.ModuleType:
     sys.modules[f"{_PACKAGE}.utils"] = utils
 
     module_spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.sampling", source)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    module_spec.loader.exec_module(module)
+    package.sampling = module
+    return module
+
+
+def load_kdiffusion_external() -> types.ModuleType:
+    """k-diffusion's external.py: VDenoiser and the discrete-schedule wrappers."""
+    if f"{_PACKAGE}.external" in sys.modules:
+        return sys.modules[f"{_PACKAGE}.external"]
+    load_kdiffusion_sampling()
+    module_spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.external", _source("external"))
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = module
     module_spec.loader.exec_module(module)

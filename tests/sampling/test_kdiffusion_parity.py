@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from t2i.sampling import SigmaTable, get_sigmas, sample
-from t2i.sampling.samplers import guide
+from t2i.sampling.guidance import guide
 
 from .kdiffusion_oracle import load_kdiffusion_sampling
 from .toy import nonlinear_pair, sampler_tolerance

@@ -13,8 +13,10 @@ from t2i.sampling import (
     get_sigmas,
     sample,
 )
-from t2i.sampling.samplers import ancestral_split, guide
+from t2i.sampling.guidance import guide
+from t2i.sampling.samplers import ancestral_split
 
+from .spec_cfg_pp import SPEC_CFG_PP, SpecNoise, plain_cfg, spec_dpmpp_2s_ancestral_cfg_pp, spec_split
 from .toy import COND_MEAN, VARIANCE, exact_ode, gaussian_x0, nonlinear_pair, same_pair, sampler_tolerance
 
 F64 = torch.float64
@@ -113,73 +115,6 @@ def test_model_is_never_evaluated_at_sigma_zero(name):
 
 # --- the spec's formulas, transcribed independently -----------------------------------------
 
-class SpecNoise:
-    def __init__(self, x, seed):
-        self.generator = torch.Generator().manual_seed(seed)
-        self.x = x
-        self.draws = 0
-
-    def __call__(self):
-        self.draws += 1
-        return torch.randn(self.x.shape, generator=self.generator, dtype=self.x.dtype)
-
-
-def spec_split(a, b):
-    up = min(b, math.sqrt(b * b * (a * a - b * b) / (a * a)))
-    return math.sqrt(b * b - up * up), up
-
-
-def spec_euler_cfg_pp(denoiser, x, sigmas, cfg, seed):
-    for i in range(len(sigmas) - 1):
-        s, s1 = float(sigmas[i]), float(sigmas[i + 1])
-        c, u = denoiser(x, s)
-        d = u + cfg * (c - u)
-        x = d if s1 == 0 else d + s1 * (x - u) / s
-    return x
-
-
-def spec_euler_ancestral_cfg_pp(denoiser, x, sigmas, cfg, seed):
-    eps = SpecNoise(x, seed)
-    for i in range(len(sigmas) - 1):
-        s, s1 = float(sigmas[i]), float(sigmas[i + 1])
-        c, u = denoiser(x, s)
-        d = u + cfg * (c - u)
-        if s1 == 0:
-            x = d
-        else:
-            down, up = spec_split(s, s1)
-            x = d + down * (x - u) / s + up * eps()
-    return x
-
-
-def spec_dpmpp_2s_ancestral_cfg_pp(denoiser, x, sigmas, cfg, seed):
-    eps = SpecNoise(x, seed)
-    for i in range(len(sigmas) - 1):
-        s, s1 = float(sigmas[i]), float(sigmas[i + 1])
-        c, u = denoiser(x, s)
-        d = u + cfg * (c - u)
-        down, up = spec_split(s, s1) if s1 > 0 else (0.0, 0.0)
-        if down == 0:
-            x = d
-            continue
-        h = math.log(s) - math.log(down)
-        s_s = math.sqrt(s * down)
-        x2 = (s_s / s) * (x + d - u) - math.expm1(-h / 2) * d
-        c2, u2 = denoiser(x2, s_s)
-        d2 = u2 + cfg * (c2 - u2)
-        x = (down / s) * (x + d - u2) - math.expm1(-h) * d2
-        if s1 > 0:
-            x = x + up * eps()
-    return x
-
-
-SPEC_CFG_PP = {
-    "euler_cfg_pp": spec_euler_cfg_pp,
-    "euler_ancestral_cfg_pp": spec_euler_ancestral_cfg_pp,
-    "dpmpp_2s_ancestral_cfg_pp": spec_dpmpp_2s_ancestral_cfg_pp,
-}
-
-
 def float_sigma_pair(x, sigma):
     return nonlinear_pair(x, float(sigma))
 
@@ -191,7 +126,7 @@ def test_cfg_pp_samplers_follow_the_spec_formulas(name, scheduler, steps, cfg_sc
     sigmas = get_sigmas(scheduler, steps).to(F64)
     x = start(sigmas)
     ours = sample(name, float_sigma_pair, x.clone(), sigmas, cfg_scale=cfg_scale, seed=3)
-    spec = SPEC_CFG_PP[name](float_sigma_pair, x.clone(), sigmas, cfg_scale, seed=3)
+    spec = SPEC_CFG_PP[name](float_sigma_pair, x.clone(), sigmas, plain_cfg(cfg_scale), seed=3)
     assert (ours - spec).abs().max() <= sampler_tolerance(x, sigmas)
 
 
@@ -221,7 +156,7 @@ def test_dpmpp_2s_ancestral_cfg_pp_mixes_first_denoised_with_midpoint_uncond():
         return x
 
     wrong = variant_with_first_uncond(float_sigma_pair, x.clone(), sigmas, 1.5, 9)
-    right = spec_dpmpp_2s_ancestral_cfg_pp(float_sigma_pair, x.clone(), sigmas, 1.5, 9)
+    right = spec_dpmpp_2s_ancestral_cfg_pp(float_sigma_pair, x.clone(), sigmas, plain_cfg(1.5), 9)
     assert (ours - right).abs().max() <= sampler_tolerance(x, sigmas)
     assert (ours - wrong).abs().max() > 1e-3 > 100 * sampler_tolerance(x, sigmas)
 

@@ -58,3 +58,30 @@ def sampler_tolerance(x_start: torch.Tensor, sigmas: torch.Tensor) -> float:
     steps = len(sigmas) - 1
     return elementwise_bound(eps=EPS64, magnitude=x_start.abs().max().item(), operations=steps * OPERATIONS_PER_STEP)
 
+
+
+# --- the toys as a v-prediction network ------------------------------------------------------
+
+def velocity(x: torch.Tensor, sigma, x0: torch.Tensor) -> torch.Tensor:
+    """The velocity a v-prediction network outputs at (x, sigma) for the clean estimate x0:
+    v = alpha * eps - s * x0 with alpha = 1 / sqrt(sigma^2 + 1), s = sigma * alpha and
+    eps = (x - x0) / sigma (Salimans and Ho 2022, with sigma_data = 1), written out."""
+    alpha = 1 / torch.sqrt(sigma**2 + 1)
+    return alpha * (x - x0) / sigma - sigma * alpha * x0
+
+
+def v_network(x_in: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    """nonlinear_pair as a v-prediction UNet sees it: its input is x / sqrt(sigma^2 + 1), its
+    outputs are the (cond, uncond) velocities."""
+    s = as_column(sigma, x_in)
+    x = x_in * torch.sqrt(s**2 + 1)
+    cond, uncond = nonlinear_pair(x, s)
+    return velocity(x, s, cond), velocity(x, s, uncond)
+
+
+# Rounding operations the v-parameterisation adds to a sampler step on these toys, counted
+# generously: per evaluation the input scale (4), the network's own undoing of it (3), two
+# velocities (8 each) and two conversions back to x0 (6 each), about 35; RescaleCFG's
+# elementwise part (two velocities, the guided one, the mix and back: about 20). Two
+# evaluations in a two-stage step, and twice that for the rest, as OPERATIONS_PER_STEP counts.
+V_OPERATIONS_PER_STEP = 256

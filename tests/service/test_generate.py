@@ -121,6 +121,9 @@ INVALID = [
     ("cfgScale", dict(cfg_scale=float("inf")), "invalid cfgScale inf", "finite number from 0 to 30"),
     ("cfgScale", dict(cfg_scale=-0.5), "invalid cfgScale -0.5", "from 0 to 30"),
     ("cfgScale", dict(cfg_scale=30.5), "invalid cfgScale 30.5", "from 0 to 30"),
+    ("cfgRescale", dict(cfg_rescale=-0.25), "invalid cfgRescale -0.25", "finite number from 0 (plain cfg) to 1"),
+    ("cfgRescale", dict(cfg_rescale=1.01), "invalid cfgRescale 1.01", "finite number from 0 (plain cfg) to 1"),
+    ("cfgRescale", dict(cfg_rescale=float("nan")), "invalid cfgRescale nan", "finite number from 0 (plain cfg) to 1"),
     ("seed", dict(seed=-2), "invalid seed -2", f"-1 (random) or 0 to {MAX_SEED}"),
     ("seed", dict(seed=-(2**63)), f"invalid seed {-(2**63)}", "-1 (random)"),
     ("samplerName", dict(sampler="dpmpp_2m"), "invalid samplerName 'dpmpp_2m'", "must be one of euler, euler_cfg_pp"),
@@ -147,6 +150,8 @@ def test_boundary_values_are_accepted(client):
     assert result.seeds == [MAX_SEED]
     assert png_pixels(result.images[0]).shape == (64, 64, 3)
     client.generate(longest, width=64, height=72, steps=1, cfg_scale=30.0, seed=0)
+    for rescale in (0.0, 1.0):  # RescaleCFG's range ends, on an epsilon model too
+        client.generate("a", width=64, height=64, steps=2, cfg_scale=7.0, seed=0, cfg_rescale=rescale)
 
 
 def test_a_prompt_over_the_chunk_cap_is_refused_with_its_token_count(client):

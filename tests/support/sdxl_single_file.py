@@ -38,14 +38,17 @@ OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 StateDict = dict[str, torch.Tensor]
 
 
-def write_single_file_checkpoint(diffusers_dir: pathlib.Path, out_file: pathlib.Path) -> None:
+def write_single_file_checkpoint(
+    diffusers_dir: pathlib.Path, out_file: pathlib.Path, extra: Mapping[str, torch.Tensor] | None = None
+) -> None:
     """Convert an SDXL pipeline saved in diffusers layout (unet/, vae/, text_encoder/, text_encoder_2/ with
     safetensors weights) into ONE original-format (Stability "SGM"/ldm layout, as distributed on Civitai,
     e.g. Illustrious-XL) .safetensors checkpoint, so that
 
         StableDiffusionXLPipeline.from_single_file(out_file, config=str(diffusers_dir), local_files_only=True)
 
-    rebuilds exactly the same weights."""
+    rebuilds exactly the same weights. `extra` tensors are written beside the weights, as marker
+    keys such as NoobAI-XL v-pred's empty `v_pred` and `ztsnr` are."""
     diffusers_dir = pathlib.Path(diffusers_dir)
     out_file = pathlib.Path(out_file)
 
@@ -66,6 +69,10 @@ def write_single_file_checkpoint(diffusers_dir: pathlib.Path, out_file: pathlib.
             # safetensors refuses views (e.g. a transpose) and tensors that share storage.
             checkpoint[prefix + key] = tensor.contiguous()
 
+    for key, tensor in (extra or {}).items():
+        if key in checkpoint:
+            raise ValueError(f"extra key {key!r} would overwrite a weight")
+        checkpoint[key] = tensor.contiguous()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(checkpoint, str(out_file), metadata={"format": "pt"})
 

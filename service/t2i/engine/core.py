@@ -27,7 +27,7 @@ from .. import metrics
 from ..errors import InternalError, ServiceError
 from ..lora import text_encoder_wrapper
 from ..models.loader import LoadedModel
-from ..sampling import AncestralNoise, SamplingRun, compute_sigmas, guide, initial_noise, latent_shape, starting_latent
+from ..sampling import AncestralNoise, SamplingRun, compute_sigmas, initial_noise, latent_shape, starting_latent
 from .batching import Batcher, StepPlan
 from .denoise import evaluate, size_conditioning
 from .request import EngineRequest, RequestState
@@ -114,6 +114,7 @@ class EngineCore:
         now = time.monotonic()
         for request, (cond, uncond) in zip(outputs.ran, outputs.predictions):
             step = request.run.step
+            x_evaluated, sigma = request.run.pending
             try:
                 request.run.advance(cond, uncond)
             except Exception as error:
@@ -129,8 +130,9 @@ class EngineCore:
                 and request.run.step % request.params.preview_every_steps == 0
                 and now - request.last_preview >= self.preview_interval
             ):
-                # The guided prediction of the clean latent at this step: what a preview shows.
-                request.preview_latent = guide(cond, uncond, request.params.cfg_scale)
+                # The guided prediction of the clean latent at this step, guided as the sampler
+                # guides it (RescaleCFG included): what a preview shows.
+                request.preview_latent = request.run.guidance(x_evaluated, sigma, cond, uncond)
                 request.last_preview = now
             if request.run.done:
                 self.batcher.charge(request, request.decode_work)
@@ -185,9 +187,11 @@ class EngineCore:
     @staticmethod
     def _start_sampling(model: LoadedModel, request: EngineRequest) -> None:
         p = request.params
+        # The model's own table: a zero-terminal-SNR model schedules from its sigma_max of about
+        # 4.5e3, and the start-noise rule below compares with that.
         sigmas = compute_sigmas(model.sigma_table, p.scheduler, p.steps, p.sampler)
         # One draw for the whole batch of images, as ComfyUI's EmptyLatentImage + KSampler make it.
         noise = initial_noise(request.seed, (request.samples, *latent_shape(p.height, p.width)[1:])).to(model.device)
         x = starting_latent(noise, float(sigmas[0]), model.sigma_table.sigma_max)
         request.time_ids = size_conditioning(p.height, p.width, model.device)
-        request.run = SamplingRun(p.sampler, x, sigmas, p.cfg_scale, AncestralNoise(request.seed, x))
+        request.run = SamplingRun(p.sampler, x, sigmas, p.cfg_scale, AncestralNoise(request.seed, x), p.cfg_rescale)

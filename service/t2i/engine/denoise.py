@@ -2,14 +2,19 @@
 
 Each request contributes two rows, cond and uncond, so guidance costs one forward, not two.
 Rows carry their own integer timestep, text context, pooled embedding and size conditioning.
-The model is an epsilon-predictor; the samplers want x0-predictions (docs/sampling.md):
+The samplers want x0-predictions; the model's prediction kind says how to read the UNet's
+output (sampling/prediction.py, docs/sampling.md "The denoiser"):
 
-    eps = unet(x / sqrt(sigma^2 + 1), t(sigma), text)     x0 = x - sigma * eps
+    out = unet(x / sqrt(sigma^2 + 1), t(sigma), text)
+    epsilon:       x0 = x - sigma * out
+    v_prediction:  x0 = x / (sigma^2 + 1) - out * sigma / sqrt(sigma^2 + 1)
+
+t(sigma) is looked up in the model's own sigma table (zero-terminal-SNR ones included). A
+forward serves one model, so all its rows are read the same way.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ from torch import Tensor
 
 from ..lora import UNET, LoadedLora, batched_loras, unet_rows
 from ..models.loader import LoadedModel
+from ..sampling import input_scale, to_x0
 from .text import TextConditioning
 
 
@@ -70,7 +76,7 @@ def evaluate(model: LoadedModel, batch: Sequence[UNetInput]) -> list[tuple[Tenso
     rows = torch.tensor([2 * n for n in counts], device=device)
     sigmas = [e.sigma for e in batch]
     sigma_column = torch.tensor(sigmas, dtype=x.dtype, device=device).repeat_interleave(rows).view(-1, 1, 1, 1)
-    scale_in = torch.tensor([1.0 / math.sqrt(s * s + 1.0) for s in sigmas], dtype=x.dtype, device=device).repeat_interleave(rows)
+    scale_in = torch.tensor([input_scale(s) for s in sigmas], dtype=x.dtype, device=device).repeat_interleave(rows)
     timesteps = torch.tensor([float(model.sigma_table.timestep(s)) for s in sigmas], device=device).repeat_interleave(rows)
     context, mask = stack_contexts([c.context for e, n in zip(batch, counts) for c in (e.cond, e.uncond) for _ in range(n)])
     pooled = torch.cat([c.pooled.expand(n, -1) for e, n in zip(batch, counts) for c in (e.cond, e.uncond)])
@@ -81,14 +87,14 @@ def evaluate(model: LoadedModel, batch: Sequence[UNetInput]) -> list[tuple[Tenso
     if any(e.loras for e in batch):
         loras = batched_loras(model.unet, UNET, unet_rows([e.loras for e in batch], [2 * n for n in counts]))
     with loras:
-        eps = model.unet(
+        output = model.unet(
             (x * scale_in.view(-1, 1, 1, 1)).to(dtype),
             timesteps,
             encoder_hidden_states=context,
             encoder_attention_mask=mask,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(dtype)},
         ).sample
-    x0 = x - sigma_column * eps.to(x.dtype)
+    x0 = to_x0(model.prediction, x, sigma_column, output.to(x.dtype))
     outputs, start = [], 0
     for n in counts:
         outputs.append((x0[start : start + n], x0[start + n : start + 2 * n]))

@@ -180,7 +180,8 @@ class ImageFinisher:
         and the ComfyUI graph, which is the same for all of them."""
         model = self.models[request.params.model_id]
         lora_hashes = {lora.weights.name: lora.weights.sha256 for lora in request.loras}
-        graph = recipe.comfyui_prompt(request.params, request.seed, model.spec.path.name)
+        graph = recipe.comfyui_prompt(request.params, request.seed, model.spec.path.name, model.prediction,
+                                      model.kind.zero_terminal_snr)
         return [
             {"parameters": recipe.parameters(request.params, request.seed, model.spec.path.stem, model.sha256, lora_hashes, index),
              "prompt": graph}

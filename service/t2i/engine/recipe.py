@@ -4,14 +4,17 @@
 
     <prompt> <lora:NAME:STRENGTH>...
     Negative prompt: <negative prompt>
-    Steps: 28, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: ..., Model: ..., Lora hashes: "NAME: HASH, ..."
+    Steps: 28, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, CFG Rescale φ: 0.7, Seed: 1, Size: 512x512, Model hash: ..., Model: ..., Lora hashes: "NAME: HASH, ..."
 
 (A1111's sampler and schedule display names; its short model hash, the first 10 hex digits of
 the SHA-256 of the checkpoint file; its LoRA hash, 12 hex digits of the SHA-256 of the tensor
-data; a value with a comma, colon or quote is JSON-quoted, as A1111 quotes it.) `prompt` is
-the equivalent ComfyUI API-format graph: checkpoint loader, the LoRA loaders, two text encodes,
-an empty latent of the batch size, KSampler, VAE decode and save, so that dropping the image
-into ComfyUI gives the same settings.
+data; a value with a comma, colon or quote is JSON-quoted, as A1111 quotes it; `CFG Rescale φ`,
+as A1111's CFG-rescale option writes it, only when the request has one.) `prompt` is the
+equivalent ComfyUI API-format graph: checkpoint loader, a ModelSamplingDiscrete node for a
+v-prediction model (the graph must say so: a diffusers folder, or a models file that sets the
+prediction, is not what ComfyUI reads from the file), the LoRA loaders, a RescaleCFG node when
+the request has cfgRescale, two text encodes, an empty latent of the batch size, KSampler, VAE
+decode and save, so that dropping the image into ComfyUI gives the same settings.
 
 `parameters` is read by lines: A1111 takes its last line as the settings and a line starting
 with "Negative prompt:" as the start of the negative prompt, so a prompt's own line breaks
@@ -29,12 +32,15 @@ import re
 
 from .. import __version__
 from ..domain import GenerateRequest
+from ..sampling import EPSILON, V_PREDICTION
 
 A1111_SAMPLERS = {
     "euler": "Euler", "euler_ancestral": "Euler a", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
     "dpmpp_2s_ancestral": "DPM++ 2S a", "euler_cfg_pp": "Euler CFG++", "euler_ancestral_cfg_pp": "Euler a CFG++",
     "dpmpp_2s_ancestral_cfg_pp": "DPM++ 2S a CFG++",
 }
+# ModelSamplingDiscrete's names for the prediction types.
+COMFYUI_SAMPLING = {EPSILON: "eps", V_PREDICTION: "v_prediction"}
 A1111_SCHEDULES = {
     "normal": "Normal", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
     "simple": "Simple", "ddim_uniform": "DDIM", "beta": "Beta",
@@ -79,6 +85,10 @@ def parameters(request: GenerateRequest, seed: int, model_name: str, model_hash:
         "Sampler": A1111_SAMPLERS[request.sampler],
         "Schedule type": A1111_SCHEDULES[request.scheduler],
         "CFG scale": f"{request.cfg_scale:g}",
+    }
+    if request.cfg_rescale > 0:
+        fields["CFG Rescale φ"] = f"{request.cfg_rescale:g}"
+    fields |= {
         "Seed": str(seed),
         "Size": f"{request.width}x{request.height}",
     }
@@ -94,16 +104,26 @@ def parameters(request: GenerateRequest, seed: int, model_name: str, model_hash:
     return "\n".join(lines)
 
 
-def comfyui_prompt(request: GenerateRequest, seed: int, checkpoint: str) -> str:
+def comfyui_prompt(request: GenerateRequest, seed: int, checkpoint: str, prediction_type: str = EPSILON,
+                   zero_terminal_snr: bool = False) -> str:
     """The ComfyUI API-format graph that makes the same image (as a JSON string)."""
     graph: dict[str, dict] = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}}
     model, clip = ["4", 0], ["4", 1]
-    for number, lora in enumerate(request.loras, start=10):
+    number = 10  # nodes added in a chain are numbered from here, in order
+    if prediction_type != EPSILON or zero_terminal_snr:
+        graph[str(number)] = {"class_type": "ModelSamplingDiscrete", "inputs": {
+            "sampling": COMFYUI_SAMPLING[prediction_type], "zsnr": zero_terminal_snr, "model": model,
+        }}
+        model, number = [str(number), 0], number + 1
+    for lora in request.loras:
         graph[str(number)] = {"class_type": "LoraLoader", "inputs": {
             "lora_name": f"{lora.name}.safetensors", "strength_model": lora.strength, "strength_clip": lora.clip_strength,
             "model": model, "clip": clip,
         }}
-        model, clip = [str(number), 0], [str(number), 1]
+        model, clip, number = [str(number), 0], [str(number), 1], number + 1
+    if request.cfg_rescale > 0:
+        graph[str(number)] = {"class_type": "RescaleCFG", "inputs": {"multiplier": request.cfg_rescale, "model": model}}
+        model, number = [str(number), 0], number + 1
     graph["6"] = {"class_type": "CLIPTextEncode", "inputs": {"text": request.prompt, "clip": clip}}
     graph["7"] = {"class_type": "CLIPTextEncode", "inputs": {"text": request.negative_prompt, "clip": clip}}
     graph["5"] = {"class_type": "EmptyLatentImage", "inputs": {

@@ -13,6 +13,8 @@ Example (YAML)::
         embeddings_dir: /models/embeddings   # optional: SDXL textual inversions (.safetensors)
         lora_dir: /models/loras              # optional: LoRAs requests may name (.safetensors)
         max_prompt_chunks: 8   # optional: longest prompt, in chunks of 75 CLIP tokens
+        prediction_type: v_prediction   # optional: epsilon or v_prediction (default: read from the checkpoint)
+        zero_terminal_snr: true         # optional (default: read from the checkpoint; v_prediction only)
 
 A file that cannot be used is a ModelsFileError whose message is one line: the file, where in
 it (`models[0].colour`), and what is allowed there, so `t2i serve` and `t2i up` can say it and
@@ -22,6 +24,7 @@ exit with status 2 before anything starts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -60,12 +63,24 @@ class ModelSpec(BaseModel):
     max_loras_per_request: int = Field(default=5, ge=0, le=16)
     # Device memory LoRA weights may hold (least recently used ones are evicted beyond it).
     lora_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
+    # What the UNet predicts and whether its sigma table has zero terminal SNR. Unset: read
+    # from the checkpoint as ComfyUI reads it (models/kind.py); set: that, whatever the file says.
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    zero_terminal_snr: bool | None = None
     demo: bool = False
 
     @model_validator(mode="after")
     def _sizes_are_consistent(self) -> ModelSpec:
         if self.min_size % 8 or self.max_size % 8 or self.min_size > self.max_size:
             raise ValueError(f"min_size {self.min_size} and max_size {self.max_size} must be multiples of 8 with min <= max")
+        return self
+
+    @model_validator(mode="after")
+    def _zero_terminal_snr_needs_v_prediction(self) -> ModelSpec:
+        # At zero terminal SNR the last timestep is pure noise, where an epsilon model's
+        # x0 = x - sigma * eps multiplies every error by sigma (about 4.5e3): no usable image.
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("zero_terminal_snr: true needs prediction_type v_prediction (or unset), got epsilon")
         return self
 
     @property
@@ -136,6 +151,10 @@ def _problem(error: dict) -> str:
     if error["type"] == "extra_forbidden":
         allowed = ModelSpec.model_fields if parents else ModelsFile.model_fields
         return f"{where}: unknown key {last!r}; the keys allowed here are {', '.join(allowed)}"
+    if error["type"] in ("bool_type", "bool_parsing"):
+        return f"{where}: must be true or false, got {error['input']!r}"
+    if error["type"] == "literal_error":
+        return f"{where}: must be one of {error['ctx']['expected'].replace(' or ', ', ')}, got {error['input']!r}"
     if error["type"] == "missing":
         return f"{where}: missing; every model needs {', '.join(n for n, f in ModelSpec.model_fields.items() if f.is_required())}"
     message = error["msg"].removeprefix("Value error, ")

@@ -6,6 +6,10 @@ exactly as diffusers loads them:
 - a single-file original-format `.safetensors` (how Illustrious-XL is distributed), which also
   needs `config:` pointing at a diffusers-layout folder with the SDXL configs and tokenizers,
   because nothing may be fetched from a model hub at run time.
+
+What the UNet predicts (epsilon or v_prediction) and whether its sigma table has zero terminal
+SNR is settled before any weight is read (kind.py): a checkpoint of a kind that is not served
+is refused at once, naming what was found.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..prompts.embeddings import Embeddings, load_embeddings
 from ..sampling import SigmaTable, scaled_linear_betas
 from .config import ModelSpec
 from .hashing import hash_in_background
+from .kind import ModelKind, detect
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,8 @@ class LoadedModel:
     sigma_table: SigmaTable
     attention: str
     load_seconds: float
+    # What the UNet predicts and how the table was built (kind.py); evaluate() reads its output by it.
+    kind: ModelKind = field(default_factory=ModelKind)
     # Textual inversions from spec.embeddings_dir, on the device in the encoders' dtype.
     embeddings: Embeddings = field(default_factory=Embeddings)
     # LoRAs from spec.lora_dir (None without one) and their device-resident weights.
@@ -54,9 +61,16 @@ class LoadedModel:
     def id(self) -> int:
         return self.spec.id
 
+    @property
+    def prediction(self) -> str:
+        return self.kind.prediction_type
+
     def info(self) -> ModelInfo:
         """What callers see of the model, including what is only known once loaded."""
-        return replace(self.spec.info(), embeddings=self.embeddings.names)
+        return replace(
+            self.spec.info(), embeddings=self.embeddings.names, prediction_type=self.kind.prediction_type,
+            zero_terminal_snr=self.kind.zero_terminal_snr,
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +93,7 @@ def load_model(spec: ModelSpec, device: torch.device, attention: str = "auto") -
     diffusers_logging.disable_progress_bar()
 
     started = time.perf_counter()
+    kind = detect(spec)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if spec.single_file:
         if spec.config is None:
@@ -92,7 +107,7 @@ def load_model(spec: ModelSpec, device: torch.device, attention: str = "auto") -
     else:
         pipeline = StableDiffusionXLPipeline.from_pretrained(spec.path, dtype=dtype, local_files_only=True)
 
-    table = _sigma_table(spec, dict(pipeline.scheduler.config))
+    table = _sigma_table(spec, dict(pipeline.scheduler.config), kind.zero_terminal_snr)
     unet, vae = pipeline.unet, pipeline.vae
     text_encoders = (pipeline.text_encoder, pipeline.text_encoder_2)
     # The SDXL VAE overflows in fp16 (NaN or black images); its config asks for an fp32 decode.
@@ -113,7 +128,8 @@ def load_model(spec: ModelSpec, device: torch.device, attention: str = "auto") -
     seconds = time.perf_counter() - started
     log.info(
         "model loaded",
-        extra={"model_id": spec.id, "device": str(device), "dtype": str(dtype), "attention": backend, "seconds": round(seconds, 2)},
+        extra={"model_id": spec.id, "device": str(device), "dtype": str(dtype), "attention": backend, "seconds": round(seconds, 2),
+               "prediction_type": kind.prediction_type, "zero_terminal_snr": kind.zero_terminal_snr, "kind_from": kind.source},
     )
     model = LoadedModel(
         spec=spec,
@@ -127,6 +143,7 @@ def load_model(spec: ModelSpec, device: torch.device, attention: str = "auto") -
         sigma_table=table,
         attention=backend,
         load_seconds=seconds,
+        kind=kind,
         embeddings=embeddings,
         loras=loras,
         lora_cache=cache,
@@ -156,10 +173,8 @@ def select_attention(unet: torch.nn.Module, device: torch.device, requested: str
     return "sdpa"
 
 
-def _sigma_table(spec: ModelSpec, scheduler_config: dict) -> SigmaTable:
-    prediction = scheduler_config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise ValueError(f"model {spec.id}: prediction_type {prediction!r} is not supported (only epsilon models)")
+def _sigma_table(spec: ModelSpec, scheduler_config: dict, zero_terminal_snr: bool) -> SigmaTable:
+    # The prediction type was settled by kind.detect; the betas come from the scheduler config.
     schedule = scheduler_config.get("beta_schedule", "scaled_linear")
     if schedule != "scaled_linear":
         raise ValueError(f"model {spec.id}: beta_schedule {schedule!r} is not supported (only scaled_linear)")
@@ -168,5 +183,6 @@ def _sigma_table(spec: ModelSpec, scheduler_config: dict) -> SigmaTable:
             scheduler_config.get("beta_start", 0.00085),
             scheduler_config.get("beta_end", 0.012),
             scheduler_config.get("num_train_timesteps", 1000),
-        )
+        ),
+        zero_terminal_snr,
     )

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from .guidance import Guidance
 from .names import SAMPLER_NAMES, check_name
 from .samplers import SAMPLERS, Evaluation, NoiseSource, evaluations_per_step
 
@@ -16,7 +17,8 @@ class SamplingRun:
     """Wraps one sampler program.
 
     `pending` is the (x, sigma) the program waits to have evaluated, or None once finished;
-    `advance(cond, uncond)` hands it the two x0-predictions at that point.
+    `advance(cond, uncond)` hands it the two x0-predictions at that point. `cfg_rescale` is
+    RescaleCFG's multiplier (0: plain cfg); `guidance` is what the program guides with.
     """
 
     def __init__(
@@ -26,6 +28,7 @@ class SamplingRun:
         sigmas: Sequence[float] | Tensor,
         cfg_scale: float,
         noise: NoiseSource,
+        cfg_rescale: float = 0.0,
     ) -> None:
         check_name("sampler", sampler, SAMPLER_NAMES)
         sigma_list = [float(s) for s in sigmas]
@@ -39,7 +42,8 @@ class SamplingRun:
         self.evaluations_done = 0
         self.result: Tensor | None = None
         self.pending: Evaluation | None = None
-        self._program = SAMPLERS[sampler](x, sigma_list, float(cfg_scale), noise)
+        self.guidance = Guidance(float(cfg_scale), float(cfg_rescale))
+        self._program = SAMPLERS[sampler](x, sigma_list, self.guidance, noise)
         self._resume(None)
 
     @property

@@ -2,14 +2,18 @@
 
 A sampler here is a generator function::
 
-    program = SAMPLERS[name](x, sigmas, cfg_scale, noise)
+    program = SAMPLERS[name](x, sigmas, guidance, noise)
     x, sigma = next(program)                  # "evaluate the model at (x, sigma)"
     x, sigma = program.send((cond, uncond))   # x0-predictions for prompt and negative prompt
     ...                                       # StopIteration.value is the final latent
 
 It never calls a model itself. That is what lets the serving engine put requests at different
-steps, with different samplers, schedules and cfg scales, into one batched UNet forward: it
+steps, with different samplers, schedules and guidance, into one batched UNet forward: it
 collects every request's pending (x, sigma), runs one forward, and sends each its own pair.
+
+`guidance(x, sigma, cond, uncond)` (guidance.py) turns the pair evaluated at (x, sigma) into the
+guided x0-prediction: plain cfg, or RescaleCFG. The CFG++ samplers also use `uncond` on its own,
+as it came from the model: RescaleCFG changes only the guided prediction (docs/sampling.md).
 
 `noise()` returns the request's next ancestral noise draw; it is injected so that each request
 owns its generator and the result never depends on who shared the batch. Sigmas arrive as
@@ -23,13 +27,14 @@ from collections.abc import Callable, Generator, Sequence
 
 from torch import Tensor
 
+from .guidance import Guidance
 from .names import SAMPLER_NAMES
 
 Evaluation = tuple[Tensor, float]
 Prediction = tuple[Tensor, Tensor]
 Program = Generator[Evaluation, Prediction, Tensor]
 NoiseSource = Callable[[], Tensor]
-Sampler = Callable[[Tensor, Sequence[float], float, NoiseSource], Program]
+Sampler = Callable[[Tensor, Sequence[float], Guidance, NoiseSource], Program]
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -37,11 +42,6 @@ Sampler = Callable[[Tensor, Sequence[float], float, NoiseSource], Program]
 def steps(sigmas: Sequence[float]) -> zip:
     """(sigma_i, sigma_i+1) for every step of the run."""
     return zip(sigmas[:-1], sigmas[1:])
-
-
-def guide(cond: Tensor, uncond: Tensor, cfg_scale: float) -> Tensor:
-    """Classifier-free guidance on x0-predictions."""
-    return uncond + (cond - uncond) * cfg_scale
 
 
 def to_derivative(x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
@@ -65,18 +65,18 @@ def log_midpoint(a: float, b: float) -> float:
 
 # --- first-order ---------------------------------------------------------------------------
 
-def euler(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise: NoiseSource) -> Program:
+def euler(x: Tensor, sigmas: Sequence[float], guidance: Guidance, noise: NoiseSource) -> Program:
     for sigma, sigma_next in steps(sigmas):
         cond, uncond = yield x, sigma
-        denoised = guide(cond, uncond, cfg_scale)
+        denoised = guidance(x, sigma, cond, uncond)
         x = x + to_derivative(x, denoised, sigma) * (sigma_next - sigma)
     return x
 
 
-def euler_ancestral(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise: NoiseSource) -> Program:
+def euler_ancestral(x: Tensor, sigmas: Sequence[float], guidance: Guidance, noise: NoiseSource) -> Program:
     for sigma, sigma_next in steps(sigmas):
         cond, uncond = yield x, sigma
-        denoised = guide(cond, uncond, cfg_scale)
+        denoised = guidance(x, sigma, cond, uncond)
         down, up = ancestral_split(sigma, sigma_next)
         if down == 0:
             x = denoised
@@ -85,12 +85,12 @@ def euler_ancestral(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise:
     return x
 
 
-def euler_cfg_pp(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise: NoiseSource) -> Program:
+def euler_cfg_pp(x: Tensor, sigmas: Sequence[float], guidance: Guidance, noise: NoiseSource) -> Program:
     # CFG++: the guided prediction is the target, but the way back up to the next noise level
     # follows the unconditional estimate.
     for sigma, sigma_next in steps(sigmas):
         cond, uncond = yield x, sigma
-        denoised = guide(cond, uncond, cfg_scale)
+        denoised = guidance(x, sigma, cond, uncond)
         if sigma_next == 0:
             x = denoised
         else:
@@ -98,10 +98,10 @@ def euler_cfg_pp(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise: No
     return x
 
 
-def euler_ancestral_cfg_pp(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise: NoiseSource) -> Program:
+def euler_ancestral_cfg_pp(x: Tensor, sigmas: Sequence[float], guidance: Guidance, noise: NoiseSource) -> Program:
     for sigma, sigma_next in steps(sigmas):
         cond, uncond = yield x, sigma
-        denoised = guide(cond, uncond, cfg_scale)
+        denoised = guidance(x, sigma, cond, uncond)
         if sigma_next == 0:
             x = denoised
         else:
@@ -112,25 +112,25 @@ def euler_ancestral_cfg_pp(x: Tensor, sigmas: Sequence[float], cfg_scale: float,
 
 # --- two-stage -----------------------------------------------------------------------------
 
-def dpm_2(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise: NoiseSource) -> Program:
+def dpm_2(x: Tensor, sigmas: Sequence[float], guidance: Guidance, noise: NoiseSource) -> Program:
     for sigma, sigma_next in steps(sigmas):
         cond, uncond = yield x, sigma
-        d = to_derivative(x, guide(cond, uncond, cfg_scale), sigma)
+        d = to_derivative(x, guidance(x, sigma, cond, uncond), sigma)
         if sigma_next == 0:
             x = x + d * (sigma_next - sigma)
         else:
             sigma_mid = log_midpoint(sigma, sigma_next)
             x_mid = x + d * (sigma_mid - sigma)
             cond, uncond = yield x_mid, sigma_mid
-            d_mid = to_derivative(x_mid, guide(cond, uncond, cfg_scale), sigma_mid)
+            d_mid = to_derivative(x_mid, guidance(x_mid, sigma_mid, cond, uncond), sigma_mid)
             x = x + d_mid * (sigma_next - sigma)
     return x
 
 
-def dpm_2_ancestral(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise: NoiseSource) -> Program:
+def dpm_2_ancestral(x: Tensor, sigmas: Sequence[float], guidance: Guidance, noise: NoiseSource) -> Program:
     for sigma, sigma_next in steps(sigmas):
         cond, uncond = yield x, sigma
-        d = to_derivative(x, guide(cond, uncond, cfg_scale), sigma)
+        d = to_derivative(x, guidance(x, sigma, cond, uncond), sigma)
         down, up = ancestral_split(sigma, sigma_next)
         if down == 0:
             x = x + d * (down - sigma)
@@ -138,15 +138,15 @@ def dpm_2_ancestral(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise:
             sigma_mid = math.sqrt(sigma * down)
             x_mid = x + d * (sigma_mid - sigma)
             cond, uncond = yield x_mid, sigma_mid
-            d_mid = to_derivative(x_mid, guide(cond, uncond, cfg_scale), sigma_mid)
+            d_mid = to_derivative(x_mid, guidance(x_mid, sigma_mid, cond, uncond), sigma_mid)
             x = x + d_mid * (down - sigma) + noise() * up
     return x
 
 
-def dpmpp_2s_ancestral(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise: NoiseSource) -> Program:
+def dpmpp_2s_ancestral(x: Tensor, sigmas: Sequence[float], guidance: Guidance, noise: NoiseSource) -> Program:
     for sigma, sigma_next in steps(sigmas):
         cond, uncond = yield x, sigma
-        denoised = guide(cond, uncond, cfg_scale)
+        denoised = guidance(x, sigma, cond, uncond)
         down, up = ancestral_split(sigma, sigma_next)
         if down == 0:
             x = x + to_derivative(x, denoised, sigma) * (down - sigma)
@@ -156,16 +156,16 @@ def dpmpp_2s_ancestral(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noi
             sigma_mid = math.sqrt(sigma * down)
             x_mid = x * (sigma_mid / sigma) - denoised * math.expm1(-h / 2)
             cond, uncond = yield x_mid, sigma_mid
-            x = x * (down / sigma) - guide(cond, uncond, cfg_scale) * math.expm1(-h)
+            x = x * (down / sigma) - guidance(x_mid, sigma_mid, cond, uncond) * math.expm1(-h)
         if sigma_next > 0:
             x = x + noise() * up
     return x
 
 
-def dpmpp_2s_ancestral_cfg_pp(x: Tensor, sigmas: Sequence[float], cfg_scale: float, noise: NoiseSource) -> Program:
+def dpmpp_2s_ancestral_cfg_pp(x: Tensor, sigmas: Sequence[float], guidance: Guidance, noise: NoiseSource) -> Program:
     for sigma, sigma_next in steps(sigmas):
         cond, uncond = yield x, sigma
-        denoised = guide(cond, uncond, cfg_scale)
+        denoised = guidance(x, sigma, cond, uncond)
         down, up = ancestral_split(sigma, sigma_next)
         if down == 0:
             x = denoised
@@ -174,7 +174,7 @@ def dpmpp_2s_ancestral_cfg_pp(x: Tensor, sigmas: Sequence[float], cfg_scale: flo
             sigma_mid = math.sqrt(sigma * down)
             x_mid = (x + denoised - uncond) * (sigma_mid / sigma) - denoised * math.expm1(-h / 2)
             cond_mid, uncond_mid = yield x_mid, sigma_mid
-            denoised_mid = guide(cond_mid, uncond_mid, cfg_scale)
+            denoised_mid = guidance(x_mid, sigma_mid, cond_mid, uncond_mid)
             # The first evaluation's `denoised` meets the midpoint's uncond here: ComfyUI does
             # exactly this, and parity requires it (docs/sampling.md).
             x = (x + denoised - uncond_mid) * (down / sigma) - denoised_mid * math.expm1(-h)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateImageRequest(_message.Message):
-    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras", "num_images", "preview_every_steps", "omit_metadata", "output_format", "quality")
+    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras", "num_images", "preview_every_steps", "omit_metadata", "output_format", "quality", "cfg_rescale")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class GenerateImageRequest(_message.Message):
     OMIT_METADATA_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    CFG_RESCALE_FIELD_NUMBER: _ClassVar[int]
     model_id: int
     prompt: str
     negative_prompt: str
@@ -41,7 +42,8 @@ class GenerateImageRequest(_message.Message):
     omit_metadata: bool
     output_format: str
     quality: int
-    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ..., num_images: _Optional[int] = ..., preview_every_steps: _Optional[int] = ..., omit_metadata: _Optional[bool] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ...) -> None: ...
+    cfg_rescale: float
+    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ..., num_images: _Optional[int] = ..., preview_every_steps: _Optional[int] = ..., omit_metadata: _Optional[bool] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., cfg_rescale: _Optional[float] = ...) -> None: ...
 
 class LoraSettings(_message.Message):
     __slots__ = ("name", "strength", "strength_clip")
@@ -178,7 +180,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "name", "min_size", "max_size", "max_steps", "demo", "embeddings", "max_pixels", "max_prompt_chunks")
+    __slots__ = ("id", "name", "min_size", "max_size", "max_steps", "demo", "embeddings", "max_pixels", "max_prompt_chunks", "prediction_type", "zero_terminal_snr")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +190,8 @@ class Model(_message.Message):
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ZERO_TERMINAL_SNR_FIELD_NUMBER: _ClassVar[int]
     id: int
     name: str
     min_size: int
@@ -197,4 +201,6 @@ class Model(_message.Message):
     embeddings: _containers.RepeatedScalarFieldContainer[str]
     max_pixels: int
     max_prompt_chunks: int
-    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., demo: _Optional[bool] = ..., embeddings: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_prompt_chunks: _Optional[int] = ...) -> None: ...
+    prediction_type: str
+    zero_terminal_snr: bool
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., demo: _Optional[bool] = ..., embeddings: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_prompt_chunks: _Optional[int] = ..., prediction_type: _Optional[str] = ..., zero_terminal_snr: _Optional[bool] = ...) -> None: ...
