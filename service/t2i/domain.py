@@ -18,6 +18,25 @@ class LoraSpec:
         return self.strength if self.strength_clip is None else self.strength_clip
 
 
+RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")  # A1111's three, in its order
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")  # ComfyUI LatentUpscaleBy's
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A second pass at a larger size: the first pass's latent upscaled by `scale`
+    (ComfyUI's LatentUpscaleBy) and denoised again (a second KSampler), docs/image-to-image.md."""
+
+    scale: float = 0.0  # 1 < scale <= 4; 0 on the wire when left out (refused)
+    upscale_method: str = ""  # "" on the wire: nearest-exact
+    steps: int = 0  # 0: the request's steps
+    denoise: float = 0.5
+
+    @property
+    def method(self) -> str:
+        return self.upscale_method or UPSCALE_METHODS[0]
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """One generation, as validated by t2i.validation. The defaults are what the client and
@@ -42,10 +61,22 @@ class GenerateRequest:
     # RescaleCFG's multiplier phi, 0 to 1 (0: plain cfg); docs/sampling.md "RescaleCFG". Last,
     # so that positional construction keeps its meaning.
     cfg_rescale: float = 0.0
+    # Image to image (docs/image-to-image.md). `init_image` and `mask` are the caller's file
+    # bytes (PNG, JPEG or WebP), read by engine/pictures.py; width and height 0 with a picture:
+    # the picture's own size, cropped to multiples of 8.
+    init_image: bytes = field(default=b"", repr=False)
+    denoise: float = 1.0  # ComfyUI KSampler's denoise: 0 < denoise <= 1
+    mask: bytes = field(default=b"", repr=False)  # inpainting: white repaints, black keeps
+    resize_mode: str = ""  # "" on the wire: just-resize
+    hires_fix: HiresFix | None = None
 
     @property
     def image_format(self) -> str:
         return self.output_format or "png"
+
+    @property
+    def resize(self) -> str:
+        return self.resize_mode or RESIZE_MODES[0]
 
 
 @dataclass(frozen=True)
@@ -96,6 +127,7 @@ class StageTimes:
 
     queue_wait: float = 0.0
     text_encode: float = 0.0
+    vae_encode: float = 0.0  # image to image: the picture's VAE encode
     denoise: float = 0.0
     vae_decode: float = 0.0
     png_encode: float = 0.0

@@ -13,13 +13,18 @@ import typing
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
 from ..domain import (
-    Event, Failed, GenerateRequest, GenerateResult, LoraDescription, LoraSpec, ModelInfo, Preview, Progress, Queued, Started,
+    Event, Failed, GenerateRequest, GenerateResult, HiresFix, LoraDescription, LoraSpec, ModelInfo, Preview, Progress, Queued,
+    Started,
 )
 
 # domain field -> proto field, where the names differ (the proto keeps the documented JSON names)
 RENAMED = {GenerateRequest: {"sampler": "sampler_name"}}
-# domain field -> (domain class, proto message class) of fields that hold messages
-NESTED = {(GenerateRequest, "loras"): (LoraSpec, pb.LoraSettings)}
+# domain field -> (domain class, proto message class) of fields that hold messages (repeated
+# ones are tuples in the domain; a single one is None when the message is not set)
+NESTED = {
+    (GenerateRequest, "loras"): (LoraSpec, pb.LoraSettings),
+    (GenerateRequest, "hires_fix"): (HiresFix, pb.HiresFix),
+}
 
 
 def _pairs(cls: type) -> list[tuple[str, str]]:
@@ -36,7 +41,9 @@ def _from_pb(cls: type, message):
             continue  # unset: the domain default decides
         value = getattr(message, proto_name)
         nested = NESTED.get((cls, domain_name))
-        if nested is not None:
+        if nested is not None and not hasattr(value, "extend"):
+            value = _from_pb(nested[0], value) if message.HasField(proto_name) else None
+        elif nested is not None:
             value = tuple(_from_pb(nested[0], item) for item in value)
         elif hasattr(value, "extend"):
             # Repeated fields arrive as protobuf containers: the domain holds tuples or lists.
@@ -50,8 +57,10 @@ def _to_pb(message_type, value):
     for domain_name, proto_name in _pairs(type(value)):
         item = getattr(value, domain_name)
         nested = NESTED.get((type(value), domain_name))
-        if nested is not None:
+        if nested is not None and isinstance(item, tuple):
             item = [_to_pb(nested[1], element) for element in item]
+        elif nested is not None and item is not None:
+            item = _to_pb(nested[1], item)
         if item is not None:
             fields[proto_name] = item
     return message_type(**fields)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateImageRequest(_message.Message):
-    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras", "num_images", "preview_every_steps", "omit_metadata", "output_format", "quality", "cfg_rescale")
+    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras", "num_images", "preview_every_steps", "omit_metadata", "output_format", "quality", "cfg_rescale", "init_image", "denoise", "mask", "resize_mode", "hires_fix")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,11 @@ class GenerateImageRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     CFG_RESCALE_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    DENOISE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_MODE_FIELD_NUMBER: _ClassVar[int]
+    HIRES_FIX_FIELD_NUMBER: _ClassVar[int]
     model_id: int
     prompt: str
     negative_prompt: str
@@ -43,7 +48,24 @@ class GenerateImageRequest(_message.Message):
     output_format: str
     quality: int
     cfg_rescale: float
-    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ..., num_images: _Optional[int] = ..., preview_every_steps: _Optional[int] = ..., omit_metadata: _Optional[bool] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., cfg_rescale: _Optional[float] = ...) -> None: ...
+    init_image: bytes
+    denoise: float
+    mask: bytes
+    resize_mode: str
+    hires_fix: HiresFix
+    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ..., num_images: _Optional[int] = ..., preview_every_steps: _Optional[int] = ..., omit_metadata: _Optional[bool] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., cfg_rescale: _Optional[float] = ..., init_image: _Optional[bytes] = ..., denoise: _Optional[float] = ..., mask: _Optional[bytes] = ..., resize_mode: _Optional[str] = ..., hires_fix: _Optional[_Union[HiresFix, _Mapping]] = ...) -> None: ...
+
+class HiresFix(_message.Message):
+    __slots__ = ("scale", "upscale_method", "steps", "denoise")
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_METHOD_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DENOISE_FIELD_NUMBER: _ClassVar[int]
+    scale: float
+    upscale_method: str
+    steps: int
+    denoise: float
+    def __init__(self, scale: _Optional[float] = ..., upscale_method: _Optional[str] = ..., steps: _Optional[int] = ..., denoise: _Optional[float] = ...) -> None: ...
 
 class LoraSettings(_message.Message):
     __slots__ = ("name", "strength", "strength_clip")

@@ -75,6 +75,10 @@ class TextToImageServiceServicer:
         or the caller is rate limited, FAILED_PRECONDITION when the stardust balance is too low,
         UNAUTHENTICATED / PERMISSION_DENIED for a missing, unknown or revoked API key.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+
+        With init_image it is image to image (and inpainting with a mask); REST callers use
+        POST /image-to-image/generate for that, which requires init_image and accepts larger
+        bodies (see docs/rest-api.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
