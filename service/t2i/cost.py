@@ -9,7 +9,9 @@ turns. The constants are measured (`make bench-cost`, docs/benchmarks.md "cost")
   CONTEXT_COST_PER_EXTRA_CHUNK (cross-attention reads every context token);
 - a VAE decode costs DECODE_COST_IN_EVALUATIONS evaluations of the same image;
 - encoding one prompt chunk costs ENCODE_COST_PER_CHUNK megapixel-evaluations, whatever the
-  image size.
+  image size;
+- a VAE encode of a picture (image to image) costs IMAGE_ENCODE_COST_IN_EVALUATIONS evaluations
+  of the same size.
 
 Fractions, so that prices never round across an integer by float error.
 """
@@ -22,6 +24,9 @@ from fractions import Fraction
 CONTEXT_COST_PER_EXTRA_CHUNK = Fraction("0.06")
 DECODE_COST_IN_EVALUATIONS = Fraction("5")
 ENCODE_COST_PER_CHUNK = Fraction("0.002")
+# Measured on the demo model (CPU), docs/benchmarks.md "cost": the VAE's encoder is about half
+# its decoder.
+IMAGE_ENCODE_COST_IN_EVALUATIONS = Fraction("2.5")
 PIXELS_PER_MEGAPIXEL = 2**20
 
 
@@ -36,6 +41,11 @@ def evaluation_work(width: int, height: int, context_chunks: int, images: int = 
 
 def decode_work(width: int, height: int, images: int = 1) -> Fraction:
     return images * megapixels(width, height) * DECODE_COST_IN_EVALUATIONS
+
+
+def image_encode_work(width: int, height: int) -> Fraction:
+    """VAE-encoding one picture of this size (image to image; once for all its images)."""
+    return megapixels(width, height) * IMAGE_ENCODE_COST_IN_EVALUATIONS
 
 
 def encode_work(chunks: int) -> Fraction:

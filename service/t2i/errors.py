@@ -100,6 +100,8 @@ class RequestAborted(ServiceError):
 
 def describe(value: object, limit: int = 60) -> str:
     """A short, safe rendering of a rejected value for an error message."""
+    if isinstance(value, (bytes, bytearray)):
+        return f"({len(value)} bytes)"  # a file: never echoed back
     if isinstance(value, str):
         if len(value) > limit:
             return f"({len(value)} characters)"

@@ -9,8 +9,9 @@ import math
 import unicodedata
 
 from .cost import PIXELS_PER_MEGAPIXEL
-from .domain import GenerateRequest, ModelInfo
+from .domain import RESIZE_MODES, UPSCALE_METHODS, GenerateRequest, ModelInfo
 from .errors import InvalidArgument, MissingFields
+from .passes import hires_size
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES
 from .sampling.noise import MAX_SEED, RANDOM_SEED
 
@@ -19,6 +20,7 @@ MAX_IMAGES = 8
 IMAGE_FORMATS = ("png", "webp", "jpeg")
 MIN_STEPS = 1
 MAX_CFG_SCALE = 30.0
+MAX_HIRES_SCALE = 4.0
 MAX_CFG_RESCALE = 1.0  # RescaleCFG's phi mixes the rescaled and the plain guidance: 0 to 1
 SIZE_MULTIPLE = 8
 # The control characters a prompt may hold: what people paste. The others are refused: NUL ends
@@ -42,6 +44,9 @@ def check_required(request: GenerateRequest) -> None:
     its own rule's message ("invalid steps 0: must be 1 to 150") from validate(); a zero modelId,
     or two or more zero fields, read as a body that left them out."""
     missing = [name for name, attribute in REQUIRED if not getattr(request, attribute)]
+    if request.init_image:
+        # With a picture, the size may be left out: the picture's own size is used.
+        missing = [name for name in missing if name not in ("height", "width")]
     if "modelId" in missing or len(missing) > 1:
         raise MissingFields(missing)
 
@@ -57,6 +62,50 @@ def check_text(field: str, text: str) -> None:
             )
 
 
+def check_size(request: GenerateRequest, model: ModelInfo, origin: str = "") -> None:
+    """InvalidArgument unless width and height are multiples of 8 within the model's bounds and
+    pixel cap; `origin` says where the size came from when the caller did not write it."""
+    for name, value in (("height", request.height), ("width", request.width)):
+        if value % SIZE_MULTIPLE or not model.min_size <= value <= model.max_size:
+            raise InvalidArgument(
+                name, value,
+                f"must be a multiple of {SIZE_MULTIPLE} from {model.min_size} to {model.max_size} for model {model.id}{origin}",
+            )
+    if request.width * request.height > model.max_pixels:
+        raise InvalidArgument(
+            "width x height", f"{request.width}x{request.height}",
+            f"must be at most {model.max_pixels} pixels ({model.max_pixels / PIXELS_PER_MEGAPIXEL:.2f} megapixels) "
+            f"for model {model.id}{origin}",
+        )
+
+
+def check_image_fields(request: GenerateRequest, model: ModelInfo) -> None:
+    """The image-to-image and hires fix fields, apart from the files themselves (engine/pictures.py
+    reads those)."""
+    if not (math.isfinite(request.denoise) and 0.0 < request.denoise <= 1.0):
+        raise InvalidArgument("denoise", request.denoise, "must be a finite number more than 0 and at most 1")
+    if request.denoise < 1.0 and not request.init_image:
+        raise InvalidArgument(
+            "denoise", request.denoise,
+            "below 1 needs initImage (image to image); text-to-image starts from pure noise (a second, partial pass is hiresFix)",
+        )
+    if request.mask and not request.init_image:
+        raise InvalidArgument("mask", request.mask, "needs initImage: a mask says which part of that picture to re-draw")
+    if request.resize_mode and request.resize_mode not in RESIZE_MODES:
+        raise InvalidArgument("resizeMode", request.resize_mode, "must be one of " + ", ".join(RESIZE_MODES))
+    hires = request.hires_fix
+    if hires is None:
+        return
+    if not (math.isfinite(hires.scale) and 1.0 < hires.scale <= MAX_HIRES_SCALE):
+        raise InvalidArgument("hiresFix.scale", hires.scale, f"must be a finite number more than 1 and at most {MAX_HIRES_SCALE:g}")
+    if hires.upscale_method and hires.upscale_method not in UPSCALE_METHODS:
+        raise InvalidArgument("hiresFix.upscaleMethod", hires.upscale_method, "must be one of " + ", ".join(UPSCALE_METHODS))
+    if not 0 <= hires.steps <= model.max_steps:
+        raise InvalidArgument("hiresFix.steps", hires.steps, f"must be 0 (the request's steps) or 1 to {model.max_steps}")
+    if not (math.isfinite(hires.denoise) and 0.0 < hires.denoise <= 1.0):
+        raise InvalidArgument("hiresFix.denoise", hires.denoise, "must be a finite number more than 0 and at most 1")
+
+
 def validate(request: GenerateRequest, model: ModelInfo) -> None:
     if not 1 <= len(request.prompt) <= MAX_PROMPT_CHARS:
         raise InvalidArgument("prompt", request.prompt, f"must be 1 to {MAX_PROMPT_CHARS} characters")
@@ -64,16 +113,7 @@ def validate(request: GenerateRequest, model: ModelInfo) -> None:
         raise InvalidArgument("negativePrompt", request.negative_prompt, f"must be at most {MAX_PROMPT_CHARS} characters")
     check_text("prompt", request.prompt)
     check_text("negativePrompt", request.negative_prompt)
-    for name, value in (("height", request.height), ("width", request.width)):
-        if value % SIZE_MULTIPLE or not model.min_size <= value <= model.max_size:
-            raise InvalidArgument(
-                name, value, f"must be a multiple of {SIZE_MULTIPLE} from {model.min_size} to {model.max_size} for model {model.id}"
-            )
-    if request.width * request.height > model.max_pixels:
-        raise InvalidArgument(
-            "width x height", f"{request.width}x{request.height}",
-            f"must be at most {model.max_pixels} pixels ({model.max_pixels / PIXELS_PER_MEGAPIXEL:.2f} megapixels) for model {model.id}",
-        )
+    check_size(request, model)
     if not MIN_STEPS <= request.steps <= model.max_steps:
         raise InvalidArgument("steps", request.steps, f"must be {MIN_STEPS} to {model.max_steps}")
     if not (math.isfinite(request.cfg_scale) and 0.0 <= request.cfg_scale <= MAX_CFG_SCALE):
@@ -96,3 +136,13 @@ def validate(request: GenerateRequest, model: ModelInfo) -> None:
         raise InvalidArgument("outputFormat", request.output_format, "must be one of " + ", ".join(IMAGE_FORMATS))
     if not 1 <= request.quality <= 100:
         raise InvalidArgument("quality", request.quality, "must be 1 to 100")
+    check_image_fields(request, model)
+    if request.hires_fix is not None:
+        width, height = hires_size(request.width, request.height, request.hires_fix.scale)
+        if not (model.min_size <= min(width, height) and max(width, height) <= model.max_size
+                and width * height <= model.max_pixels):
+            raise InvalidArgument(
+                "hiresFix.scale", request.hires_fix.scale,
+                f"makes {request.width}x{request.height} into {width}x{height}, which is out of model {model.id}'s limits "
+                f"(sides {model.min_size} to {model.max_size}, at most {model.max_pixels} pixels)",
+            )

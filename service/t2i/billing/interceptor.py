@@ -255,9 +255,9 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         """Price the request and reserve its price (or find its idempotent replay). Everything
         that can refuse the request is asked first: a request the engine would refuse (bad
         field, shutting down, queue full) never reserves."""
-        params = convert.request_from_pb(request)
-        checked = self.catalog.check(params)
+        checked = self.catalog.check(convert.request_from_pb(request))
         self.catalog.admission_check()
+        params = checked.params  # with a picture's own size filled in: what runs is what is priced
         loaded = self.catalog.model(params.model_id)
         chunks = checked.context_chunks
         cost = pricing.price(params, loaded.spec.price_multiplier, loaded.sigma_table, self.settings, chunks)

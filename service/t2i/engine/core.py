@@ -27,9 +27,11 @@ from .. import metrics
 from ..errors import InternalError, ServiceError
 from ..lora import text_encoder_wrapper
 from ..models.loader import LoadedModel
-from ..sampling import AncestralNoise, SamplingRun, compute_sigmas, initial_noise, latent_shape, starting_latent
+from ..sampling import AncestralNoise, SamplingRun, count_evaluations, initial_noise, latent_shape, starting_latent
+from ..sampling.partial import LatentMask, resize_mask
 from .batching import Batcher, StepPlan
 from .denoise import evaluate, size_conditioning
+from .latents import upscale_latent
 from .request import EngineRequest, RequestState
 from .text import encode_prompts
 
@@ -132,9 +134,18 @@ class EngineCore:
             ):
                 # The guided prediction of the clean latent at this step, guided as the sampler
                 # guides it (RescaleCFG included): what a preview shows.
-                request.preview_latent = request.run.guidance(x_evaluated, sigma, cond, uncond)
+                request.preview_latent = request.run.guided(x_evaluated, sigma, cond, uncond)
                 request.last_preview = now
-            if request.run.done:
+            if request.run.done and not request.last_pass:
+                # The next pass (hires fix) starts from this one's latent, never decoded, in the
+                # bucket of its own size; its first evaluation comes with that bucket's next turn.
+                try:
+                    request.pass_index += 1
+                    self._start_sampling(self.models[request.params.model_id], request, request.run.result)
+                except Exception as error:
+                    log.exception("next pass setup failed", extra={"request_id": request.request_id})
+                    failed.append((request, InternalError(f"sampler setup failed: {type(error).__name__}")))
+            elif request.run.done:
                 self.batcher.charge(request, request.decode_work)
                 self.batcher.finish(request)
                 request.advance(RequestState.DECODING)
@@ -185,13 +196,32 @@ class EngineCore:
         return encode_prompts(model, prompts, owners=owners, wrap_forward=text_encoder_wrapper({r: r.loras for r in requests}))
 
     @staticmethod
-    def _start_sampling(model: LoadedModel, request: EngineRequest) -> None:
-        p = request.params
+    def _start_sampling(model: LoadedModel, request: EngineRequest, previous: Tensor | None = None) -> None:
+        """Set up the sampler of the request's current pass (docs/image-to-image.md): from
+        noise, from its encoded picture, or from the `previous` pass's latent, upscaled."""
+        p, step = request.params, request.current_pass
+        if not request.pass_totals:
+            request.pass_totals = tuple(
+                (len(sigmas) - 1, count_evaluations(p.sampler, sigmas))
+                for sigmas in (q.sigmas(model.sigma_table, p.scheduler, p.sampler) for q in request.plan.passes)
+            )
         # The model's own table: a zero-terminal-SNR model schedules from its sigma_max of about
         # 4.5e3, and the start-noise rule below compares with that.
-        sigmas = compute_sigmas(model.sigma_table, p.scheduler, p.steps, p.sampler)
-        # One draw for the whole batch of images, as ComfyUI's EmptyLatentImage + KSampler make it.
-        noise = initial_noise(request.seed, (request.samples, *latent_shape(p.height, p.width)[1:])).to(model.device)
-        x = starting_latent(noise, float(sigmas[0]), model.sigma_table.sigma_max)
-        request.time_ids = size_conditioning(p.height, p.width, model.device)
-        request.run = SamplingRun(p.sampler, x, sigmas, p.cfg_scale, AncestralNoise(request.seed, x), p.cfg_rescale)
+        sigmas = step.sigmas(model.sigma_table, p.scheduler, p.sampler)
+        shape = (request.samples, *latent_shape(step.height, step.width)[1:])
+        if previous is not None:
+            latent = upscale_latent(previous, shape[-2:], step.upscale, model.vae.config.scaling_factor)
+        elif request.image_latent is not None:
+            latent = request.image_latent.expand(shape).contiguous()  # RepeatLatentBatch: N copies of the picture
+        else:
+            latent = None  # text-to-image: ComfyUI's empty latent is zeros
+        # One draw for the whole batch of images, as ComfyUI's EmptyLatentImage + KSampler make it;
+        # each pass draws afresh from the seed at its own shape, as a second KSampler does.
+        noise = initial_noise(request.seed, shape).to(model.device)
+        x = starting_latent(noise, sigmas[0], model.sigma_table.sigma_max, latent)
+        mask = None
+        if request.mask is not None:
+            mask = LatentMask(resize_mask(request.mask, latent), latent, noise)
+        # SDXL's size conditioning is each pass's own size, as ComfyUI fills it from the latent.
+        request.time_ids = size_conditioning(step.height, step.width, model.device)
+        request.run = SamplingRun(p.sampler, x, sigmas, p.cfg_scale, AncestralNoise(request.seed, x), p.cfg_rescale, mask)

@@ -22,6 +22,7 @@ row failed: that is a broken device, not a bad request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -35,12 +36,13 @@ import torch
 
 from .. import metrics
 from ..domain import Event, GenerateRequest, GenerateResult, LoraDescription, ModelInfo, Progress, Queued, Started
-from ..errors import InternalError, NotFound, Overloaded, RequestAborted, Unavailable
+from ..errors import InternalError, InvalidArgument, NotFound, Overloaded, RequestAborted, Unavailable
 from ..lora import ResolvedLora
 from ..models.loader import LoadedModel
 from ..sampling import resolve_seed
 from ..settings import EngineConfig
-from ..validation import check_required, validate
+from ..validation import check_required, check_size, validate
+from . import pictures
 from .batching import Batcher
 from .core import EngineCore, StepResult
 from .finishing import ImageFinisher
@@ -57,6 +59,9 @@ class Checked:
 
     prompts: tuple[PreparedPrompt, PreparedPrompt]
     loras: tuple[ResolvedLora, ...]
+    # The request as it will run: with a picture and no size given, the picture's own size
+    # cropped to multiples of 8 (what pricing and the engine use).
+    params: GenerateRequest
 
     @property
     def context_chunks(self) -> int:
@@ -154,9 +159,40 @@ class AsyncEngine:
         fine on the event loop)."""
         check_required(params)
         model = self.model(params.model_id)
-        validate(params, model.spec.info())
+        info = model.spec.info()
+        params = self._picture_size(params, info)
+        validate(params, info)
         prompts = prepare_prompt(model, params.prompt, "prompt"), prepare_prompt(model, params.negative_prompt, "negativePrompt")
-        return Checked(prompts, resolve_loras(model, params.loras))
+        return Checked(prompts, resolve_loras(model, params.loras), params)
+
+    @staticmethod
+    def _picture_size(params: GenerateRequest, info: ModelInfo) -> GenerateRequest:
+        """Read the picture's and the mask's headers (no pixels decoded: a file claiming more
+        pixels than the model allows is refused unread) and fill in the size when the caller
+        left it out."""
+        if not params.init_image:
+            return params
+        picture = pictures.read_header(params.init_image, "initImage", info.max_pixels)
+        if params.mask:
+            mask = pictures.read_header(params.mask, "mask", info.max_pixels)
+            if (mask.width, mask.height) != (picture.width, picture.height):
+                raise InvalidArgument(
+                    "mask", params.mask,
+                    f"is {mask.width}x{mask.height} but initImage is {picture.width}x{picture.height} "
+                    "(after EXIF orientation); they must be the same size",
+                )
+        if bool(params.width) != bool(params.height):
+            raise InvalidArgument(
+                "width" if not params.width else "height", 0,
+                "give both width and height (the picture is resized to them) or neither (the picture's own size)",
+            )
+        if params.width:
+            return params
+        width, height = pictures.cropped_size(picture.width, picture.height)
+        origin = f" (initImage is {picture.width}x{picture.height}, cropped to multiples of 8: {width}x{height})"
+        resolved = dataclasses.replace(params, width=width, height=height)
+        check_size(resolved, info, origin)
+        return resolved
 
     def admission_error(self) -> Unavailable | Overloaded | None:
         """Why a new request would be refused right now, if it would."""
@@ -182,11 +218,20 @@ class AsyncEngine:
         streamed call are otherwise the same path. `tenant` (an API key's id) and its `weight`
         decide its fair share of the engine (batching.py)."""
         checked = self.check(params)
+        # A size the caller gave is what the picture is fitted to; left out, the picture is only cropped.
+        fit = (params.width, params.height) if params.width else None
+        params = checked.params
         loop = asyncio.get_running_loop()
         request = EngineRequest(
             request_id=request_id or uuid.uuid4().hex, params=params, seed=resolve_seed(params.seed), deadline=deadline,
             prompts=checked.prompts, loop=loop, future=loop.create_future(), events=events, tenant=tenant, weight=weight,
         )
+        if params.init_image:
+            refusal = self.admission_error()
+            if refusal is not None:
+                raise refusal
+            # Before the LoRAs are pinned: a picture that cannot be read is refused holding nothing.
+            await self._encode_picture(request, fit)
         if checked.loras:
             # Refused before any weights are pinned or read when it would be refused anyway.
             refusal = self.admission_error()
@@ -222,6 +267,24 @@ class AsyncEngine:
                 self._aborts.append(request)
                 self._wakeup.notify()
             raise
+
+    async def _encode_picture(self, request: EngineRequest, size: tuple[int, int] | None) -> None:
+        """Read the picture (and the mask) off the event loop, fitted to `size` by the request's
+        resize mode when given, then VAE-encode it on the VAE thread; the request joins the
+        denoise queue with its latent ready."""
+        p, model = request.params, self.model(request.params.model_id)
+        max_pixels = model.spec.info().max_pixels
+
+        def read():
+            pixels = pictures.decode_picture(p.init_image, "initImage", max_pixels, size, p.resize)
+            mask = pictures.decode_mask(p.mask, "mask", max_pixels, size, p.resize) if p.mask else None
+            cropped, _ = pictures.crop_to_multiple_of_8(pixels)
+            return cropped, mask
+
+        pixels, request.mask = await asyncio.to_thread(read)
+        started = time.perf_counter()
+        request.image_latent = (await self.finisher.vae_encode(model, pixels)).to(model.device)
+        request.times.vae_encode = time.perf_counter() - started
 
     def stop_admitting(self) -> None:
         self._admitting = False
@@ -328,10 +391,11 @@ class AsyncEngine:
             if run.done or now - request.last_reported >= interval:
                 request.last_reported = now
                 elapsed = now - (request.arrival + request.times.queue_wait)  # since admission
-                remaining = elapsed / run.evaluations_done * (run.total_evaluations - run.evaluations_done)
-                request.emit(Progress(run.step, run.total_steps, run.evaluations_done, run.total_evaluations, elapsed, remaining))
+                step, total_steps, evaluations, total_evaluations = request.progress()
+                remaining = elapsed / evaluations * (total_evaluations - evaluations)
+                request.emit(Progress(step, total_steps, evaluations, total_evaluations, elapsed, remaining))
             if request.preview_latent is not None:
-                self.finisher.submit_preview(request, run.step, request.preview_latent)
+                self.finisher.submit_preview(request, request.progress()[0], request.preview_latent)
                 request.preview_latent = None
         for ahead, request in enumerate(self.core.batcher.queue_order()):
             if request.events is not None and ahead != request.reported_ahead and now - request.last_reported >= interval:

@@ -1,22 +1,27 @@
-"""The finishing stage: a finished latent becomes image bytes, off the denoise thread.
+"""The VAE stage: a finished latent becomes image bytes, and a caller's picture becomes a
+latent (image to image), off the denoise thread.
 
-One decode thread runs the VAE (on CUDA in its own stream, overlapping the next UNet steps)
-and a small pool encodes the images, so neither blocks the denoise loop. Each failure here
+One VAE thread runs every decode and every picture encode (on CUDA in its own stream,
+overlapping the next UNet steps) and a small pool encodes the images, so neither blocks the
+denoise loop. Each failure here
 concerns exactly one request: it fails that request (INTERNAL, never charged) and nothing else.
 A request whose caller went away while it waited here is skipped.
 
-The decode queue is shortest-first (by pixels to decode), so a small image is not held behind
-the decodes of a batch of large ones; a decode that has waited `DECODE_PATIENCE` seconds goes
-first whatever its size, so a stream of small images cannot starve a large one.
+The VAE queue is shortest-first (by pixels to decode or encode), so a small image is not held
+behind the decodes of a batch of large ones; a job that has waited `DECODE_PATIENCE` seconds
+goes first whatever its size, so a stream of small images cannot starve a large one. A picture's
+encode is such a job too: its request joins the denoise queue once its latent exists.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +31,7 @@ from ..errors import InternalError, ServiceError
 from ..models.loader import LoadedModel
 from . import recipe
 from .imaging import decode_latents, encode_image
+from .latents import encode_picture
 from .previews import latent_rgb, preview_jpeg
 from .request import EngineRequest, RequestState
 
@@ -33,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # settle(request, state, result=..., error=...): the engine's one way to answer a request.
 Settle = Callable[..., None]
-STAGES = ("queue_wait", "text_encode", "denoise", "vae_decode", "png_encode")
+STAGES = ("queue_wait", "vae_encode", "text_encode", "denoise", "vae_decode", "png_encode")
 DECODE_PATIENCE = 2.0
 
 
@@ -63,6 +69,16 @@ class DecodeQueue:
         return len(self._items)
 
 
+@dataclass(frozen=True)
+class _PictureEncode:
+    """A picture to encode on the VAE thread; the latent (or the error) settles `future` on `loop`."""
+
+    model: LoadedModel
+    pixels: torch.Tensor
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
 class ImageFinisher:
     def __init__(
         self, models: dict[int, LoadedModel], settle: Settle, *, png_workers: int, png_compress_level: int,
@@ -80,14 +96,26 @@ class ImageFinisher:
         # Replaceable so that fault-injection tests can wrap the real stages.
         self.decode: Callable[[LoadedModel, torch.Tensor], list] = decode_latents
         self.encode: Callable[..., bytes] = encode_image
+        self.encode_picture: Callable[[LoadedModel, torch.Tensor], torch.Tensor] = encode_picture
 
     def start(self) -> None:
         self._decoder.start()
 
     def submit(self, request: EngineRequest) -> None:
+        width, height = request.plan.output_size
         with self._queue_lock:
-            self._queue.push(request, request.samples * request.params.width * request.params.height, time.monotonic())
+            self._queue.push(request, request.samples * width * height, time.monotonic())
             self._queue_lock.notify()
+
+    async def vae_encode(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+        """The (1, 4, h, w) latent of an (H, W, 3) picture, encoded on the VAE thread in turn
+        with the decodes; raises what the encode raised."""
+        loop = asyncio.get_running_loop()
+        job = _PictureEncode(model, pixels, loop, loop.create_future())
+        with self._queue_lock:
+            self._queue.push(job, pixels.shape[0] * pixels.shape[1], time.monotonic())
+            self._queue_lock.notify()
+        return await job.future
 
     def _decode_loop(self, thread_setup: Callable[[], None]) -> None:
         thread_setup()
@@ -98,6 +126,9 @@ class ImageFinisher:
                 request = self._queue.pop(time.monotonic())
             if request is None:  # closing and nothing left
                 return
+            if isinstance(request, _PictureEncode):
+                self._encode_picture(request)
+                continue
             try:
                 self._decode(request)
             except Exception as error:  # _decode answers its own failures; this is a last guard
@@ -128,6 +159,28 @@ class ImageFinisher:
         if self._decoder.is_alive():
             self._decoder.join()
         self._encode_pool.shutdown(wait=True)
+
+    def _encode_picture(self, job: _PictureEncode) -> None:
+        if job.future.cancelled():
+            return  # its caller went away while it waited
+        result, error = None, None
+        try:
+            stream = self._streams.get(job.model.id)
+            if stream is None:
+                result = self.encode_picture(job.model, job.pixels)
+            else:
+                with torch.cuda.stream(stream):
+                    result = self.encode_picture(job.model, job.pixels)
+                stream.synchronize()  # the denoise thread uses it on its own stream next
+        except ServiceError as failure:
+            error = failure
+        except Exception as failure:
+            log.exception("VAE encode failed")
+            error = InternalError(f"encoding the picture failed: {type(failure).__name__}")
+        try:
+            job.loop.call_soon_threadsafe(_settle_encode, job.future, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits
+            pass
 
     def _decode(self, request: EngineRequest) -> None:
         if request.state is not RequestState.DECODING:
@@ -190,16 +243,28 @@ class ImageFinisher:
 
     @staticmethod
     def _log_finished(request: EngineRequest) -> None:
+        width, height = request.plan.output_size
         times, p = request.times, request.params
         for stage in STAGES:
+            if stage == "vae_encode" and not request.plan.encode:
+                continue  # text-to-image has no such stage: a 0 would pull the histogram down
             metrics.STAGE_LATENCY.labels(stage=stage).observe(getattr(times, stage))
         log.info(
             "image generated",
             extra={
-                "request_id": request.request_id, "model_id": p.model_id, "size": f"{p.width}x{p.height}",
+                "request_id": request.request_id, "model_id": p.model_id, "size": f"{width}x{height}", "passes": len(request.plan.passes),
                 "sampler": p.sampler, "scheduler": p.scheduler, "steps": p.steps, "evaluations": times.evaluations,
                 "mean_batch": round(sum(times.batch_sizes) / max(len(times.batch_sizes), 1), 2),
                 "queue_wait_s": round(times.queue_wait, 4), "denoise_s": round(times.denoise, 4),
                 "decode_s": round(times.vae_decode, 4), "png_s": round(times.png_encode, 4),
             },
         )
+
+
+def _settle_encode(future: asyncio.Future, latent, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(latent)

@@ -36,6 +36,7 @@ from torch import Tensor
 from .. import cost, metrics
 from ..domain import Event, GenerateRequest, GenerateResult, StageTimes
 from ..lora import LoadedLora, RequestLoras
+from ..passes import DenoisePass, Plan, plan
 from ..sampling import SamplingRun
 from .denoise import UNetInput
 from .text import PreparedPrompt, TextConditioning, context_chunks
@@ -93,6 +94,14 @@ class EngineRequest:
     last_preview: float = float("-inf")  # when the last preview was taken (time.monotonic())
     preview_latent: Tensor | None = None  # the guided x0 of a step a preview is due for
     state: RequestState = RequestState.WAITING
+    # Image to image: the encoded picture, (1, 4, h, w) in the model's latent space, and the
+    # inpainting mask as read from its file, (H, W) in [0, 1]; both set before it is queued.
+    image_latent: Tensor | None = None
+    mask: Tensor | None = None
+    # Where it is in its plan of passes (t2i.passes): the pass running, and each pass's
+    # (steps, evaluations) in all, for progress across passes (set at admission).
+    pass_index: int = 0
+    pass_totals: tuple[tuple[int, int], ...] = ()
     run: SamplingRun | None = None
     cond: TextConditioning | None = None
     uncond: TextConditioning | None = None
@@ -100,6 +109,27 @@ class EngineRequest:
     last_evaluated: float = 0.0
     times: StageTimes = field(default_factory=StageTimes)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @cached_property
+    def plan(self) -> Plan:
+        return plan(self.params)
+
+    @property
+    def current_pass(self) -> DenoisePass:
+        return self.plan.passes[self.pass_index]
+
+    @property
+    def last_pass(self) -> bool:
+        return self.pass_index == len(self.plan.passes) - 1
+
+    def progress(self) -> tuple[int, int, int, int]:
+        """(steps done, steps in all, evaluations done, evaluations in all), every pass together."""
+        before = self.pass_totals[: self.pass_index]
+        steps_before, evaluations_before = sum(s for s, _ in before), sum(e for _, e in before)
+        return (
+            steps_before + self.run.step, sum(s for s, _ in self.pass_totals),
+            evaluations_before + self.run.evaluations_done, sum(e for _, e in self.pass_totals),
+        )
 
     @property
     def samples(self) -> int:
@@ -118,14 +148,18 @@ class EngineRequest:
         chunks = sum(len(p.chunks[0]) for p in self.prompts) if self.prompts else 2
         return float(cost.encode_work(chunks))
 
-    @cached_property
+    @property
     def evaluation_work(self) -> float:
-        p = self.params
-        return float(cost.evaluation_work(p.width, p.height, self.context_chunks, self.samples))
+        """One evaluation of the pass running (the batcher charges it at every step)."""
+        return self._evaluation_work[self.pass_index]
+
+    @cached_property
+    def _evaluation_work(self) -> tuple[float, ...]:
+        return tuple(float(cost.evaluation_work(p.width, p.height, self.context_chunks, self.samples)) for p in self.plan.passes)
 
     @cached_property
     def decode_work(self) -> float:
-        return float(cost.decode_work(self.params.width, self.params.height, self.samples))
+        return float(cost.decode_work(*self.plan.output_size, self.samples))
 
     @property
     def previews(self) -> bool:
@@ -154,8 +188,10 @@ class EngineRequest:
 
     @property
     def bucket(self) -> tuple[int, int, int]:
-        """Requests can share a forward only with the same model and latent size."""
-        return (self.params.model_id, self.params.height // 8, self.params.width // 8)
+        """Requests can share a forward only with the same model and latent size: the size of
+        the pass running, so a hires request moves to the larger bucket for its second pass."""
+        size = self.current_pass
+        return (self.params.model_id, size.height // 8, size.width // 8)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

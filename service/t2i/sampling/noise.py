@@ -39,14 +39,17 @@ def initial_noise(seed: int, shape: Sequence[int]) -> Tensor:
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
-def starting_latent(noise: Tensor, first_sigma: float, sigma_max: float) -> Tensor:
-    """Scale unit noise to the first sigma of the run.
+def starting_latent(noise: Tensor, first_sigma: float, sigma_max: float, latent: Tensor | None = None) -> Tensor:
+    """Scale unit noise to the first sigma of the run and add it to the latent image (image to
+    image; text-to-image has none, ComfyUI's empty latent of zeros).
 
     A run that starts at the top of the schedule uses sqrt(1 + s0^2): the variance of a
-    (unit-variance) latent plus noise of std s0, as at training time.
+    (unit-variance) latent plus noise of std s0, as at training time. Any other start (a
+    partial denoise) uses s0 itself.
     """
     at_max = first_sigma > sigma_max or math.isclose(first_sigma, sigma_max, rel_tol=1e-5)
-    return noise * (math.sqrt(1.0 + first_sigma**2) if at_max else first_sigma)
+    scaled = noise * (math.sqrt(1.0 + first_sigma**2) if at_max else first_sigma)
+    return scaled if latent is None else scaled + latent
 
 
 class AncestralNoise:

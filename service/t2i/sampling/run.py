@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .guidance import Guidance
+from .partial import LatentMask, MaskedGuidance
 from .names import SAMPLER_NAMES, check_name
 from .samplers import SAMPLERS, Evaluation, NoiseSource, evaluations_per_step
 
@@ -19,6 +20,8 @@ class SamplingRun:
     `pending` is the (x, sigma) the program waits to have evaluated, or None once finished;
     `advance(cond, uncond)` hands it the two x0-predictions at that point. `cfg_rescale` is
     RescaleCFG's multiplier (0: plain cfg); `guidance` is what the program guides with.
+    With a `mask` (inpainting), `pending` is what the model is shown, the program's own point
+    blended with the noised latent image (partial.py), and its guidance blends the prediction.
     """
 
     def __init__(
@@ -29,6 +32,7 @@ class SamplingRun:
         cfg_scale: float,
         noise: NoiseSource,
         cfg_rescale: float = 0.0,
+        mask: LatentMask | None = None,
     ) -> None:
         check_name("sampler", sampler, SAMPLER_NAMES)
         sigma_list = [float(s) for s in sigmas]
@@ -42,7 +46,9 @@ class SamplingRun:
         self.evaluations_done = 0
         self.result: Tensor | None = None
         self.pending: Evaluation | None = None
-        self.guidance = Guidance(float(cfg_scale), float(cfg_rescale))
+        self.mask = mask
+        base = Guidance(float(cfg_scale), float(cfg_rescale))
+        self.guidance = base if mask is None else MaskedGuidance(base, mask)
         self._program = SAMPLERS[sampler](x, sigma_list, self.guidance, noise)
         self._resume(None)
 
@@ -55,6 +61,13 @@ class SamplingRun:
         """Steps completed so far."""
         return bisect.bisect_right(self._step_ends, self.evaluations_done)
 
+    def guided(self, shown: Tensor, sigma: float, cond: Tensor, uncond: Tensor) -> Tensor:
+        """The guided x0-prediction for an evaluation of `pending` (shown = its x): what a
+        preview of this step shows."""
+        if self.mask is None:
+            return self.guidance(shown, sigma, cond, uncond)
+        return self.guidance.at_input(shown, sigma, cond, uncond)
+
     def advance(self, cond: Tensor, uncond: Tensor) -> None:
         if self.pending is None:
             raise RuntimeError("advance() called on a finished sampling run")
@@ -63,7 +76,8 @@ class SamplingRun:
 
     def _resume(self, prediction: tuple[Tensor, Tensor] | None) -> None:
         try:
-            self.pending = self._program.send(prediction)
+            x, sigma = self._program.send(prediction)
+            self.pending = (x if self.mask is None else self.mask.model_input(x, sigma), sigma)
         except StopIteration as finished:
             self.pending = None
             self.result = finished.value

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from .. import metrics, wire
-from ..errors import ServiceError, Unavailable
+from ..errors import InvalidArgument, ServiceError, Unavailable
 from ..logs import request_id_var
 from .status import status_for
 
@@ -130,6 +130,19 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if full_method in GENERATION_METHODS and (refusal := self.gate()) is not None:
             raise refusal
 
+    @staticmethod
+    def _check_route(full_method: str, request, context: grpc.aio.ServicerContext) -> None:
+        """The REST image routes are GenerateImage(Stream) with a picture: one without is
+        refused here, before billing (the transcoder names the REST path it rewrote)."""
+        if full_method not in GENERATION_METHODS or request.init_image:
+            return
+        path = metadata_value(context, wire.ORIGINAL_PATH_HEADER) or ""
+        if path.split("?", 1)[0] in wire.IMAGE_ROUTES:
+            raise InvalidArgument(
+                "initImage", b"", f"is required on POST {path.split('?', 1)[0]}: the picture to start from, a base64 PNG, "
+                "JPEG or WebP (text-to-image is POST /text-to-image/generate)",
+            )
+
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
@@ -139,6 +152,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             async def unary(inner, request, context):
                 async with _Served(method, context):
                     self._pass_gate(details.method)
+                    self._check_route(details.method, request, context)
                     return await inner(request, context)
 
             return wrap_unary(handler, unary)
@@ -148,6 +162,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             async def stream(inner, request, context):
                 async with _Served(method, context):
                     self._pass_gate(details.method)
+                    self._check_route(details.method, request, context)
                     async for message in inner(request, context):
                         yield message
 
