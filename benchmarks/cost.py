@@ -7,6 +7,7 @@ Measures, in-process on the CPU:
   contexts of 1, 2, 4 and 8 chunks of 77 tokens: the cost per latent pixel and the extra cost
   of each chunk beyond the first (cross-attention reads every context token);
 - one VAE decode at three image sizes: its cost in UNet evaluations of the same image;
+- one VAE encode of a picture (image to image) at the same sizes, likewise;
 - one text encode per 77-token chunk, in evaluations of a 1-megapixel image.
 Prints the fitted constants next to the ones cost.py uses and writes docs/benchmarks.md
 (section "cost"). Real SDXL has other proportions: rerun on the target hardware
@@ -26,6 +27,7 @@ import torch
 from t2i import cost
 from t2i.engine.denoise import UNetInput, evaluate, size_conditioning
 from t2i.engine.imaging import decode_latent
+from t2i.engine.latents import encode_picture
 from t2i.engine.text import encode_prompts, prepare_prompt
 from t2i.models.demo import demo_spec
 from t2i.models.loader import load_model
@@ -63,9 +65,10 @@ def measure(repeats: int) -> dict:
                 text = conditioning[chunks]
                 unet[(side, chunks)] = timed(lambda: evaluate(model, [UNetInput(x, 3.0, text, text, time_ids)]), repeats)
         decode = {side: timed(lambda: decode_latent(model, torch.randn(1, 4, side, side)), repeats) for side in SIDES}
+        picture = {side: timed(lambda: encode_picture(model, torch.rand(side * 8, side * 8, 3)), repeats) for side in SIDES}
         one_chunk = [prepare_prompt(model, prompt_of(1))]
         encode = timed(lambda: encode_prompts(model, one_chunk * 8), repeats) / 8
-    return {"unet": unet, "decode": decode, "encode": encode}
+    return {"unet": unet, "decode": decode, "picture": picture, "encode": encode}
 
 
 def fit(measured: dict) -> dict[str, float]:
@@ -77,11 +80,14 @@ def fit(measured: dict) -> dict[str, float]:
         times.append(seconds)
     a, b, bk = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)[0]
     per_megapixel_evaluation = b * (1024 * 1024 / 64)  # one evaluation of a 1-megapixel image, seconds
-    decode_per_megapixel = np.polyfit([s * s * 64 / 2**20 for s in SIDES], [measured["decode"][s] for s in SIDES], 1)[0]
+    megapixels = [s * s * 64 / 2**20 for s in SIDES]
+    decode_per_megapixel = np.polyfit(megapixels, [measured["decode"][s] for s in SIDES], 1)[0]
+    picture_per_megapixel = np.polyfit(megapixels, [measured["picture"][s] for s in SIDES], 1)[0]
     return {
         "fixed_seconds": float(a),
         "context_cost_per_extra_chunk": float(bk / b),
         "decode_cost_in_evaluations": float(decode_per_megapixel / per_megapixel_evaluation),
+        "image_encode_cost_in_evaluations": float(picture_per_megapixel / per_megapixel_evaluation),
         "encode_cost_per_chunk": float(measured["encode"] / per_megapixel_evaluation),
     }
 
@@ -89,12 +95,13 @@ def fit(measured: dict) -> dict[str, float]:
 def report(measured: dict, fitted: dict[str, float], repeats: int) -> str:
     table = "\n".join(
         f"| {side * 8}x{side * 8} | " + " | ".join(f"{measured['unet'][(side, c)] * 1000:.1f}" for c in CHUNKS)
-        + f" | {measured['decode'][side] * 1000:.1f} |"
+        + f" | {measured['decode'][side] * 1000:.1f} | {measured['picture'][side] * 1000:.1f} |"
         for side in SIDES
     )
     used = {
         "context_cost_per_extra_chunk": cost.CONTEXT_COST_PER_EXTRA_CHUNK,
         "decode_cost_in_evaluations": cost.DECODE_COST_IN_EVALUATIONS,
+        "image_encode_cost_in_evaluations": cost.IMAGE_ENCODE_COST_IN_EVALUATIONS,
         "encode_cost_per_chunk": cost.ENCODE_COST_PER_CHUNK,
     }
     constants = "\n".join(f"| `{name}` | {fitted[name]:.3f} | {float(used[name]):g} |" for name in used)
@@ -102,10 +109,10 @@ def report(measured: dict, fitted: dict[str, float], repeats: int) -> str:
 
 Command: `make bench-cost` (`python -m benchmarks.cost --repeats {repeats}`). Demo model, CPU fp32, in-process, median of {repeats}.
 
-ms per UNet evaluation (cond + uncond rows) with 1 / 2 / 4 / 8 context chunks, and per VAE decode:
+ms per UNet evaluation (cond + uncond rows) with 1 / 2 / 4 / 8 context chunks, per VAE decode and per VAE encode of a picture:
 
-| image | 1 chunk | 2 chunks | 4 chunks | 8 chunks | VAE decode |
-| --- | ---: | ---: | ---: | ---: | ---: |
+| image | 1 chunk | 2 chunks | 4 chunks | 8 chunks | VAE decode | VAE encode |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
 {table}
 
 Fit `t = a + b * latent area * (1 + k * (chunks - 1))` ({fitted['fixed_seconds'] * 1000:.1f} ms fixed per evaluation); in units of one evaluation of a 1-megapixel image:

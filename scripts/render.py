@@ -7,7 +7,8 @@ A generated block sits between a line containing `BEGIN GENERATED: <name>` and o
 `END GENERATED: <name>` (in a YAML/Lua comment or a Markdown HTML comment); the lines between
 are replaced, indented like the BEGIN line. Sources:
 - the error table, t2i.errors.ERROR_KINDS: the Envoy Lua tables and local-reply mappers in
-  edge/envoy.yaml (with t2i.wire's limits, also the reply to requests Envoy refused unread),
+  edge/envoy.yaml (with t2i.wire's limits, also the reply to requests Envoy refused unread and
+  the 413 replies naming the body cap of the route hit),
   the error tables of README.md and edge/README.md (and, through
   scripts/openapi.py, the OpenAPI error responses);
 - the serving settings, t2i.settings (via t2i.cli_options): the `t2i serve` flag table of README.md;
@@ -157,6 +158,95 @@ def envoy_unread_reply() -> list[str]:
     ]
 
 
+# Request body caps: the buffer filter's, 1 MiB, raised per route (BufferPerRoute) on the image
+# routes and the service's gRPC route. Their 413 replies name the cap of the route hit; each
+# mapper below matches exactly the requests those routes match (tests/edge/test_request_size.py
+# checks the routes' values against t2i.wire, and sends bodies just over each cap).
+GRPC_ROUTE_PREFIX = f"/{wire.SERVICE}/"
+# Envoy's `grpc: {}` route match: application/grpc, +proto or ;params (not grpc-web).
+GRPC_CONTENT_TYPE = r"application/grpc([+;].*)?"
+
+
+def size_limit(limit: int) -> str:
+    return f"{limit // 1024 // 1024} MiB ({limit} bytes)"
+
+
+def image_paths_regex() -> str:
+    """The image routes' exact paths with any query string (a route's `path` ignores it), as
+    RE2 that Envoy's StringMatcher matches whole."""
+    for path in wire.IMAGE_PATHS:
+        # Characters that mean nothing to RE2 and need no escape in a YAML double-quoted string.
+        if not re.fullmatch(r"[a-z0-9/-]+", path):
+            raise ValueError(f"{path!r}: only lower-case letters, digits, / and - are rendered into the regex")
+    return f"({'|'.join(wire.IMAGE_PATHS)})([?].*)?"
+
+
+def envoy_grpc_size_replies() -> list[str]:
+    """Native gRPC callers (what the other gRPC mappers call so: content-type application/grpc...,
+    not transcoded): trailers-only INVALID_ARGUMENT (Envoy's default for a 413 is UNKNOWN) naming
+    the cap of the route hit. The image cap holds on the service's gRPC route (what its `grpc: {}`
+    match takes) and on the image routes' paths (whatever the content-type); else 1 MiB."""
+    image_routes = [
+        "- or_filter:",
+        "    filters:",
+        "    - and_filter:",
+        "        filters:",
+        "        - header_filter:",
+        f'            header: {{name: content-type, string_match: {{safe_regex: {{regex: "{GRPC_CONTENT_TYPE}"}}}}}}',
+        "        - header_filter:",
+        f'            header: {{name: ":path", string_match: {{prefix: {GRPC_ROUTE_PREFIX}}}}}',
+        "    - header_filter:",
+        f'        header: {{name: ":path", string_match: {{safe_regex: {{regex: "{image_paths_regex()}"}}}}}}',
+    ]
+    lines = []
+    for runtime_key, route_filter, limit in (
+        ("grpc413image", image_routes, wire.MAX_IMAGE_REQUEST_BYTES), ("grpc413", [], wire.MAX_REQUEST_BYTES),
+    ):
+        lines += [
+            "- filter:",
+            "    and_filter:",
+            "      filters:",
+            "      - header_filter:",
+            "          header: {name: content-type, string_match: {prefix: application/grpc}}",
+            "      - header_filter:",
+            "          header: {name: x-envoy-original-path, present_match: false}",
+            f"      - status_code_filter: {{comparison: {{op: EQ, value: {{default_value: 413, runtime_key: edge.lr.{runtime_key}}}}}}}",
+            *("      " + line for line in route_filter),
+            "  headers_to_add:",
+            '  - header: {key: grpc-status, value: "3"}',
+            "    append_action: OVERWRITE_IF_EXISTS_OR_ADD",
+            "  body_format_override:",
+            f'    text_format_source: {{inline_string: "request message too large: the limit is {size_limit(limit)}"}}',
+        ]
+    return lines
+
+
+def envoy_size_replies() -> list[str]:
+    """REST callers: the shared error shape, naming the cap of the route the REST path hit."""
+    lines = []
+    for runtime_key, path_filter, limit in (
+        ("413image", [
+            "- header_filter:",
+            f'    header: {{name: ":path", string_match: {{safe_regex: {{regex: "{image_paths_regex()}"}}}}}}',
+        ], wire.MAX_IMAGE_REQUEST_BYTES),
+        ("413", [], wire.MAX_REQUEST_BYTES),
+    ):
+        status = f"status_code_filter: {{comparison: {{op: EQ, value: {{default_value: 413, runtime_key: edge.lr.{runtime_key}}}}}}}"
+        lines += [
+            *(["- filter:", "    and_filter:", "      filters:", f"      - {status}", *("      " + line for line in path_filter)]
+              if path_filter else [f"- filter: {{{status}}}"]),
+            "  body_format_override:",
+            "    content_type: application/json",
+            "    json_format:",
+            "      error:",
+            "        code: 413",
+            "        status: INVALID_ARGUMENT",
+            f'        message: "request body too large: the limit is {size_limit(limit)}"',
+            '        requestId: "%REQ(X-REQUEST-ID)%"',
+        ]
+    return lines
+
+
 def readme_errors() -> list[str]:
     rows = sorted(ERROR_KINDS, key=lambda k: k.http)
     return ["| HTTP | `status` | when |", "| --- | --- | --- |", *(f"| {k.http} | {k.status} | {k.when} |" for k in rows)]
@@ -188,17 +278,31 @@ def readme_serve_flags() -> list[str]:
 def readme_price_table() -> list[str]:
     from t2i.billing.pricing import price
     from t2i.billing.settings import BillingSettings
-    from t2i.domain import GenerateRequest
+    from t2i.domain import GenerateRequest, HiresFix
+    from t2i.passes import plan
     from t2i.sampling import SigmaTable
 
     settings, table = BillingSettings(), SigmaTable.sdxl()
-    rows = ["| size | steps | sampler | prompt chunks | images | stardust |", "| --- | ---: | --- | ---: | ---: | ---: |"]
-    for side, steps, sampler, chunks, images in (
-        (768, 28, "euler", 2, 1), (768, 28, "dpm_2", 2, 1), (1024, 28, "euler", 1, 1), (1024, 28, "euler", 8, 1),
-        (1024, 28, "euler", 1, 4), (1536, 28, "euler_ancestral", 2, 1), (2048, 30, "euler", 1, 1), (2880, 28, "euler", 2, 1),
+    picture = b"(a picture)"  # pricing reads only that there is one
+    rows = ["| kind | size | steps | sampler | prompt chunks | images | stardust |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for kind, side, steps, sampler, chunks, images, extra in (
+        ("text-to-image", 768, 28, "euler", 2, 1, {}), ("text-to-image", 768, 28, "dpm_2", 2, 1, {}),
+        ("text-to-image", 1024, 28, "euler", 1, 1, {}), ("text-to-image", 1024, 28, "euler", 8, 1, {}),
+        ("text-to-image", 1024, 28, "euler", 1, 4, {}), ("text-to-image", 1536, 28, "euler_ancestral", 2, 1, {}),
+        ("text-to-image", 2048, 30, "euler", 1, 1, {}), ("text-to-image", 2880, 28, "euler", 2, 1, {}),
+        ("image to image, denoise 1", 1024, 28, "euler", 1, 1, {"init_image": picture}),
+        ("image to image, denoise 0.5", 1024, 28, "euler", 1, 1, {"init_image": picture, "denoise": 0.5}),
+        ("inpainting, denoise 0.75", 1024, 28, "euler", 1, 1, {"init_image": picture, "mask": picture, "denoise": 0.75}),
+        ("hires fix 1.5x, denoise 0.5", 1024, 28, "euler", 1, 1, {"hires_fix": HiresFix(scale=1.5)}),
+        ("hires fix 2x, 14 steps, denoise 0.4", 832, 28, "euler", 1, 1,
+         {"hires_fix": HiresFix(scale=2.0, steps=14, denoise=0.4)}),
     ):
-        request = GenerateRequest(prompt="x", width=side, height=side, steps=steps, sampler=sampler, num_images=images)
-        rows.append(f"| {side}x{side} | {steps} | {sampler} | {chunks} | {images} | {price(request, 1.0, table, settings, chunks)} |")
+        request = GenerateRequest(prompt="x", width=side, height=side, steps=steps, sampler=sampler, num_images=images, **extra)
+        sizes = " then ".join(f"{p.width}x{p.height}" for p in plan(request).passes)
+        step_counts = " + ".join(str(p.steps) for p in plan(request).passes)
+        rows.append(f"| {kind} | {sizes} | {step_counts} | {sampler} | {chunks} | {images} | "
+                    f"{price(request, 1.0, table, settings, chunks)} |")
     return rows
 
 
@@ -208,6 +312,7 @@ def playground_names() -> list[str]:
     import json
 
     from t2i import validation
+    from t2i.domain import RESIZE_MODES, UPSCALE_METHODS
     from t2i.sampling.names import SAMPLER_NAMES, SCHEDULER_NAMES
 
     limits = dict(promptChars=validation.MAX_PROMPT_CHARS, images=validation.MAX_IMAGES,
@@ -217,6 +322,8 @@ def playground_names() -> list[str]:
         f"const SCHEDULERS = {json.dumps(list(SCHEDULER_NAMES))};",
         f"const KEY_HEADER = {json.dumps(wire.API_KEY_HEADER)};",
         f"const LIMITS = {json.dumps(limits)};",
+        f"const RESIZE_MODES = {json.dumps(list(RESIZE_MODES))};",
+        f"const UPSCALE_METHODS = {json.dumps(list(UPSCALE_METHODS))};",
     ]
 
 
@@ -224,7 +331,8 @@ def playground_names() -> list[str]:
 
 BLOCKS: dict[str, dict[str, Callable[[], list[str]]]] = {
     "edge/envoy.yaml": {"lua-error-tables": envoy_lua_tables, "local-reply-statuses": envoy_local_replies,
-                        "unread-request-reply": envoy_unread_reply},
+                        "unread-request-reply": envoy_unread_reply, "grpc-request-size-replies": envoy_grpc_size_replies,
+                        "request-size-replies": envoy_size_replies},
     "README.md": {"error-table": readme_errors, "serve-flags": readme_serve_flags, "price-table": readme_price_table},
     "edge/README.md": {"grpc-http-table": edge_readme_errors},
     "edge/playground/playground.js": {"playground-names": playground_names},

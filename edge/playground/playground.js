@@ -3,6 +3,8 @@
 //   GET  /model/list                     fills the model list (needs the key)
 //   POST /text-to-image/generate/stream  server-sent events: queued, started, progress,
 //                                        preview, then result or error
+//   POST /image-to-image/generate/stream the same with a picture (initImage, denoise, and a
+//                                        mask when one was painted)
 // EventSource cannot POST, so the stream is read with fetch() and parsed here.
 "use strict";
 
@@ -15,9 +17,15 @@ const SAMPLERS = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_c
 const SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"];
 const KEY_HEADER = "x-illustrious-api-key";
 const LIMITS = {"promptChars": 3000, "images": 8, "cfgScale": 30.0, "sizeMultiple": 8};
+const RESIZE_MODES = ["just-resize", "crop-and-resize", "resize-and-fill"];
+const UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic"];
 // END GENERATED: playground-names
 const DEFAULT_SAMPLER = "euler_ancestral";
 const DEFAULT_SCHEDULER = "karras";
+const PICTURE_TYPES = ["image/png", "image/jpeg", "image/webp"]; // what initImage may be
+const PICTURE_MAX_SHOWN_HEIGHT = 420; // CSS pixels; the canvases keep the picture's own pixels
+const MASK_RGB = [194, 24, 91]; // painted strokes (the accent), shown at the mask canvas's CSS opacity
+const MASK_COLOR = `rgb(${MASK_RGB.join(", ")})`;
 
 const KEY_STORAGE = "t2i.playground.apiKey";
 const PREVIEW_EVERY_STEPS = 2;
@@ -25,6 +33,10 @@ const PREVIEW_EVERY_STEPS = 2;
 const $ = (id) => document.getElementById(id);
 let models = [];
 let controller = null; // the running generation's AbortController
+// The picture to start from: {base64 (the file, as sent), dataUrl, width, height, name}, or null.
+let picture = null;
+let lastResult = null; // {base64, format} of image 1 of the last result
+let stroke = null; // the mask stroke being painted: {pointerId, last: {x, y}}
 
 // --- server-sent events ---------------------------------------------------------------------
 
@@ -140,6 +152,7 @@ function showLimits() {
     $(id).max = model.maxSize;
   }
   $("steps").max = model.maxSteps;
+  $("hires-steps").max = model.maxSteps;
   $("limits").textContent =
     `Model ${model.id}: width and height multiples of ${LIMITS.sizeMultiple} from ${model.minSize} to ${model.maxSize}, ` +
     `1 to ${model.maxSteps} steps, seed -1 for a random one.` +
@@ -150,7 +163,7 @@ function requestBody() {
   const number = (id) => Number($(id).value);
   const steps = number("steps");
   const seed = $("seed").value.trim();
-  return {
+  const body = {
     modelId: Number($("model").value),
     prompt: $("prompt").value,
     negativePrompt: $("negative-prompt").value,
@@ -165,6 +178,266 @@ function requestBody() {
     numImages: number("num-images"),
     previewEverySteps: $("previews").checked ? Math.max(1, Math.min(PREVIEW_EVERY_STEPS, steps)) : 0,
   };
+  if (picture) {
+    body.initImage = picture.base64;
+    body.denoise = number("denoise");
+    body.resizeMode = $("resize-mode").value;
+    if ($("own-size").checked) {
+      body.width = 0; // 0 x 0: the picture's own size, cropped to multiples of 8
+      body.height = 0;
+    }
+    const mask = maskPng();
+    if (mask) body.mask = mask;
+  }
+  if ($("hires-enabled").checked) {
+    body.hiresFix = {
+      scale: number("hires-scale"),
+      upscaleMethod: $("hires-upscaler").value,
+      steps: number("hires-steps"),
+      denoise: number("hires-denoise"),
+    };
+  }
+  return body;
+}
+
+// Steps of every pass together: what the progress events count.
+function totalSteps(body) {
+  return body.steps + (body.hiresFix ? body.hiresFix.steps || body.steps : 0);
+}
+
+// --- the picture and its mask ---------------------------------------------------------------
+
+// The first pass's size: the picture's own (each side cropped down to a multiple of 8) or the
+// width and height fields.
+function firstPassSize() {
+  if (picture && $("own-size").checked) {
+    const multiple = LIMITS.sizeMultiple;
+    return [Math.floor(picture.width / multiple) * multiple, Math.floor(picture.height / multiple) * multiple];
+  }
+  return [Number($("width").value), Number($("height").value)];
+}
+
+// Python's round(): halves to even, as the API rounds the upscaled latent size.
+function roundHalfEven(x) {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+function showSizes() {
+  const [width, height] = firstPassSize();
+  const ownSize = Boolean(picture) && $("own-size").checked;
+  for (const id of ["width", "height"]) $(id).disabled = ownSize;
+  $("resize-mode").disabled = ownSize;
+  if (picture) {
+    $("picture-status").textContent =
+      `Picture ${picture.width}x${picture.height} (${picture.name}): image to image, ` +
+      (ownSize ? `output ${width}x${height}` + (width !== picture.width || height !== picture.height ?
+        ` (cropped about the middle to multiples of ${LIMITS.sizeMultiple})` : "") :
+        `resized to ${width}x${height} (${$("resize-mode").value})`) + ".";
+  }
+  const enabled = $("hires-enabled").checked;
+  for (const id of ["hires-scale", "hires-upscaler", "hires-steps", "hires-denoise"]) $(id).disabled = !enabled;
+  const scale = Number($("hires-scale").value);
+  const latent = LIMITS.sizeMultiple; // one latent pixel is 8 x 8 image pixels
+  const up = (side) => roundHalfEven(Math.floor(side / latent) * scale) * latent;
+  $("hires-size").textContent = !enabled ? "Off." :
+    `${width}x${height}, upscaled to ${up(width)}x${up(height)} and denoised again: the images come out at that size.`;
+}
+
+function maskCanvas() {
+  return $("mask-canvas");
+}
+
+// Sets (or with null removes) the picture: drawn on the picture canvas at its own pixels, with
+// an empty mask canvas of the same size over it.
+function setPicture(next) {
+  picture = next;
+  $("picture-box").hidden = !picture;
+  $("remove-picture").disabled = !picture;
+  if (!picture) {
+    $("picture-status").textContent = "No picture: text to image.";
+    $("picture-status").className = "hint";
+    $("init-image").value = "";
+  } else {
+    const image = next.image;
+    for (const canvas of [$("picture-canvas"), maskCanvas()]) {
+      canvas.width = picture.width; // also clears it
+      canvas.height = picture.height;
+    }
+    $("picture-canvas").getContext("2d").drawImage(image, 0, 0);
+    $("picture-status").className = "hint";
+    layoutPicture();
+    showMaskStatus();
+  }
+  showSizes();
+}
+
+// The canvases' shown size: the column's width, at most PICTURE_MAX_SHOWN_HEIGHT tall (small
+// pictures are scaled up, unsmoothed, so that there is room to paint).
+function layoutPicture() {
+  if (!picture) return;
+  const room = ($("canvas-stack").parentElement.clientWidth || picture.width + 2) - 2; // less the border
+  const scale = Math.min(room / picture.width, PICTURE_MAX_SHOWN_HEIGHT / picture.height);
+  for (const canvas of [$("picture-canvas"), maskCanvas()]) {
+    canvas.style.width = `${picture.width * scale}px`; // CSSOM: allowed by the page's CSP
+    canvas.style.height = `${picture.height * scale}px`;
+  }
+}
+
+// Reads a picture (a data: URL) into an <img>; resolves with it once decoded.
+function decodePicture(dataUrl) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => resolve(image);
+    image.onerror = () => reject(new Error("this browser cannot read it as a picture"));
+    image.src = dataUrl;
+  });
+}
+
+async function loadPicture(dataUrl, name) {
+  const image = await decodePicture(dataUrl);
+  // naturalWidth/Height: after the EXIF orientation, as the API reads the file.
+  setPicture({ base64: dataUrl.slice(dataUrl.indexOf(",") + 1), dataUrl, image, name,
+               width: image.naturalWidth, height: image.naturalHeight });
+}
+
+function pictureFailed(message) {
+  setPicture(null);
+  $("picture-status").textContent = message;
+  $("picture-status").className = "hint failed";
+}
+
+async function onPictureFile() {
+  const file = $("init-image").files[0];
+  if (!file) return;
+  if (!PICTURE_TYPES.includes(file.type)) {
+    pictureFailed(`${file.name} is not a PNG, JPEG or WebP file (the API reads only those).`);
+    return;
+  }
+  try {
+    const dataUrl = await new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error || new Error("the file could not be read"));
+      reader.readAsDataURL(file);
+    });
+    await loadPicture(dataUrl, file.name);
+  } catch (error) {
+    pictureFailed(`Could not use ${file.name}: ${error.message}.`);
+  }
+}
+
+async function useLastResult() {
+  if (!lastResult) return;
+  try {
+    await loadPicture(`data:image/${lastResult.format};base64,${lastResult.base64}`, "the last result");
+    $("init-image").value = ""; // the file chosen before is no longer the picture
+  } catch (error) {
+    pictureFailed(`Could not use the last result: ${error.message}.`);
+  }
+}
+
+// A pointer event's place in the mask canvas's own pixels, and canvas pixels per CSS pixel.
+function canvasPoint(event) {
+  const canvas = maskCanvas();
+  const rect = canvas.getBoundingClientRect();
+  const scale = canvas.width / rect.width;
+  return { x: (event.clientX - rect.left) * scale, y: (event.clientY - rect.top) * (canvas.height / rect.height), scale };
+}
+
+// Paints (or erases) from the stroke's last point to this one; a dot where a stroke starts.
+function paintTo(point) {
+  const context = maskCanvas().getContext("2d");
+  const width = Number($("brush-size").value) * point.scale; // the brush size is in CSS pixels
+  context.globalCompositeOperation = $("brush-erase").checked ? "destination-out" : "source-over";
+  context.strokeStyle = context.fillStyle = MASK_COLOR;
+  context.lineWidth = width;
+  context.lineCap = context.lineJoin = "round";
+  context.beginPath();
+  if (stroke.last) {
+    context.moveTo(stroke.last.x, stroke.last.y);
+    context.lineTo(point.x, point.y);
+    context.stroke();
+  } else {
+    context.arc(point.x, point.y, width / 2, 0, 2 * Math.PI);
+    context.fill();
+  }
+  stroke.last = point;
+}
+
+function onPointerDown(event) {
+  if (!picture || event.button !== 0 || stroke) return;
+  event.preventDefault();
+  maskCanvas().setPointerCapture(event.pointerId);
+  stroke = { pointerId: event.pointerId, last: null };
+  paintTo(canvasPoint(event));
+}
+
+function onPointerMove(event) {
+  if (!stroke || event.pointerId !== stroke.pointerId) return;
+  const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [];
+  for (const each of events.length ? events : [event]) paintTo(canvasPoint(each));
+}
+
+function onPointerUp(event) {
+  if (!stroke || event.pointerId !== stroke.pointerId) return;
+  stroke = null;
+  showMaskStatus();
+}
+
+// The mask's coverage (0 to 255) per pixel: how opaque the paint is there.
+function maskCoverage() {
+  const canvas = maskCanvas();
+  const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  const coverage = new Uint8ClampedArray(pixels.length / 4);
+  for (let i = 0; i < coverage.length; i++) coverage[i] = pixels[i * 4 + 3];
+  return coverage;
+}
+
+// The mask as the API takes it: a PNG (base64) at the picture's own size, white where painted,
+// black elsewhere (gray at a stroke's soft edge); null when nothing is painted.
+function maskPng() {
+  if (!picture) return null;
+  const coverage = maskCoverage();
+  if (!coverage.some((c) => c > 0)) return null;
+  const out = document.createElement("canvas");
+  out.width = picture.width;
+  out.height = picture.height;
+  const context = out.getContext("2d");
+  const image = context.createImageData(out.width, out.height);
+  for (let i = 0; i < coverage.length; i++) {
+    image.data.fill(coverage[i], i * 4, i * 4 + 3);
+    image.data[i * 4 + 3] = 255;
+  }
+  context.putImageData(image, 0, 0);
+  const url = out.toDataURL("image/png");
+  return url.slice(url.indexOf(",") + 1);
+}
+
+function clearMask() {
+  const canvas = maskCanvas();
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  showMaskStatus();
+}
+
+// Painted becomes unpainted and the other way round (an all-over mask: clear, then invert).
+function invertMask() {
+  const canvas = maskCanvas();
+  const context = canvas.getContext("2d");
+  const coverage = maskCoverage();
+  const image = context.createImageData(canvas.width, canvas.height);
+  for (let i = 0; i < coverage.length; i++) {
+    image.data.set([...MASK_RGB, 255 - coverage[i]], i * 4);
+  }
+  context.putImageData(image, 0, 0);
+  showMaskStatus();
+}
+
+function showMaskStatus() {
+  const painted = maskCoverage().some((c) => c > 0);
+  $("mask-status").textContent = painted
+    ? "Mask: only the painted part is re-drawn (sent as mask)."
+    : "No mask: denoise re-draws the whole picture. Paint to re-draw only there.";
 }
 
 // --- output -----------------------------------------------------------------------------------
@@ -242,6 +515,10 @@ function showResult(result, seconds) {
     return figure;
   });
   $("images").replaceChildren(...figures);
+  if (count) {
+    lastResult = { base64: result.images[0], format };
+    $("use-last").disabled = false;
+  }
   setStatus(`Done in ${seconds.toFixed(1)} s: ${figures.length} image${figures.length === 1 ? "" : "s"}.`);
 }
 
@@ -256,10 +533,10 @@ function onEvent(event, body, started, requestId) {
     setProgress(p.step, p.totalSteps);
     setStatus(`Step ${p.step} of ${p.totalSteps}, about ${Math.ceil(p.remainingSeconds)} s left.`);
   } else if (event.preview) {
-    setProgress(event.preview.step, body.steps);
+    setProgress(event.preview.step, totalSteps(body));
     showPreview(event.preview);
   } else if (event.result) {
-    setProgress(body.steps, body.steps);
+    setProgress(totalSteps(body), totalSteps(body));
     showResult(event.result, (performance.now() - started) / 1000);
     return true;
   } else if (event.error) {
@@ -274,6 +551,7 @@ async function generate(submitEvent) {
   if (submitEvent) submitEvent.preventDefault();
   if (controller) return;
   const body = requestBody();
+  const path = body.initImage ? "/image-to-image/generate/stream" : "/text-to-image/generate/stream";
   clearOutput();
   setStatus("Sending...");
   controller = new AbortController();
@@ -281,7 +559,7 @@ async function generate(submitEvent) {
   $("stop").disabled = false;
   const started = performance.now();
   try {
-    const response = await fetch("/text-to-image/generate/stream", {
+    const response = await fetch(path, {
       method: "POST",
       headers: keyHeaders({ "content-type": "application/json" }),
       body: JSON.stringify(body),
@@ -323,6 +601,31 @@ function fill(select, names, chosen) {
   select.value = chosen;
 }
 
+function wirePicture() {
+  $("init-image").addEventListener("change", onPictureFile);
+  $("use-last").addEventListener("click", useLastResult);
+  $("remove-picture").addEventListener("click", () => setPicture(null));
+  const mask = maskCanvas();
+  mask.addEventListener("pointerdown", onPointerDown);
+  mask.addEventListener("pointermove", onPointerMove);
+  mask.addEventListener("pointerup", onPointerUp);
+  mask.addEventListener("pointercancel", onPointerUp);
+  $("clear-mask").addEventListener("click", clearMask);
+  $("invert-mask").addEventListener("click", invertMask);
+  $("brush-size").addEventListener("input", (e) => {
+    $("brush-size-value").textContent = `${e.target.value} px`;
+  });
+  $("denoise").addEventListener("input", (e) => {
+    $("denoise-value").textContent = e.target.value;
+  });
+  for (const id of ["own-size", "resize-mode", "width", "height", "hires-enabled", "hires-scale"]) {
+    $(id).addEventListener("input", showSizes);
+    $(id).addEventListener("change", showSizes);
+  }
+  window.addEventListener("resize", layoutPicture);
+  showSizes();
+}
+
 function start() {
   // The API's own limits (rendered above from t2i/validation.py) on the form's fields.
   for (const id of ["prompt", "negative-prompt"]) $(id).maxLength = LIMITS.promptChars;
@@ -331,6 +634,8 @@ function start() {
   $("num-images").max = LIMITS.images;
   fill($("sampler"), SAMPLERS, DEFAULT_SAMPLER);
   fill($("scheduler"), SCHEDULERS, DEFAULT_SCHEDULER);
+  fill($("resize-mode"), RESIZE_MODES, RESIZE_MODES[0]);
+  fill($("hires-upscaler"), UPSCALE_METHODS, UPSCALE_METHODS[0]);
   const key = $("api-key");
   try {
     key.value = localStorage.getItem(KEY_STORAGE) || "";
@@ -360,6 +665,7 @@ function start() {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(e);
   });
   $("stop").addEventListener("click", () => controller && controller.abort());
+  wirePicture();
   loadModels();
 }
 

@@ -24,9 +24,9 @@ from fractions import Fraction
 CONTEXT_COST_PER_EXTRA_CHUNK = Fraction("0.06")
 DECODE_COST_IN_EVALUATIONS = Fraction("5")
 ENCODE_COST_PER_CHUNK = Fraction("0.002")
-# Measured on the demo model (CPU), docs/benchmarks.md "cost": the VAE's encoder is about half
-# its decoder.
-IMAGE_ENCODE_COST_IN_EVALUATIONS = Fraction("2.5")
+# Measured on the demo model (CPU), docs/benchmarks.md "cost": a picture's encode took 0.14 to
+# 0.33 of a decode of the same size (SDXL's encoder is also the smaller half of its VAE).
+IMAGE_ENCODE_COST_IN_EVALUATIONS = Fraction("1.5")
 PIXELS_PER_MEGAPIXEL = 2**20
 
 

@@ -14,7 +14,7 @@ REQUESTS = Counter("t2i_requests_total", "RPCs handled, by method and gRPC statu
 REQUEST_LATENCY = Histogram("t2i_request_seconds", "RPC latency, by method", ["method"], buckets=STAGE_BUCKETS)
 STAGE_LATENCY = Histogram(
     "t2i_stage_seconds",
-    "Time a request spends per stage (queue_wait, text_encode, denoise, vae_decode, png_encode)",
+    "Time a request spends per stage (queue_wait, vae_encode (image to image), text_encode, denoise, vae_decode, png_encode)",
     ["stage"],
     buckets=STAGE_BUCKETS,
 )

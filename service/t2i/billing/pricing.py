@@ -14,7 +14,7 @@
 - chunks      = 77-token chunks of the longer of prompt and negative prompt: every evaluation
                 attends to all of them, k = 0.06 dearer per extra chunk (t2i.cost)
 - d           = the VAE decode, d = 5 evaluations of the same image (t2i.cost)
-- e           = the picture's VAE encode (image to image), e = 2.5 evaluations of its size,
+- e           = the picture's VAE encode (image to image), e = 1.5 evaluations of its size,
                 done once for all the request's images, so shared among them
 - images      = numImages: each image costs what one costs
 - multiplier  = the model's `price_multiplier` (1.0 for the standard model)

@@ -84,6 +84,11 @@ def _described(data: bytes) -> _Described:
     return _Described(f"<{len(data)} bytes>")
 
 
+def _refusal(field: str, data: bytes, problem: str) -> InvalidArgument:
+    """The caller's `field` refused, shown by its length (never its bytes)."""
+    return InvalidArgument(field, _described(data), problem)
+
+
 def read_header(data: bytes, field: str, max_pixels: int) -> PictureHeader:
     """What the picture claims to be, from its header alone (Pillow's lazy open, no pixel
     decoded); InvalidArgument(field, ...) for empty data, something that is not a picture, a
@@ -155,7 +160,7 @@ def cropped_size(width: int, height: int) -> tuple[int, int]:
 def _open(data: bytes, field: str, max_pixels: int) -> tuple[Image.Image, PictureHeader]:
     """The lazily opened file (nothing decoded yet) and its checked header; the caller closes it."""
     if not data:
-        raise InvalidArgument(field, _described(data), f"empty; a {_formats_text()} picture is required")
+        raise _refusal(field, data, f"empty; a {_formats_text()} picture is required")
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
@@ -163,9 +168,8 @@ def _open(data: bytes, field: str, max_pixels: int) -> tuple[Image.Image, Pictur
         # size reaches us; it is still a refusal for too many pixels, so it reads as one.
         raise _too_many_pixels(data, field, max_pixels, _claimed_size(data)) from error
     except _PILLOW_READ_ERRORS as error:
-        raise InvalidArgument(
-            field, _described(data), f"not a picture (no known image format); a {_formats_text()} picture is required"
-        ) from error
+        problem = f"not a picture (no known image format); a {_formats_text()} picture is required"
+        raise _refusal(field, data, problem) from error
     try:
         return image, _checked_header(image, data, field, max_pixels)
     except BaseException:
@@ -175,20 +179,19 @@ def _open(data: bytes, field: str, max_pixels: int) -> tuple[Image.Image, Pictur
 
 def _checked_header(image: Image.Image, data: bytes, field: str, max_pixels: int) -> PictureHeader:
     """Every refusal that needs no pixel: format, size, frame count. The size is checked before
-    anything else is asked of the file so that no decoding starts for an oversized claim."""
+    the frames or the EXIF are asked for, so nothing more is read for an oversized claim."""
     found = _format_of(image)
     if found not in ALLOWED_FORMATS:
-        raise InvalidArgument(
-            field, _described(data), f"a {found} picture; the allowed formats are {', '.join(ALLOWED_FORMATS)}"
-        )
+        allowed = ", ".join(ALLOWED_FORMATS)
+        raise _refusal(field, data, f"a {found} picture; the allowed formats are {allowed}")
     width, height = image.size
     if width < 1 or height < 1:
-        raise InvalidArgument(field, _described(data), f"the picture is {width} x {height} pixels; it must be at least 1 x 1")
+        raise _refusal(field, data, f"the picture is {width} x {height} pixels; it must be at least 1 x 1")
     if width * height > max_pixels:
         raise _too_many_pixels(data, field, max_pixels, (width, height))
     frames = _frame_count(image)
     if frames > 1:
-        raise InvalidArgument(field, _described(data), f"an animated {found} ({frames} frames); a still picture is required")
+        raise _refusal(field, data, f"an animated {found} ({frames} frames); a still picture is required")
     orientation = _orientation(image)
     if orientation in _SWAPS_SIDES:
         width, height = height, width
@@ -222,13 +225,15 @@ def _orientation(image: Image.Image) -> int:
     return value if isinstance(value, int) and value in _TRANSPOSES else 1
 
 
-def _too_many_pixels(data: bytes, field: str, max_pixels: int, size: tuple[int, int] | None) -> InvalidArgument:
+def _too_many_pixels(
+    data: bytes, field: str, max_pixels: int, size: tuple[int, int] | None
+) -> InvalidArgument:
     if size is None:
         claim = f"the picture claims more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
     else:
         width, height = size
         claim = f"the picture claims {width} x {height} = {width * height} pixels"
-    return InvalidArgument(field, _described(data), f"{claim}; at most {max_pixels} pixels are allowed")
+    return _refusal(field, data, f"{claim}; at most {max_pixels} pixels are allowed")
 
 
 def _claimed_size(data: bytes) -> tuple[int, int] | None:
@@ -250,9 +255,8 @@ def _decode_rgb(data: bytes, field: str, max_pixels: int) -> Image.Image:
         try:
             image.load()
         except _PILLOW_READ_ERRORS as error:
-            raise InvalidArgument(
-                field, _described(data), f"truncated or corrupt {header.format} data: the picture could not be decoded"
-            ) from error
+            problem = f"truncated or corrupt {header.format} data: the picture could not be decoded"
+            raise _refusal(field, data, problem) from error
         return _to_rgb(_upright(image, header.orientation))
 
 
@@ -348,7 +352,8 @@ def _fill_bars_above_and_below(canvas: Image.Image, scaled: Image.Image) -> None
         return
     size = (canvas.width, fill_height)
     top = scaled.resize(size, resample=_EDGE_RESAMPLING, box=(0, 0, scaled.width, 0))
-    bottom = scaled.resize(size, resample=_EDGE_RESAMPLING, box=(0, scaled.height, scaled.width, scaled.height))
+    bottom_edge = (0, scaled.height, scaled.width, scaled.height)
+    bottom = scaled.resize(size, resample=_EDGE_RESAMPLING, box=bottom_edge)
     canvas.paste(top, (0, 0))
     canvas.paste(bottom, (0, fill_height + scaled.height))
 
@@ -359,7 +364,8 @@ def _fill_bars_left_and_right(canvas: Image.Image, scaled: Image.Image) -> None:
         return
     size = (fill_width, canvas.height)
     left = scaled.resize(size, resample=_EDGE_RESAMPLING, box=(0, 0, 0, scaled.height))
-    right = scaled.resize(size, resample=_EDGE_RESAMPLING, box=(scaled.width, 0, scaled.width, scaled.height))
+    right_edge = (scaled.width, 0, scaled.width, scaled.height)
+    right = scaled.resize(size, resample=_EDGE_RESAMPLING, box=right_edge)
     canvas.paste(left, (0, 0))
     canvas.paste(right, (fill_width + scaled.width, 0))
 
