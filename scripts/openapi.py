@@ -3,15 +3,17 @@
     python scripts/openapi.py DESCRIPTOR_SET OUT.json
 
 DESCRIPTOR_SET is protoc's output with --include_imports --include_source_info (see
-scripts/proto.sh openapi). Paths and verbs come from the google.api.http annotations, schemas
-from the messages with their proto3 JSON names, descriptions from the proto comments. What the
-proto cannot say is stated here once, as the edge implements it: POST answers 201, errors have
-one JSON shape, int64 values are strings in responses, and the API key header.
+scripts/proto.sh openapi). Paths and verbs come from the google.api.http annotations (each
+additional binding is a path of its own), schemas from the messages with their proto3 JSON
+names, descriptions from the proto comments. What the proto cannot say is stated here once, as
+the edge implements it: POST answers 201, errors have one JSON shape, int64 values are strings
+in responses, the API key header, and each path's request body cap (t2i.wire).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -106,48 +108,16 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
     paths: dict[str, dict] = {}
     for service_index, service in enumerate(file.service):
         for method_index, method in enumerate(service.method):
-            rule = method.options.Extensions[annotations_pb2.http]
-            verb = rule.WhichOneof("pattern")
-            path = getattr(rule, verb)
-            # POST creates (201), except a stream: its 200 opens the event stream.
-            success = "201" if verb == "post" and not method.server_streaming else "200"
-            output = method.output_type.removeprefix(f".{package}.")
-            media = "text/event-stream" if method.server_streaming else "application/json"
-            operation = {
-                "operationId": method.name,
-                "summary": notes.get((6, service_index, 2, method_index), "").split(". ")[0],
-                "description": notes.get((6, service_index, 2, method_index), ""),
-                "security": [{"apiKey": []}],
-                "parameters": [
-                    {"name": wire.REQUEST_ID_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
-                     "description": "Kept if sent, generated otherwise; echoed in the response."},
-                ],
-                "responses": {
-                    success: {
-                        "description": "Server-sent events, one JSON event per `data:` line" if method.server_streaming else "Success",
-                        "content": {media: {"schema": {"$ref": f"#/components/schemas/{output}"}}},
-                    },
-                    **{
-                        code: {
-                            "description": text,
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-                            **({"headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}}
-                               if code == "429" else {}),
-                        }
-                        for code, text in error_responses().items()
-                    },
-                },
-            }
-            if rule.body == "*":
-                operation["parameters"].append(
-                    {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": wire.MAX_IDEMPOTENCY_KEY},
-                     "description": "Retries with the same key and body within 24 hours are not charged twice."}
-                )
-                operation["requestBody"] = {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/" + method.input_type.removeprefix(f".{package}.")}}},
-                }
-            paths.setdefault(path, {})[verb] = operation
+            primary = method.options.Extensions[annotations_pb2.http]
+            for rule in (primary, *primary.additional_bindings):
+                verb = rule.WhichOneof("pattern")
+                path = getattr(rule, verb)
+                operation = operation_of(method, rule, notes.get((6, service_index, 2, method_index), ""), package)
+                if rule is not primary:
+                    # operationIds are unique: the method's name stays with its first path.
+                    operation["operationId"] = method.name + "_" + "".join(
+                        part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", path) if part)
+                paths.setdefault(path, {})[verb] = operation
 
     return {
         "openapi": "3.1.0",
@@ -164,6 +134,58 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
         },
         "paths": paths,
     }
+
+
+def body_cap(path: str) -> str:
+    """The edge's request body cap on a path (edge/envoy.yaml; larger: 413)."""
+    limit = wire.MAX_IMAGE_REQUEST_BYTES if path in wire.IMAGE_PATHS else wire.MAX_REQUEST_BYTES
+    return f"At most {limit // 1024 // 1024} MiB ({limit} bytes) of JSON; a larger body is refused with 413."
+
+
+def operation_of(method, rule, note: str, package: str) -> dict:
+    """The OpenAPI operation of one HTTP binding (`rule`) of a method; `note` is its comment."""
+    verb = rule.WhichOneof("pattern")
+    path = getattr(rule, verb)
+    # POST creates (201), except a stream: its 200 opens the event stream.
+    success = "201" if verb == "post" and not method.server_streaming else "200"
+    output = method.output_type.removeprefix(f".{package}.")
+    media = "text/event-stream" if method.server_streaming else "application/json"
+    operation = {
+        "operationId": method.name,
+        "summary": note.split(". ")[0],
+        "description": note,
+        "security": [{"apiKey": []}],
+        "parameters": [
+            {"name": wire.REQUEST_ID_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+             "description": "Kept if sent, generated otherwise; echoed in the response."},
+        ],
+        "responses": {
+            success: {
+                "description": "Server-sent events, one JSON event per `data:` line" if method.server_streaming else "Success",
+                "content": {media: {"schema": {"$ref": f"#/components/schemas/{output}"}}},
+            },
+            **{
+                code: {
+                    "description": text,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    **({"headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}}
+                       if code == "429" else {}),
+                }
+                for code, text in error_responses().items()
+            },
+        },
+    }
+    if rule.body == "*":
+        operation["parameters"].append(
+            {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": wire.MAX_IDEMPOTENCY_KEY},
+             "description": "Retries with the same key and body within 24 hours are not charged twice."}
+        )
+        operation["requestBody"] = {
+            "required": True,
+            "description": body_cap(path),
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/" + method.input_type.removeprefix(f".{package}.")}}},
+        }
+    return operation
 
 
 def main() -> None:

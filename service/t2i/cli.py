@@ -13,10 +13,11 @@ import typer
 
 from . import logs, wire
 from .cli_options import option_for, with_options
-from .domain import GenerateRequest
+from .domain import RESIZE_MODES, UPSCALE_METHODS, GenerateRequest, HiresFix
 from .settings import ServeSettings, UpSettings
 
 REQUEST = GenerateRequest()
+HIRES = HiresFix()
 
 app = typer.Typer(help="Illustrious text-to-image service.", no_args_is_help=True, add_completion=False)
 
@@ -117,8 +118,13 @@ def generate(
     out: Path = typer.Option(Path("image.png"), "--out", "-o", help="PNG file to write."),
     negative_prompt: str = typer.Option(REQUEST.negative_prompt, "--negative-prompt", "-n"),
     model_id: int = typer.Option(REQUEST.model_id, "--model-id"),
-    width: int = typer.Option(REQUEST.width, "--width"),
-    height: int = typer.Option(REQUEST.height, "--height"),
+    # None: REQUEST's size, or 0 (the picture's own size) with --init-image.
+    width: int | None = typer.Option(
+        None, "--width", show_default=False, help=f"Default {REQUEST.width}; with --init-image 0: the picture's width."
+    ),
+    height: int | None = typer.Option(
+        None, "--height", show_default=False, help=f"Default {REQUEST.height}; with --init-image 0: the picture's height."
+    ),
     steps: int = typer.Option(REQUEST.steps, "--steps"),
     cfg_scale: float = typer.Option(REQUEST.cfg_scale, "--cfg-scale"),
     cfg_rescale: float = typer.Option(
@@ -128,19 +134,50 @@ def generate(
     sampler: str = typer.Option(REQUEST.sampler, "--sampler"),
     scheduler: str = typer.Option(REQUEST.scheduler, "--scheduler"),
     lora: list[str] = typer.Option([], "--lora", help="A LoRA as NAME[:STRENGTH[:STRENGTH_CLIP]]; repeatable."),
+    init_image: Path | None = typer.Option(
+        None, "--init-image", help="Image to image: the picture to start from (PNG, JPEG or WebP)."
+    ),
+    mask: Path | None = typer.Option(
+        None, "--mask", help="Inpainting (with --init-image): white repaints, black keeps."
+    ),
+    denoise: float = typer.Option(
+        REQUEST.denoise, "--denoise", help="How much of --init-image is re-drawn: more than 0 to 1 (1: all of it, from pure noise)."
+    ),
+    resize_mode: str | None = typer.Option(
+        None, "--resize-mode", show_default=False,
+        help=f"How --init-image fits another size: {', '.join(RESIZE_MODES)} (default {REQUEST.resize}).",
+    ),
+    hires_scale: float | None = typer.Option(
+        None, "--hires-scale", help="Hires fix: a second pass at this scale of the size, more than 1 (e.g. 1.5).", show_default=False
+    ),
+    hires_steps: int | None = typer.Option(
+        None, "--hires-steps", help="Hires fix steps (default: --steps).", show_default=False
+    ),
+    hires_denoise: float | None = typer.Option(
+        None, "--hires-denoise", help=f"Hires fix denoise (default {HIRES.denoise}).", show_default=False
+    ),
+    hires_upscaler: str | None = typer.Option(
+        None, "--hires-upscaler", show_default=False,
+        help=f"Hires fix latent upscale method: {', '.join(UPSCALE_METHODS)} (default {HIRES.method}).",
+    ),
     target: str = TARGET,
     api_key: str | None = API_KEY,
 ) -> None:
-    """Generate one image over gRPC and write it as PNG."""
+    """Generate one image over gRPC and write it as PNG (image to image with --init-image)."""
     from .client import Client, ClientError
 
+    # A size left out: the request's default, or with a picture 0, the picture's own size.
+    default_width, default_height = (0, 0) if init_image is not None else (REQUEST.width, REQUEST.height)
+    options = dict(
+        negative_prompt=negative_prompt, model_id=model_id, steps=steps, cfg_scale=cfg_scale, seed=seed,
+        sampler=sampler, scheduler=scheduler, loras=tuple(map(_lora, lora)), cfg_rescale=cfg_rescale,
+        width=default_width if width is None else width, height=default_height if height is None else height,
+        denoise=denoise, **({} if resize_mode is None else {"resize_mode": resize_mode}),
+        **_pictures(init_image, mask), **_hires_fix(hires_scale, hires_steps, hires_denoise, hires_upscaler),
+    )
     with Client(target, api_key=api_key) as client:
         try:
-            result = client.generate(
-                prompt, negative_prompt=negative_prompt, model_id=model_id, width=width, height=height, steps=steps,
-                cfg_scale=cfg_scale, seed=seed, sampler=sampler, scheduler=scheduler, loras=tuple(map(_lora, lora)),
-                cfg_rescale=cfg_rescale,
-            )
+            result = client.generate(prompt, **options)
         except ClientError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
@@ -149,6 +186,43 @@ def generate(
         "file": str(out), "seed": result.seeds[0], "stardustUsage": result.stardust_usage,
         "stardustBalance": result.stardust_balance,
     }))
+
+
+def _read_picture(path: Path, flag: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise typer.BadParameter(f"cannot read {str(path)!r}: {error.strerror or error}", param_hint=flag) from None
+    if not data:
+        raise typer.BadParameter(f"{str(path)!r} is empty: a PNG, JPEG or WebP file is expected", param_hint=flag)
+    return data
+
+
+def _pictures(init_image: Path | None, mask: Path | None) -> dict:
+    """The request's picture fields, read here so that a bad path is a usage error naming the
+    flag before anything is sent."""
+    if mask is not None and init_image is None:
+        raise typer.BadParameter("a mask needs --init-image (the picture it applies to)", param_hint="--mask")
+    pictures = {}
+    if init_image is not None:
+        pictures["init_image"] = _read_picture(init_image, "--init-image")
+    if mask is not None:
+        pictures["mask"] = _read_picture(mask, "--mask")
+    return pictures
+
+
+def _hires_fix(scale: float | None, steps: int | None, denoise: float | None, upscaler: str | None) -> dict:
+    """hires_fix from the --hires-* flags: none without --hires-scale (the others only tune it);
+    a flag left out takes HiresFix's default."""
+    if scale is None:
+        given = [flag for flag, value in (("--hires-steps", steps), ("--hires-denoise", denoise),
+                                          ("--hires-upscaler", upscaler)) if value is not None]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} tune the hires fix, which --hires-scale turns on",
+                                     param_hint="--hires-scale")
+        return {}
+    tuned = {"steps": steps, "denoise": denoise, "upscale_method": upscaler}
+    return {"hires_fix": HiresFix(scale=scale, **{name: value for name, value in tuned.items() if value is not None})}
 
 
 def _lora(text: str):

@@ -5,24 +5,38 @@
         result = client.generate("1girl, masterpiece", width=768, height=768, steps=28)
         open("out.png", "wb").write(result.images[0])
 
+Image to image: `init_image` (and `mask`) are the picture's file contents or its path, and
+`hires_fix` a HiresFix or a dict of its fields. With a picture, a width or height left out is 0
+(the picture's own size), not GenerateRequest's default:
+
+    result = client.generate("1girl", init_image="photo.png", denoise=0.6, hires_fix={"scale": 1.5})
+
 Both flavours share everything but the call itself (_Calls): request building, metadata and
-the translation of errors into ClientError. Options left out take GenerateRequest's defaults.
+the translation of errors into ClientError. Options are GenerateRequest's fields; those left
+out take its defaults.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 
 from . import errors, wire
-from .domain import Event, GenerateRequest, GenerateResult, LoraDescription, ModelInfo
+from .domain import Event, GenerateRequest, GenerateResult, HiresFix, LoraDescription, ModelInfo
 from .server import convert
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", wire.MAX_RESPONSE_BYTES)]
+# Responses hold PNGs (gRPC's default receive limit is 4 MiB); requests may hold a picture and
+# a mask, up to what the service and the edge accept (larger fails here, before sending).
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", wire.MAX_RESPONSE_BYTES),
+    ("grpc.max_send_message_length", wire.MAX_IMAGE_REQUEST_BYTES),
+]
 
 
 class ClientError(Exception):
@@ -46,6 +60,32 @@ class ClientError(Exception):
         return cls(error.code(), error.details() or "", float(retry_after) if retry_after else None)
 
 
+# GenerateRequest fields that hold a file's contents: a caller may pass its path instead.
+PICTURE_FIELDS = ("init_image", "mask")
+
+
+def request_options(options: dict) -> dict:
+    """GenerateRequest's keyword arguments from a caller's: pictures given as a path (str or
+    os.PathLike) are read (an unreadable file raises its OSError, which names it; a str is
+    always a path, so base64 text fails loudly instead of being sent as a picture), a hires_fix
+    given as a dict of HiresFix's fields becomes one, and with a picture a width or height left
+    out is 0, the picture's own size (GenerateRequest's 1024 would resize every picture)."""
+    resolved = dict(options)
+    for name in PICTURE_FIELDS:
+        value = resolved.get(name)
+        if isinstance(value, (str, os.PathLike)):
+            resolved[name] = Path(value).read_bytes()
+        elif isinstance(value, (bytearray, memoryview)):
+            resolved[name] = bytes(value)
+    if resolved.get("init_image"):
+        resolved.setdefault("width", 0)
+        resolved.setdefault("height", 0)
+    hires = resolved.get("hires_fix")
+    if isinstance(hires, Mapping):
+        resolved["hires_fix"] = HiresFix(**hires)
+    return resolved
+
+
 @dataclass(frozen=True)
 class _Call:
     request: object
@@ -66,7 +106,7 @@ class _Calls:
         return tuple((name, value) for name, value in pairs if value)
 
     def generate(self, prompt: str, idempotency_key, request_id, timeout, options: dict) -> _Call:
-        request = convert.request_to_pb(GenerateRequest(prompt=prompt, **options))
+        request = convert.request_to_pb(GenerateRequest(prompt=prompt, **request_options(options)))
         return _Call(request, self._metadata(idempotency_key, request_id), timeout or self.timeout)
 
     def list_models(self, timeout) -> _Call:

@@ -136,7 +136,10 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("DEADLINE_EXCEEDED", 408, True, "the request body did not arrive within 60 s", from_service=False),
     ErrorKind("ABORTED", 409, True, "the same `Idempotency-Key` is still being processed", (AlreadyProcessing,)),
     ErrorKind("ALREADY_EXISTS", 409, False, "the request conflicts with an earlier one", (Conflict,)),
-    ErrorKind("INVALID_ARGUMENT", 413, False, f"request body over {wire.MAX_REQUEST_BYTES // 1024 // 1024} MiB", from_service=False),
+    ErrorKind("INVALID_ARGUMENT", 413, False,
+              f"request body over {wire.MAX_REQUEST_BYTES // 1024 // 1024} MiB "
+              f"({wire.MAX_IMAGE_REQUEST_BYTES // 1024 // 1024} MiB on `/image-to-image/generate` and its stream)",
+              from_service=False),
     ErrorKind("INVALID_ARGUMENT", 431, False, f"request headers over {wire.MAX_HEADER_BYTES // 1024} KiB", from_service=False),
     ErrorKind("RESOURCE_EXHAUSTED", 429, True,
               "rate limit, concurrency cap, queue full, too many failed keys; `Retry-After` and `x-ratelimit-*` headers",

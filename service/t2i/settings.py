@@ -87,8 +87,10 @@ class ServeSettings:
     )
     print_usage: bool = setting(False, "Print how to call the service once it is ready.", env=None, doc_default="off")
     engine: EngineConfig = field(default_factory=EngineConfig)
-    # The same request limit as the edge, so that calling the service directly gains nothing.
-    max_receive_message_bytes: int = wire.MAX_REQUEST_BYTES
+    # The edge's largest body (the image routes' and native gRPC's cap), so that whatever the
+    # edge lets through is received, and calling the service directly gains nothing. gRPC's
+    # default (4 MiB) would refuse most pictures.
+    max_receive_message_bytes: int = wire.MAX_IMAGE_REQUEST_BYTES
     max_send_message_bytes: int = wire.MAX_RESPONSE_BYTES
 
 

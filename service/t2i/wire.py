@@ -19,6 +19,8 @@ API_KEY_HEADER = "x-illustrious-api-key"
 IDEMPOTENCY_HEADER = "idempotency-key"
 REQUEST_ID_HEADER = "x-request-id"
 FORWARDED_FOR_HEADER = "x-forwarded-for"
+# Set by the edge's transcoder on a REST call: the REST path it rewrote to a gRPC method.
+ORIGINAL_PATH_HEADER = "x-envoy-original-path"
 
 # Response metadata of rate-limited and successful calls.
 RETRY_AFTER_HEADER = "retry-after"
@@ -27,10 +29,19 @@ RATE_LIMIT_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit
 # Lengths the edge and the service both enforce.
 MAX_IDEMPOTENCY_KEY = 255
 MAX_REQUEST_ID = 128
-# The largest request body (REST) or request message (gRPC) anyone accepts: the edge's buffer
-# filter and the service's own gRPC limit are this value, so a caller that reaches the service
-# directly cannot send more than a caller through the edge.
+# The largest REST request body the edge accepts (its buffer filter; larger: 413), on every
+# route but the image routes below. A text-to-image request is a few KiB of JSON.
 MAX_REQUEST_BYTES = 1024 * 1024
+# The image routes (POST /image-to-image/generate and its stream) carry a picture and maybe a
+# mask, base64 in JSON (4/3 of their size): room for a 20 MiB picture and its mask. Native gRPC
+# through the edge gets this cap too (the edge cannot tell a GenerateImage with init_image from
+# one without), and it is the service's own gRPC receive limit: a body near this cap transcodes
+# to a smaller protobuf message (base64 becomes raw bytes, field names one-byte tags), and a
+# caller that reaches the service directly cannot send more than a caller through the edge.
+MAX_IMAGE_REQUEST_BYTES = 40 * 1024 * 1024
+# The REST paths that take MAX_IMAGE_REQUEST_BYTES and require initImage (the additional
+# google.api.http bindings of GenerateImage and GenerateImageStream in the proto).
+IMAGE_PATHS = ("/image-to-image/generate", "/image-to-image/generate/stream")
 # The largest request header block the edge forwards (larger: 431). Below gRPC's own metadata
 # limit (which the service raises to MAX_METADATA_BYTES), so that gRPC never answers
 # RESOURCE_EXHAUSTED for headers that the edge let through.

@@ -80,7 +80,8 @@ def test_trusted_proxies_must_be_addresses_or_networks():
 def test_the_service_refuses_messages_larger_than_the_edge_allows(billed_server, ledger):
     _, key = ledger.create_key("big", 100, "standard")
     api = Api(billed_server.target)
-    outcome = api.generate(key, prompt="x" * (wire.MAX_REQUEST_BYTES + 1024))
+    # The edge's largest cap (the image routes' and native gRPC's) is the service's limit too.
+    outcome = api.generate(key, prompt="x" * (wire.MAX_IMAGE_REQUEST_BYTES + 1024))
     assert outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in outcome.details
     assert ledger.open_reservations() == [] and ledger.verify() == []

@@ -17,8 +17,14 @@ def schema(name: str) -> OAS31Validator:
 
 def test_the_description_is_valid_openapi():
     validate(SPEC)
-    assert set(SPEC["paths"]) == {"/text-to-image/generate", "/text-to-image/generate/stream", "/model/list", "/lora/list"}
+    assert set(SPEC["paths"]) == {"/text-to-image/generate", "/text-to-image/generate/stream", "/image-to-image/generate",
+                                  "/image-to-image/generate/stream", "/model/list", "/lora/list"}
     assert "201" in SPEC["paths"]["/text-to-image/generate"]["post"]["responses"]
+    # The additional bindings: the same operation under an id of its own, with its body cap.
+    image = SPEC["paths"]["/image-to-image/generate"]["post"]
+    assert "201" in image["responses"] and image["operationId"] == "GenerateImage_ImageToImageGenerate"
+    assert "40 MiB" in image["requestBody"]["description"]
+    assert "1 MiB" in SPEC["paths"]["/text-to-image/generate"]["post"]["requestBody"]["description"]
     stream = SPEC["paths"]["/text-to-image/generate/stream"]["post"]["responses"]["200"]["content"]
     assert stream == {"text/event-stream": {"schema": {"$ref": "#/components/schemas/GenerateImageEvent"}}}
     assert SPEC["components"]["securitySchemes"]["apiKey"]["name"] == "x-illustrious-api-key"

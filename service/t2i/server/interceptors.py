@@ -137,7 +137,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if full_method not in GENERATION_METHODS or request.init_image:
             return
         path = metadata_value(context, wire.ORIGINAL_PATH_HEADER) or ""
-        if path.split("?", 1)[0] in wire.IMAGE_ROUTES:
+        if path.split("?", 1)[0] in wire.IMAGE_PATHS:
             raise InvalidArgument(
                 "initImage", b"", f"is required on POST {path.split('?', 1)[0]}: the picture to start from, a base64 PNG, "
                 "JPEG or WebP (text-to-image is POST /text-to-image/generate)",

@@ -78,7 +78,7 @@ class TextToImageServiceServicer:
 
         With init_image it is image to image (and inpainting with a mask); REST callers use
         POST /image-to-image/generate for that, which requires init_image and accepts larger
-        bodies (see docs/rest-api.md).
+        bodies (README, "Image to image, inpainting and hires fix").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
