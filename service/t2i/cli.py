@@ -141,7 +141,7 @@ def generate(
         None, "--mask", help="Inpainting (with --init-image): white repaints, black keeps."
     ),
     denoise: float = typer.Option(
-        REQUEST.denoise, "--denoise", help="How much of --init-image is re-drawn: more than 0 to 1 (1: all of it, from pure noise)."
+        REQUEST.denoise, "--denoise", help="How much of --init-image is re-drawn: 0.01 to 1 (1: all of it, from pure noise)."
     ),
     resize_mode: str | None = typer.Option(
         None, "--resize-mode", show_default=False,

@@ -21,6 +21,9 @@ IMAGE_FORMATS = ("png", "webp", "jpeg")
 MIN_STEPS = 1
 MAX_CFG_SCALE = 30.0
 MAX_HIRES_SCALE = 4.0
+# The least denoise: ComfyUI's denoise moves in steps of 0.01, and the schedule is made for
+# steps / denoise steps, which must stay a schedule (150 / 0.01 = 15,000), not a denial of service.
+MIN_DENOISE = 0.01
 MAX_CFG_RESCALE = 1.0  # RescaleCFG's phi mixes the rescaled and the plain guidance: 0 to 1
 SIZE_MULTIPLE = 8
 # The control characters a prompt may hold: what people paste. The others are refused: NUL ends
@@ -82,8 +85,8 @@ def check_size(request: GenerateRequest, model: ModelInfo, origin: str = "") -> 
 def check_image_fields(request: GenerateRequest, model: ModelInfo) -> None:
     """The image-to-image and hires fix fields, apart from the files themselves (engine/pictures.py
     reads those)."""
-    if not (math.isfinite(request.denoise) and 0.0 < request.denoise <= 1.0):
-        raise InvalidArgument("denoise", request.denoise, "must be a finite number more than 0 and at most 1")
+    if not (math.isfinite(request.denoise) and MIN_DENOISE <= request.denoise <= 1.0):
+        raise InvalidArgument("denoise", request.denoise, f"must be a finite number from {MIN_DENOISE:g} to 1")
     if request.denoise < 1.0 and not request.init_image:
         raise InvalidArgument(
             "denoise", request.denoise,
@@ -102,8 +105,8 @@ def check_image_fields(request: GenerateRequest, model: ModelInfo) -> None:
         raise InvalidArgument("hiresFix.upscaleMethod", hires.upscale_method, "must be one of " + ", ".join(UPSCALE_METHODS))
     if not 0 <= hires.steps <= model.max_steps:
         raise InvalidArgument("hiresFix.steps", hires.steps, f"must be 0 (the request's steps) or 1 to {model.max_steps}")
-    if not (math.isfinite(hires.denoise) and 0.0 < hires.denoise <= 1.0):
-        raise InvalidArgument("hiresFix.denoise", hires.denoise, "must be a finite number more than 0 and at most 1")
+    if not (math.isfinite(hires.denoise) and MIN_DENOISE <= hires.denoise <= 1.0):
+        raise InvalidArgument("hiresFix.denoise", hires.denoise, f"must be a finite number from {MIN_DENOISE:g} to 1")
 
 
 def validate(request: GenerateRequest, model: ModelInfo) -> None:

@@ -119,7 +119,7 @@ def test_a_25_mib_image_request_passes_the_edge_and_the_service_reads_it(edge, l
     reply = post(edge.http_port, path, body, edge.demo_key)
     # The service's own refusal (the bytes are no picture), not the edge's or gRPC's size limit;
     # the size it names shows that all of the picture arrived.
-    assert_error_shape(reply, 400, "INVALID_ARGUMENT", f"invalid initImage <{picture} bytes>: not a picture")
+    assert_error_shape(reply, 400, "INVALID_ARGUMENT", f"invalid initImage <{picture} bytes>: not an image")
     assert len(reply.body) < 2000  # the picture is not echoed back
     assert ledger.find_key(edge.demo_key).balance == before
 
@@ -169,7 +169,7 @@ def test_native_grpc_through_the_edge_takes_a_picture_up_to_40_mib(edge):
             stub.GenerateImage(pb.GenerateImageRequest(**fields, init_image=not_a_picture(2 * MIB)), metadata=metadata,
                                timeout=60)
         assert reached.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert reached.value.details().startswith(f"invalid initImage <{2 * MIB} bytes>: not a picture"), reached.value.details()
+        assert reached.value.details().startswith(f"invalid initImage <{2 * MIB} bytes>: not an image"), reached.value.details()
         with pytest.raises(grpc.RpcError) as refused:
             stub.GenerateImage(pb.GenerateImageRequest(**fields, init_image=not_a_picture(41 * MIB)), metadata=metadata,
                                timeout=60)

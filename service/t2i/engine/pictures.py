@@ -168,7 +168,7 @@ def _open(data: bytes, field: str, max_pixels: int) -> tuple[Image.Image, Pictur
         # size reaches us; it is still a refusal for too many pixels, so it reads as one.
         raise _too_many_pixels(data, field, max_pixels, _claimed_size(data)) from error
     except _PILLOW_READ_ERRORS as error:
-        problem = f"not a picture (no known image format); a {_formats_text()} picture is required"
+        problem = f"not an image (no known image format); a {_formats_text()} file is required"
         raise _refusal(field, data, problem) from error
     try:
         return image, _checked_header(image, data, field, max_pixels)
