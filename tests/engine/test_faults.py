@@ -32,7 +32,7 @@ class Health:
 
 
 async def started(model, **config) -> tuple[AsyncEngine, Health]:
-    engine = AsyncEngine({1: model}, EngineConfig(admission_window_ms=20, **config))
+    engine = AsyncEngine({1: model}, EngineConfig(**{"admission_window_ms": 20, **config}))
     health = Health(engine)
     engine.start()
     return engine, health
@@ -54,13 +54,16 @@ async def outcomes(engine: AsyncEngine, requests: list[GenerateRequest]) -> list
 
 async def test_a_failed_unet_forward_fails_its_batch_only_and_the_engine_serves_on(demo_model):
     faults = Faults(once=1)
-    engine, health = await started(with_faulty_unet(demo_model, faults))
+    # Batches of exactly two, formed by count, never by timing: the admission window waits until
+    # two requests are waiting (however slowly the second arrives), so the failed forward holds both.
+    engine, health = await started(with_faulty_unet(demo_model, faults), max_batch_size=2,
+                                   admission_window_ms=600_000, admission_gap_ms=600_000)
     try:
         first = await outcomes(engine, [params(1), params(2)])
         assert all(isinstance(o, InternalError) for o in first), first
         assert "generation failed: InjectedFault" in str(first[0])
-        after = await outcomes(engine, [params(3)])
-        assert after[0].images and after[0].seeds == [3]
+        after = await outcomes(engine, [params(3), params(4)])
+        assert [a.seeds for a in after] == [[3], [4]] and all(a.images for a in after), after
         assert faults.raised == 1 and not engine.fatal.is_set() and health.events == []
     finally:
         await engine.close()

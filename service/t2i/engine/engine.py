@@ -311,6 +311,8 @@ class AsyncEngine:
                 steps=2, cfg_scale=5.0, seed=0, sampler="euler", scheduler="normal",
             )
             await self.generate(params, request_id=f"warm-up-{info.id}")
+            # The VAE's encoder too, so that the first image-to-image request does not pay for it.
+            await self.finisher.vae_encode(self.models[info.id], torch.zeros(info.min_size, info.min_size, 3))
             log.info("model warmed up", extra={"model_id": info.id, "seconds": round(time.perf_counter() - started, 2)})
 
     # --- answers (any thread) ----------------------------------------------------------------

@@ -145,8 +145,12 @@ class EngineRequest:
 
     @cached_property
     def encode_work(self) -> float:
+        """What admission charges: its prompts' encode, and its picture's (image to image)."""
         chunks = sum(len(p.chunks[0]) for p in self.prompts) if self.prompts else 2
-        return float(cost.encode_work(chunks))
+        work = cost.encode_work(chunks)
+        if self.plan.encode:
+            work += cost.image_encode_work(self.params.width, self.params.height)
+        return float(work)
 
     @property
     def evaluation_work(self) -> float:
