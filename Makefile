@@ -59,10 +59,19 @@ proto-check: install
 # Serving benchmark: first the engine's own cost outside the UNet (the loop per step with a no-op
 # UNet at batch 1 and 8, and per request against diffusers' pipeline; "loop"), then the service vs a
 # dynamic-batching peer vs a naive peer (diffusers), homogeneous and mixed workloads, open loop at
-# three loads, plus raw engine vs service ("serving"). About 15 to 18 minutes on 2 cores.
+# three loads, plus raw engine vs service ("serving"); last, the image mix: a third image to image, a
+# sixth hires fix, the service vs a dynamic-batching peer on diffusers' image pipelines near capacity
+# ("serving-image", also `make bench-image`). About 20 to 24 minutes on 2 cores.
 bench: install
 	$(PY) -m benchmarks.loop_cost
 	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.image_serving
+
+# The image mix alone (benchmarks/image_serving.py): about 5 minutes on 2 cores; writes docs/benchmarks.md
+# ("serving-image").
+.PHONY: bench-image
+bench-image: install
+	$(PY) -m benchmarks.image_serving
 
 # The GPU check on a CUDA machine, offline, under 8 minutes (benchmarks/gpu_check.sh's header says how to
 # carry the wheels it installs); writes docs/benchmarks.md ("gpu"). `make gpu-check ARGS=--dry-run` runs

@@ -5,7 +5,10 @@
 - mixed: each request draws its own settings (fixed seed): steps from the common presets
   between 20 and 40, any of the service's 8 samplers and 7 schedulers, cfg 4 to 9 in steps of
   0.5, one of three sizes, and booru-style tag prompts of 1, 2 or 3 CLIP chunks (75 tokens
-  each, counted with the model's own tokenizer, which has the real CLIP vocabulary).
+  each, counted with the model's own tokenizer, which has the real CLIP vocabulary);
+- image mix (benchmarks/image_serving.py): the mixed workload's requests, a third of them image
+  to image (denoise 0.3 to 0.8, generated pictures, a quarter of those inpainting with a
+  generated mask) and a sixth hires fix at 1.5x; the rest text-to-image.
 
 Arrivals are open-loop: exponential gaps at a given rate (a Poisson process) from a fixed seed,
 the same trace for every system.
@@ -18,7 +21,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from t2i.domain import GenerateRequest
+from t2i.domain import GenerateRequest, HiresFix
 from t2i.sampling import SAMPLER_NAMES, SCHEDULER_NAMES
 
 CHUNK_TOKENS = 75
@@ -99,19 +102,22 @@ def homogeneous(count: int, seed: int) -> Workload:
     return Workload("homogeneous", tuple(replace(HOMOGENEOUS, seed=rng.randrange(2**31)) for _ in range(count)))
 
 
-def mixed(count: int, seed: int, count_tokens: Callable[[str], int]) -> Workload:
+def mixed(
+    count: int, seed: int, count_tokens: Callable[[str], int], *, sizes: tuple[tuple[int, float], ...] = MIXED_SIZES,
+    steps: tuple[int, ...] = MIXED_STEPS,
+) -> Workload:
     rng = random.Random(seed)
     positive = [QUALITY, SUBJECT, CLOTHES, POSE, SCENE, STYLE, SUBJECT, SCENE]
     requests = []
     for _ in range(count):
-        size = _choice(rng, MIXED_SIZES)
+        size = _choice(rng, sizes)
         requests.append(
             GenerateRequest(
                 model_id=1,
                 prompt=tag_prompt(rng, _choice(rng, PROMPT_CHUNKS), count_tokens, positive),
                 negative_prompt=tag_prompt(rng, _choice(rng, NEGATIVE_CHUNKS), count_tokens, [NEGATIVE]),
                 width=size, height=size,
-                steps=rng.choice(MIXED_STEPS),
+                steps=rng.choice(steps),
                 cfg_scale=rng.choice(MIXED_CFG),
                 seed=rng.randrange(2**31),
                 sampler=rng.choice(SAMPLER_NAMES),
@@ -119,6 +125,80 @@ def mixed(count: int, seed: int, count_tokens: Callable[[str], int]) -> Workload
             )
         )
     return Workload("mixed", tuple(requests))
+
+
+# --- the image mix (benchmarks/image_serving.py) -------------------------------------------------
+
+# Of every 6 requests, in a shuffled order: 3 text-to-image, 2 image to image, 1 hires fix.
+IMAGE_BLOCK = ("text-to-image",) * 3 + ("img2img",) * 2 + ("hires fix",)
+IMAGE_DENOISE = tuple(round(0.30 + 0.05 * i, 2) for i in range(11))  # 0.30 .. 0.80, uniform
+INPAINT_SHARE = 0.25  # of the image-to-image requests, those that carry a mask (inpainting)
+IMAGE_HIRES = HiresFix(scale=1.5, upscale_method="nearest-exact", steps=0, denoise=0.5)  # steps 0: the request's
+
+
+def picture_png(rng: random.Random, width: int, height: int) -> bytes:
+    """A generated picture: a smooth random colour field (a 4x4 grid of random colours, upscaled
+    bicubically) with 10 % per-pixel noise, as a PNG. Compresses like a picture, not like noise."""
+    from PIL import Image
+
+    field = Image.frombytes("RGB", (4, 4), rng.randbytes(48)).resize((width, height), Image.Resampling.BICUBIC)
+    noise = Image.frombytes("RGB", (width, height), rng.randbytes(3 * width * height))
+    return _png(Image.blend(field, noise, 0.1))
+
+
+def mask_png(rng: random.Random, width: int, height: int) -> bytes:
+    """A generated inpainting mask: black (keep) with a white (repaint) ellipse covering 30 to
+    60 % of each side at a random place, as a grayscale PNG."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (width, height), 0)
+    w, h = int(width * rng.uniform(0.3, 0.6)), int(height * rng.uniform(0.3, 0.6))
+    x, y = rng.randrange(width - w + 1), rng.randrange(height - h + 1)
+    ImageDraw.Draw(mask).ellipse((x, y, x + w - 1, y + h - 1), fill=255)
+    return _png(mask)
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_mixed(
+    count: int, seed: int, count_tokens: Callable[[str], int], *, sizes: tuple[tuple[int, float], ...] = MIXED_SIZES,
+    steps: tuple[int, ...] = MIXED_STEPS,
+) -> Workload:
+    """The mixed workload's requests (settings and prompts drawn exactly as mixed() draws them
+    from `seed`), each turned into one of the image mix's kinds: in every block of 6 (shuffled),
+    3 text-to-image, 2 image to image from a generated picture at the request's size with denoise
+    uniform over 0.30, 0.35, .., 0.80 (a quarter of them inpainting, with a generated mask), 1 hires
+    fix (IMAGE_HIRES: 1.5x, nearest-exact, the request's steps, denoise 0.5)."""
+    base = mixed(count, seed, count_tokens, sizes=sizes, steps=steps).requests
+    rng = random.Random(f"image-mix-{seed}")
+    kinds: list[str] = []
+    while len(kinds) < count:
+        block = list(IMAGE_BLOCK)
+        rng.shuffle(block)
+        kinds += block
+    requests = []
+    for request, kind in zip(base, kinds):
+        if kind == "img2img":
+            mask = mask_png(rng, request.width, request.height) if rng.random() < INPAINT_SHARE else b""
+            request = replace(request, init_image=picture_png(rng, request.width, request.height), mask=mask,
+                              denoise=rng.choice(IMAGE_DENOISE))
+        elif kind == "hires fix":
+            request = replace(request, hires_fix=IMAGE_HIRES)
+        requests.append(request)
+    return Workload("image mix", tuple(requests))
+
+
+def image_kind(request: GenerateRequest) -> str:
+    """"text-to-image", "img2img", "inpaint" or "hires fix"."""
+    if request.init_image:
+        return "inpaint" if request.mask else "img2img"
+    return "hires fix" if request.hires_fix is not None else "text-to-image"
 
 
 def poisson_arrivals(rate: float, duration: float, seed: int) -> list[float]:

@@ -160,7 +160,10 @@ async def test_a_broken_device_makes_the_engine_give_up(demo_model):
     engine, health = await started(with_faulty_unet(demo_model, faults), max_consecutive_failures=3, max_batch_size=1)
     try:
         results = await outcomes(engine, [params(i) for i in range(5)])
-        assert all(isinstance(r, InternalError) for r in results), results
+        # A request that reaches the engine only after it gave up (its three forwards can fail
+        # before the last requests are checked) is refused as UNAVAILABLE instead: either way failed.
+        assert all(isinstance(r, (InternalError, Unavailable)) for r in results), results
+        assert sum(isinstance(r, InternalError) for r in results) >= 3, results
         assert faults.raised == 3, "no forward is tried after the engine gave up"
         assert engine.fatal.is_set() and "3 UNet evaluations in a row failed" in engine.fatal_reason
         assert health.events and health.events[-1][0] is False
