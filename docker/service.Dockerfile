@@ -63,6 +63,6 @@ ENV PATH=/opt/venv/bin:${PATH} \
 USER 10001:10001
 WORKDIR /var/lib/t2i
 VOLUME ["/var/lib/t2i"]
-EXPOSE 50051 9464
+EXPOSE 50051 9464 8090
 ENTRYPOINT ["t2i"]
 CMD ["serve"]

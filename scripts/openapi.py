@@ -8,6 +8,9 @@ additional binding is a path of its own), schemas from the messages with their p
 names, descriptions from the proto comments. What the proto cannot say is stated here once, as
 the edge implements it: POST answers 201, errors have one JSON shape, int64 values are strings
 in responses, the API key header, and each path's request body cap (t2i.wire).
+
+The adapters' paths (the OpenAI Images API under /v1/) come from their mapping table
+(t2i.compat.openai_images.PARAMS and ERRORS) and their routes (t2i.compat.ADAPTERS).
 """
 
 from __future__ import annotations
@@ -119,6 +122,10 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
                         part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", path) if part)
                 paths.setdefault(path, {})[verb] = operation
 
+    compat_schemas, compat_paths = openai_description()
+    schemas.update(compat_schemas)
+    paths.update(compat_paths)
+
     return {
         "openapi": "3.1.0",
         "info": {
@@ -129,7 +136,11 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
         },
         "servers": [{"url": "http://localhost:8080", "description": "`make run`"}],
         "components": {
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": wire.API_KEY_HEADER}},
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": wire.API_KEY_HEADER},
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "The same API key as `Authorization: Bearer <key>` (what OpenAI's clients send)."},
+            },
             "schemas": schemas,
         },
         "paths": paths,
@@ -154,7 +165,7 @@ def operation_of(method, rule, note: str, package: str) -> dict:
         "operationId": method.name,
         "summary": note.split(". ")[0],
         "description": note,
-        "security": [{"apiKey": []}],
+        "security": [{"apiKey": []}, {"bearer": []}],
         "parameters": [
             {"name": wire.REQUEST_ID_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
              "description": "Kept if sent, generated otherwise; echoed in the response."},
@@ -186,6 +197,126 @@ def operation_of(method, rule, note: str, package: str) -> dict:
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/" + method.input_type.removeprefix(f".{package}.")}}},
         }
     return operation
+
+
+# --- the adapters -----------------------------------------------------------------------------
+
+KIND_SCHEMAS = {
+    "string": {"type": "string"}, "integer": {"type": "integer"}, "number": {"type": "number"},
+    "boolean": {"type": "boolean"}, "object": {"type": "object"},
+    "array": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "strength": {"type": "number"}, "strength_clip": {"type": "number"}}}},
+    "file": {"type": "string", "contentMediaType": "application/octet-stream"},
+}
+
+
+def openai_description() -> tuple[dict, dict]:
+    """Schemas and paths of the OpenAI Images API adapter (its one mapping table)."""
+    from t2i.compat import openai_images as oa
+
+    def request_schema(route: str, form: bool) -> dict:
+        properties = {}
+        for param in oa.params_of(route):
+            schema = dict(KIND_SCHEMAS[param.kind])
+            if form and param.kind in ("array", "object"):
+                schema = {"type": "string", "contentMediaType": "application/json"}
+            if param.choices:
+                schema["enum"] = list(param.choices)
+            origin = "" if param.openai else "Ours (the SDK's extra_body). "
+            becomes = "" if param.ours == "-" else f" Becomes {param.ours}."
+            schema["description"] = f"{origin}{param.effect}{becomes} Default: {param.default}."
+            properties[param.name] = schema
+        required = [param.name for param in oa.params_of(route) if param.required]
+        return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+    schemas = {
+        "OpenAIImagesRequest": request_schema(oa.GENERATIONS, form=False),
+        "OpenAIImageEditRequest": request_schema(oa.EDITS, form=True),
+        "OpenAIImagesResponse": {
+            "type": "object", "required": ["created", "data"],
+            "properties": {
+                "created": {"type": "integer", "description": "Unix time of the answer."},
+                "data": {"type": "array", "items": {"type": "object", "required": ["b64_json", "revised_prompt"], "properties": {
+                    "b64_json": {"type": "string", "contentEncoding": "base64"},
+                    "revised_prompt": {"type": "string", "description": "The prompt, unchanged."}}}},
+                "background": {"type": "string", "enum": ["opaque"]},
+                "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+                "size": {"type": "string", "description": "WIDTHxHEIGHT of the images."},
+            },
+        },
+        "OpenAIModel": {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
+            "id": {"type": "string", "description": "The model's name (its numeric id when another model shares the name)."},
+            "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": {"type": "string"}}},
+        "OpenAIModelList": {"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/OpenAIModel"}}}},
+        "OpenAIError": {
+            "type": "object", "required": ["error"], "description": "OpenAI's error shape, whoever made the error.",
+            "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"], "description": "The parameter at fault, as sent."},
+                "code": {"type": ["string", "null"]}}}},
+        },
+    }
+    error_reply = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}}
+    described: dict[str, list[str]] = {}
+    for row in oa.ERRORS:
+        described.setdefault(str(row.http), []).append(f"{row.status} ({row.code}): {row.why}")
+    described.setdefault("400", []).append("the adapter's own refusals (unknown parameter, wrong type, bad size, ...)")
+    described["413"] = ["request body over the route's cap"]
+    errors = {code: {"description": "; ".join(texts), **error_reply,
+                     **({"headers": {"Retry-After": {"schema": {"type": "integer"}}}} if code == "429" else {})}
+              for code, texts in sorted(described.items())}
+    request_id = {"name": wire.REQUEST_ID_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+                  "description": "Kept if sent, generated otherwise; echoed in the response."}
+    idempotency = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "schema": {"type": "string", "maxLength": wire.MAX_IDEMPOTENCY_KEY},
+                   "description": "Retries with the same key and body within 24 hours are not charged twice."}
+    charged = {
+        "description": "The images",
+        "headers": {
+            oa.USAGE_HEADER: {"schema": {"type": "integer"}, "description": "Stardust charged."},
+            oa.BALANCE_HEADER: {"schema": {"type": "integer"}, "description": "Spendable balance after the charge."},
+            oa.SEEDS_HEADER: {"schema": {"type": "string"}, "description": "The seeds, comma-separated."},
+        },
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIImagesResponse"}}},
+    }
+    security = [{"bearer": []}, {"apiKey": []}]
+    routes = {(route.method, route.path): route for route in oa.ADAPTER.routes}
+
+    def operation(method: str, path: str, operation_id: str, **extra) -> dict:
+        route = routes[(method, path)]
+        return {"operationId": operation_id, "summary": route.summary, "tags": ["OpenAI-compatible"],
+                "security": security, **extra}
+
+    def body_description(path: str) -> str:
+        limit = routes[("POST", path)].body_limit
+        return f"At most {limit // 1024 // 1024} MiB ({limit} bytes); a larger body is refused with 413."
+
+    paths = {
+        oa.GENERATIONS: {"post": operation(
+            "POST", oa.GENERATIONS, "OpenAICreateImage", parameters=[request_id, idempotency],
+            requestBody={"required": True, "description": body_description(oa.GENERATIONS), "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/OpenAIImagesRequest"}}}},
+            responses={"200": charged, **errors})},
+        oa.EDITS: {"post": operation(
+            "POST", oa.EDITS, "OpenAICreateImageEdit", parameters=[request_id, idempotency],
+            requestBody={"required": True, "description": body_description(oa.EDITS), "content": {
+                "multipart/form-data": {"schema": {"$ref": "#/components/schemas/OpenAIImageEditRequest"}}}},
+            responses={"200": charged, **errors})},
+        oa.MODELS: {"get": operation(
+            "GET", oa.MODELS, "OpenAIListModels", parameters=[request_id],
+            responses={"200": {"description": "The models", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/OpenAIModelList"}}}},
+                **{code: reply for code, reply in errors.items() if code in ("401", "429", "503")}})},
+        oa.MODELS + "/{model}": {"get": operation(
+            "GET", oa.MODELS + "/{model}", "OpenAIRetrieveModel",
+            parameters=[{"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+                         "description": "A model's id from the list, or its numeric id."}, request_id],
+            responses={"200": {"description": "The model", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/OpenAIModel"}}}},
+                **{code: reply for code, reply in errors.items() if code in ("401", "404", "429", "503")}})},
+    }
+    return schemas, paths
 
 
 def main() -> None:

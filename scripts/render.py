@@ -12,6 +12,9 @@ are replaced, indented like the BEGIN line. Sources:
   the error tables of README.md and edge/README.md (and, through
   scripts/openapi.py, the OpenAPI error responses);
 - the serving settings, t2i.settings (via t2i.cli_options): the `t2i serve` flag table of README.md;
+- the adapters, t2i.compat: their routes, local replies and the Lua prefix table in
+  edge/envoy.yaml; the OpenAI mapping and error tables (t2i.compat.openai_images) in README.md;
+- the replies to upstream faults (FAULT_REPLIES below), for the documented API and the adapters;
 - the sampler and scheduler names (t2i.sampling.names), the API key header (t2i.wire) and the
   request limits (t2i.validation): the playground's constants in edge/playground/playground.js.
 """
@@ -247,6 +250,160 @@ def envoy_size_replies() -> list[str]:
     return lines
 
 
+# Replies Envoy makes when the upstream fails it, by response flag: (flags, comment, HTTP code
+# or None for Envoy's own, status name, message). Rendered for the documented API's paths and,
+# in their own shapes, for the adapters'.
+FAULT_REPLIES = (
+    (("UH",), None, 503, "UNAVAILABLE", "no healthy image service replica is available; retry later"),
+    (("UO", "OM"), None, 503, "UNAVAILABLE", "the API edge is overloaded; retry later"),
+    (("UF", "URX"), "Connection could not be made (retried on other replicas first): nothing ran.", None, "UNAVAILABLE",
+     "the image service could not be reached; retry later"),
+    (("UC", "UR", "LR"), "The connection broke after the request was sent: it may have run (not retried).", None,
+     "UNAVAILABLE", "the connection to the image service was lost before it answered; the request may have been "
+     "processed, retry with the same Idempotency-Key"),
+    (("UT", "SI"), None, 504, "DEADLINE_EXCEEDED", "the image service did not answer within the edge's request timeout"),
+)
+
+
+def envoy_fault_replies() -> list[str]:
+    lines = []
+    for flags, comment, code, status, message in FAULT_REPLIES:
+        if comment:
+            lines.append(f"# {comment}")
+        lines += [
+            f"- filter: {{response_flag_filter: {{flags: [{', '.join(flags)}]}}}}",
+            "  body_format_override:",
+            "    content_type: application/json",
+            "    json_format:",
+            "      error:",
+            f"        code: {code if code is not None else chr(34) + '%RESPONSE_CODE%' + chr(34)}",
+            f"        status: {status}",
+            f'        message: "{message}"',
+            '        requestId: "%REQ(X-REQUEST-ID)%"',
+        ]
+    return lines
+
+
+# --- the adapters (t2i.compat) -------------------------------------------------------------------
+
+def _yaml_lines(value: dict, indent: str) -> list[str]:
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=False, sort_keys=False, width=10_000, allow_unicode=False)
+    return [indent + line for line in text.rstrip("\n").split("\n")]
+
+
+def _path_regex(paths) -> str:
+    for path in paths:
+        if not re.fullmatch(r"[a-z0-9/-]+", path):
+            raise ValueError(f"{path!r}: only lower-case letters, digits, / and - are rendered into the regex")
+    return f"({'|'.join(paths)})([?].*)?"
+
+
+def envoy_compat_replies() -> list[str]:
+    """Every local reply on an adapter's paths, in its API's error shape (first match wins, so
+    these come before the documented API's mappers)."""
+    from t2i.compat import ADAPTERS
+
+    lines = []
+    for adapter in ADAPTERS:
+        prefix = f"- header_filter: {{header: {{name: \":path\", string_match: {{prefix: {adapter.prefix}}}}}}}"
+        large = adapter.large_body_paths(wire.MAX_REQUEST_BYTES)
+
+        def mapper(filters: list[str], message: str) -> list[str]:
+            where = (["    and_filter:", "      filters:", *("      " + f for f in filters)] if len(filters) > 1
+                     else ["    " + filters[0].removeprefix("- ")])
+            return ["- filter:", *where, "  body_format_override:", "    content_type: application/json",
+                    "    json_format:", *_yaml_lines(adapter.edge_error(message), "      ")]
+
+        status_413 = "- status_code_filter: {comparison: {op: EQ, value: {default_value: 413, runtime_key: edge.lr.%s}}}"
+        if large:
+            limit = max(r.body_limit for r in adapter.routes if r.path in large)
+            lines += mapper([status_413 % f"{adapter.name}413large",
+                             f'- header_filter: {{header: {{name: ":path", string_match: {{safe_regex: {{regex: '
+                             f'"{_path_regex(large)}"}}}}}}}}'],
+                            f"request body too large: the limit is {size_limit(limit)}")
+        lines += mapper([status_413 % f"{adapter.name}413", prefix],
+                        f"request body too large: the limit is {size_limit(wire.MAX_REQUEST_BYTES)}")
+        for flags, _, _, _, message in FAULT_REPLIES:
+            lines += mapper([f"- response_flag_filter: {{flags: [{', '.join(flags)}]}}", prefix], message)
+        lines += mapper([prefix], "%LOCAL_REPLY_BODY%")
+    return lines
+
+
+def envoy_compat_routes() -> list[str]:
+    """Per adapter: its routes with a larger body cap (exact paths), then its prefix."""
+    from t2i.compat import ADAPTERS
+
+    retry = [
+        "  retry_policy:",
+        "    retry_on: connect-failure,reset-before-request",
+        "    num_retries: 2",
+        "    retry_host_predicate:",
+        "    - name: envoy.retry_host_predicates.previous_hosts",
+        "      typed_config:",
+        '        "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate',
+        "    host_selection_retry_max_attempts: 3",
+        "    retry_back_off: {base_interval: 0.1s, max_interval: 1s}",
+    ]
+    lines = []
+    for adapter in ADAPTERS:
+        for path in adapter.large_body_paths(wire.MAX_REQUEST_BYTES):
+            (limit,) = {r.body_limit for r in adapter.routes if r.path == path}
+            lines += [
+                f"- match: {{path: {path}}}",
+                "  typed_per_filter_config:",
+                "    envoy.filters.http.buffer:",
+                '      "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute',
+                f"      buffer: {{max_request_bytes: {limit}}}",
+                "  route:",
+                "    cluster: t2i_compat",
+                f"    timeout: {wire.ROUTE_TIMEOUT:g}s",
+                "    idle_timeout: 3600s",
+                *("  " + line for line in retry),
+            ]
+        lines += [
+            f"- match: {{prefix: {adapter.prefix}}}",
+            "  route:",
+            "    cluster: t2i_compat",
+            f"    timeout: {wire.ROUTE_TIMEOUT:g}s",
+            "    idle_timeout: 3600s",
+            *("  " + line for line in retry),
+        ]
+    return lines
+
+
+def lua_compat_apis() -> list[str]:
+    from t2i.compat import ADAPTERS
+
+    entries = ", ".join(f'{{"{a.prefix}", "{a.name}"}}' for a in ADAPTERS)
+    return ["-- Path prefix -> the adapter API that serves it (its responses keep their own shapes).",
+            f"local COMPAT = {{{entries}}}"]
+
+
+def readme_openai_params() -> list[str]:
+    from t2i.compat.openai_images import EDITS, GENERATIONS, PARAMS
+
+    short = {GENERATIONS: "generations", EDITS: "edits"}
+    rows = ["| parameter | on | becomes | default | what happens |", "| --- | --- | --- | --- | --- |"]
+    for param in PARAMS:
+        name = f"`{param.name}`" + ("" if param.openai else " (ours)")
+        on = ", ".join(short[r] for r in param.routes)
+        rows.append(f"| {name} | {on} | {param.ours} | {param.default} | {param.effect} |")
+    return rows
+
+
+def readme_openai_errors() -> list[str]:
+    from t2i.compat.openai_images import ERRORS
+
+    rows = ["| service status | HTTP | `type` | `code` | SDK exception | when |", "| --- | --- | --- | --- | --- | --- |"]
+    exceptions = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError",
+                  429: "RateLimitError", 500: "InternalServerError", 503: "InternalServerError", 504: "InternalServerError"}
+    for row in ERRORS:
+        rows.append(f"| {row.status} | {row.http} | `{row.type}` | `{row.code}` | {exceptions[row.http]} | {row.why} |")
+    return rows
+
+
 def readme_errors() -> list[str]:
     rows = sorted(ERROR_KINDS, key=lambda k: k.http)
     return ["| HTTP | `status` | when |", "| --- | --- | --- |", *(f"| {k.http} | {k.status} | {k.when} |" for k in rows)]
@@ -332,8 +489,11 @@ def playground_names() -> list[str]:
 BLOCKS: dict[str, dict[str, Callable[[], list[str]]]] = {
     "edge/envoy.yaml": {"lua-error-tables": envoy_lua_tables, "local-reply-statuses": envoy_local_replies,
                         "unread-request-reply": envoy_unread_reply, "grpc-request-size-replies": envoy_grpc_size_replies,
-                        "request-size-replies": envoy_size_replies},
-    "README.md": {"error-table": readme_errors, "serve-flags": readme_serve_flags, "price-table": readme_price_table},
+                        "request-size-replies": envoy_size_replies, "fault-replies": envoy_fault_replies,
+                        "compat-replies": envoy_compat_replies, "compat-routes": envoy_compat_routes,
+                        "lua-compat-apis": lua_compat_apis},
+    "README.md": {"error-table": readme_errors, "serve-flags": readme_serve_flags, "price-table": readme_price_table,
+                  "openai-params": readme_openai_params, "openai-errors": readme_openai_errors},
     "edge/README.md": {"grpc-http-table": edge_readme_errors},
     "edge/playground/playground.js": {"playground-names": playground_names},
 }

@@ -28,14 +28,16 @@ class ServerProcess:
 
     def __init__(
         self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None, command: str = "serve",
-        gate: Path | None = None,
+        gate: Path | None = None, compat: bool = False,
     ) -> None:
+        """`compat`: also the adapters' HTTP port (t2i.compat) on a free port (`compat_port`)."""
         self.data_dir = Path(data_dir)
         self.gate = FileGate(gate) if gate is not None else None
         launcher = ["t2i"] if gate is None else ["testbed.gated_serve", str(gate)]
         args = [
             sys.executable, "-m", *launcher, "--log-format", "json", command,
-            "--grpc-port", "0", "--metrics-port", "0", "--data-dir", str(data_dir), "--device", "cpu", *extra_args,
+            "--grpc-port", "0", "--metrics-port", "0", "--data-dir", str(data_dir), "--device", "cpu",
+            *(["--compat-port", "0" if compat else "-1"] if command == "serve" else []), *extra_args,
         ]
         environment = {**os.environ, **(env or {})}
         if gate is not None:
@@ -50,6 +52,7 @@ class ServerProcess:
         self._reader.start()
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
+        self.compat_port: int | None = None  # the adapters' HTTP port (t2i.compat)
 
     def _read(self) -> None:
         for line in self.process.stderr:
@@ -64,6 +67,7 @@ class ServerProcess:
                     if entry.get("msg") == "listening":
                         self.grpc_port = entry["grpc_port"]
                         self.metrics_port = entry.get("metrics_port")
+                        self.compat_port = entry.get("compat_port")
 
     @property
     def target(self) -> str:

@@ -50,13 +50,13 @@ class UpProcess:
         if not (data_dir / "models").exists():
             shutil.copytree(Path(models_from) / "models", data_dir / "models")
         self.data_dir = data_dir
-        self.http_port, self.grpc_port, self.metrics_port, self.admin_port = free_ports(4)
+        self.http_port, self.grpc_port, self.metrics_port, self.admin_port, self.compat_port = free_ports(5)
         self.gate = FileGate(gate) if gate is not None else None
         launcher = ["t2i"] if gate is None else ["testbed.gated_serve", str(gate)]
         command = [
             sys.executable, "-m", *launcher, "--log-format", "json", "up", "--http-port", str(self.http_port),
             "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
-            "--admin-port", str(self.admin_port), "--data-dir", str(data_dir), *args,
+            "--admin-port", str(self.admin_port), "--compat-port", str(self.compat_port), "--data-dir", str(data_dir), *args,
         ]
         environment = {**os.environ, "T2I_DEVICE": "cpu", **(env or {})}
         if gate is not None:

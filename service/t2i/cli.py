@@ -61,13 +61,23 @@ BILLING_CONFIG = option_for(ServeSettings, "billing_config")
 @app.command()
 @with_options(ServeSettings)
 def serve(settings: ServeSettings) -> None:
-    """Run the gRPC service."""
+    """Run the gRPC service (and the adapters' HTTP port: the OpenAI Images API)."""
     check_models_file(settings.models_file)
     import asyncio
     import logging
 
     from .server.app import Server, run_until_signal
     from .server.catalog import ModelCatalog
+
+    compat = None
+    if settings.compat_port >= 0:
+        from .compat.app import CompatServer, configuration_error
+
+        problem = configuration_error(settings)
+        if problem:
+            logging.getLogger("t2i.cli").error(problem)
+            raise typer.Exit(EXIT_BAD_CONFIG)
+        compat = CompatServer(settings)
 
     async def main() -> int:
         catalog = ModelCatalog()
@@ -82,7 +92,7 @@ def serve(settings: ServeSettings) -> None:
                 logging.getLogger("t2i.cli").error(str(error))
                 return 1
             interceptors.append(interceptor)
-        server = Server(settings, catalog, interceptors)
+        server = Server(settings, catalog, interceptors, compat=compat)
         if settings.billing:
             interceptor.instance_id = settings.instance_id or default_instance_id(server.port)
         return await run_until_signal(server)

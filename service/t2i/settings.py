@@ -85,6 +85,14 @@ class ServeSettings:
         "127.0.0.1/32,::1/128",
         "Peers (comma-separated CIDRs) whose x-forwarded-for names the client; other peers are the client themselves.",
     )
+    compat_host: str = setting(
+        "127.0.0.1", "Address to bind the adapters' HTTP port to (0.0.0.0 in a container, where the edge is another pod)."
+    )
+    compat_port: int = setting(
+        wire.COMPAT_PORT,
+        "HTTP port of the adapters (the OpenAI Images API under /v1/, which the edge routes here); 0 picks a free "
+        "one, -1 turns them off. They call the gRPC port over loopback, so --trusted-proxies must include 127.0.0.1.",
+    )
     print_usage: bool = setting(False, "Print how to call the service once it is ready.", env=None, doc_default="off")
     engine: EngineConfig = field(default_factory=EngineConfig)
     # The edge's largest body (the image routes' and native gRPC's cap), so that whatever the
@@ -102,6 +110,9 @@ class UpSettings:
     host: str = setting("127.0.0.1", "Address Envoy listens on.", env="T2I_HTTP_HOST")
     grpc_port: int = setting(wire.GRPC_PORT, "The service's own gRPC port (bound to 127.0.0.1).")
     metrics_port: int = setting(wire.METRICS_PORT, "The service's Prometheus port (bound to 127.0.0.1).")
+    compat_port: int = setting(
+        wire.COMPAT_PORT, "The service's adapter port (the OpenAI Images API; bound to 127.0.0.1), behind Envoy's /v1/."
+    )
     admin_port: int = setting(wire.ENVOY_ADMIN_PORT, "Envoy's admin port (127.0.0.1 only).", env="T2I_ENVOY_ADMIN_PORT")
     data_dir: Path = setting(DATA_DIR, "Writable folder: demo model cache, SQLite ledger, the edge's files.")
     route_timeout: float = setting(wire.ROUTE_TIMEOUT, "Seconds Envoy waits for a generation.")

@@ -16,6 +16,10 @@ LIST_LORAS_METHOD = f"/{SERVICE}/ListLoras"
 
 # Request metadata (REST: headers of the same names).
 API_KEY_HEADER = "x-illustrious-api-key"
+# The key may also come as `Authorization: Bearer <key>` (what OpenAI's clients send), when
+# x-illustrious-api-key is absent or carries the same key (t2i.billing.interceptor).
+AUTHORIZATION_HEADER = "authorization"
+BEARER_SCHEME = "bearer"
 IDEMPOTENCY_HEADER = "idempotency-key"
 REQUEST_ID_HEADER = "x-request-id"
 FORWARDED_FOR_HEADER = "x-forwarded-for"
@@ -25,6 +29,9 @@ ORIGINAL_PATH_HEADER = "x-envoy-original-path"
 # Response metadata of rate-limited and successful calls.
 RETRY_AFTER_HEADER = "retry-after"
 RATE_LIMIT_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
+# Trailing metadata of an INVALID_ARGUMENT status: the request field it names (as the message
+# does, e.g. `numImages`), so that an adapter (t2i.compat) can name it in its own API's terms.
+ERROR_FIELD_HEADER = "x-error-field"
 
 # Lengths the edge and the service both enforce.
 MAX_IDEMPOTENCY_KEY = 255
@@ -58,6 +65,8 @@ GRPC_PORT = 50051
 METRICS_PORT = 9464
 HTTP_PORT = 8080
 ENVOY_ADMIN_PORT = 9901
+# The adapters' HTTP port of `t2i serve` (t2i.compat: the OpenAI Images API), behind the edge.
+COMPAT_PORT = 8090
 # Seconds the edge waits for one generation; the service's grace period on SIGTERM in
 # Kubernetes must be at least this.
 ROUTE_TIMEOUT = 300.0

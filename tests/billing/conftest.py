@@ -42,14 +42,14 @@ def write_configs(data_dir: Path, folder: Path, extra_config: str = "") -> tuple
 
 def start_billing_server(
     data_dir: Path, folder: Path, database_url: str, *extra: str, extra_config: str = "", wait: bool = True,
-    gate: bool = False,
+    gate: bool = False, compat: bool = False,
 ) -> ServerProcess:
     """The service on the demo model with BILLING_CONFIG (plus `extra_config` YAML lines); with
     `gate`, its UNet is behind `server.gate` (testbed/gate.py) for holding requests in flight."""
     models, billing = write_configs(data_dir, folder, extra_config)
     server = ServerProcess(
         data_dir, "--models", str(models), "--billing-config", str(billing), "--database-url", database_url, *extra,
-        gate=folder / "gate" if gate else None,
+        gate=folder / "gate" if gate else None, compat=compat,
     )
     return server.wait_serving() if wait else server
 

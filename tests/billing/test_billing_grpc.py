@@ -13,6 +13,7 @@ import pytest
 from testbed.api import Api
 from testbed.metrics import scrape, value
 
+MISSING = "missing API key: send it in the x-illustrious-api-key header or as Authorization: Bearer <key>"
 DOCUMENTED_COST_REQUEST = dict(width=256, height=256, steps=28, sampler_name="euler", scheduler="normal")  # costs 3
 
 
@@ -65,15 +66,50 @@ def test_two_stage_sampler_costs_about_twice(api, ledger, key):
 @pytest.mark.parametrize(
     "metadata_key,code,message",
     [
-        (None, grpc.StatusCode.UNAUTHENTICATED, "missing API key: send it in the x-illustrious-api-key header"),
+        (None, grpc.StatusCode.UNAUTHENTICATED, MISSING),
         ("ilx_not-a-real-key-at-all-0000000000000000", grpc.StatusCode.UNAUTHENTICATED, "unknown API key"),
-        ("", grpc.StatusCode.UNAUTHENTICATED, "missing API key: send it in the x-illustrious-api-key header"),
+        ("", grpc.StatusCode.UNAUTHENTICATED, MISSING),
     ],
 )
 def test_missing_and_unknown_keys_are_unauthenticated(api, ledger, key, metadata_key, code, message):
     outcome = api.generate(metadata_key)
     assert outcome.code is code and outcome.details == message
     assert balance(ledger, key[0]) == 100
+
+
+@pytest.mark.parametrize("spelling", ["Bearer {key}", "bearer {key}", "Bearer   {key} "])
+def test_a_bearer_authorization_is_the_key(api, ledger, key, spelling):
+    key_id, secret = key
+    outcome = api.generate(None, metadata=[("authorization", spelling.format(key=secret))], **DOCUMENTED_COST_REQUEST)
+    assert outcome.code is grpc.StatusCode.OK and balance(ledger, key_id) == 97
+    both = api.generate(secret, metadata=[("authorization", f"Bearer {secret}")], **DOCUMENTED_COST_REQUEST, seed=5)
+    assert both.code is grpc.StatusCode.OK and balance(ledger, key_id) == 94
+
+
+@pytest.mark.parametrize(
+    "header_key,authorization,message",
+    [
+        ("other", "Bearer {key}",
+         "the x-illustrious-api-key header and Authorization: Bearer carry two different API keys: send one key"),
+        (None, "Basic dXNlcjpwYXNz",
+         "unsupported Authorization header (scheme 'Basic'): send Authorization: Bearer <API key>, or the key in the "
+         "x-illustrious-api-key header"),
+        (None, "Bearer", "unsupported Authorization header (scheme 'Bearer', no credentials): send Authorization: "
+         "Bearer <API key>, or the key in the x-illustrious-api-key header"),
+    ],
+)
+def test_conflicting_or_foreign_credentials_are_refused(api, ledger, key, header_key, authorization, message):
+    key_id, secret = key
+    metadata_key = ledger.create_key("other", 100, "standard")[1] if header_key == "other" else None
+    outcome = api.generate(metadata_key, metadata=[("authorization", authorization.format(key=secret))])
+    assert outcome.code is grpc.StatusCode.UNAUTHENTICATED and outcome.details == message
+    assert secret not in outcome.details and balance(ledger, key_id) == 100
+
+
+def test_another_authorization_scheme_beside_our_header_is_not_ours_to_judge(api, ledger, key):
+    key_id, secret = key
+    outcome = api.generate(secret, metadata=[("authorization", "Basic dXNlcjpwYXNz")], **DOCUMENTED_COST_REQUEST)
+    assert outcome.code is grpc.StatusCode.OK and balance(ledger, key_id) == 97
 
 
 def test_revoked_key_is_permission_denied(api, ledger):

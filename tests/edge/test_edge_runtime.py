@@ -71,6 +71,24 @@ def test_a_generation_longer_than_the_route_timeout_is_504(free_edge):
     assert logged("image generated") == before["image generated"]
 
 
+def test_an_openai_generation_longer_than_the_route_timeout_is_504_and_stopped(free_edge):
+    import openai
+
+    def logged(msg: str) -> int:
+        return len([e for e in free_edge.service_log() if e.get("msg") == msg])
+
+    before = {msg: logged(msg) for msg in ("request cancelled by the client", "request dropped")}
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{free_edge.http_port}/v1", api_key="unused", max_retries=0)
+    with free_edge.gate:
+        with pytest.raises(openai.InternalServerError) as raised:
+            api.images.generate(prompt="1girl", size="64x64", extra_body={"steps": 2})
+        assert raised.value.status_code == 504 and raised.value.type == "server_error"
+        assert "did not answer within the edge's request timeout" in raised.value.message
+        # The edge dropped the adapter's connection; the adapter cancelled its gRPC call.
+        free_edge.wait_logged("request cancelled by the client", before["request cancelled by the client"] + 1)
+    free_edge.wait_logged("request dropped", before["request dropped"] + 1)
+
+
 def test_ctrl_c_stops_the_service_and_envoy(data_dir, tmp_path):
     up = UpProcess(data_dir, tmp_path / "data", "--no-billing").wait_ready()
     kids = children(up.process.pid)
@@ -101,10 +119,10 @@ def test_failed_authentications_are_limited_per_client_address(data_dir, tmp_pat
 
 
 def test_no_reachable_service_is_503(tmp_path):
-    http_port, admin_port, dead_port = free_ports(3)
+    http_port, admin_port, dead_port, dead_compat_port = free_ports(4)
     config = write(
         EdgeSettings(http_port=http_port, admin_port=admin_port, upstreams=[("127.0.0.1", dead_port)],
-                     descriptor=write_descriptor(tmp_path / "d.pb")),
+                     compat_upstreams=[("127.0.0.1", dead_compat_port)], descriptor=write_descriptor(tmp_path / "d.pb")),
         tmp_path / "envoy.yaml",
     )
     envoy = subprocess.Popen([envoy_binary(), "-c", str(config), "--log-level", "error", "--disable-hot-restart"], stdout=subprocess.DEVNULL)
@@ -128,6 +146,14 @@ def test_no_reachable_service_is_503(tmp_path):
         error = json.loads(body)["error"]
         assert response.status == 503 and error["status"] == "UNAVAILABLE" and error["code"] == 503
         assert error["requestId"] == response.getheader("x-request-id")
+        # The adapters' paths answer in their API's shape: OpenAI's, which its SDK reads.
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+        connection.request("GET", "/v1/models", headers={"authorization": "Bearer ilx_x"})
+        response = connection.getresponse()
+        error = json.loads(response.read())["error"]
+        assert response.status == 503 and response.getheader("x-request-id")
+        assert error == {"message": "no healthy image service replica is available; retry later", "type": "server_error",
+                         "param": None, "code": None}
     finally:
         envoy.terminate()
         envoy.wait(30)

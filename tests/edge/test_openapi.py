@@ -18,7 +18,8 @@ def schema(name: str) -> OAS31Validator:
 def test_the_description_is_valid_openapi():
     validate(SPEC)
     assert set(SPEC["paths"]) == {"/text-to-image/generate", "/text-to-image/generate/stream", "/image-to-image/generate",
-                                  "/image-to-image/generate/stream", "/model/list", "/lora/list"}
+                                  "/image-to-image/generate/stream", "/model/list", "/lora/list",
+                                  "/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/models/{model}"}
     assert "201" in SPEC["paths"]["/text-to-image/generate"]["post"]["responses"]
     # The additional bindings: the same operation under an id of its own, with its body cap.
     image = SPEC["paths"]["/image-to-image/generate"]["post"]
@@ -41,3 +42,35 @@ def test_real_replies_match_the_description(edge):
     schema("Error").validate(refused.json())
     wrong = {**created.json(), "stardustUsage": 3}  # an int64 must be a string in a response
     assert not schema("GenerateImageResponse").is_valid(wrong)
+
+
+def test_the_openai_routes_are_described_from_the_mapping_table():
+    from t2i.compat import openai_images as oa
+
+    generations = SPEC["paths"]["/v1/images/generations"]["post"]
+    assert set(generations["responses"]) >= {"200", "400", "401", "404", "413", "429", "500", "503"}
+    assert set(generations["responses"]["200"]["headers"]) == {"x-stardust-usage", "x-stardust-balance", "x-seeds"}
+    request = SPEC["components"]["schemas"]["OpenAIImagesRequest"]
+    assert set(request["properties"]) == {p.name for p in oa.params_of(oa.GENERATIONS)} and request["required"] == ["prompt"]
+    edit = SPEC["components"]["schemas"]["OpenAIImageEditRequest"]
+    assert set(edit["properties"]) == {p.name for p in oa.params_of(oa.EDITS)} and set(edit["required"]) == {"prompt", "image"}
+    assert "multipart/form-data" in SPEC["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    assert "40 MiB" in SPEC["paths"]["/v1/images/edits"]["post"]["requestBody"]["description"]
+    assert SPEC["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": SPEC["components"]["securitySchemes"]["bearer"]["description"]}
+
+
+def test_real_openai_replies_match_the_description(edge):
+    import json as _json
+
+    body = {"model": "1", "prompt": "1girl", "size": "64x64", "steps": 2, "seed": 1}
+    schema("OpenAIImagesRequest").validate(body)
+    auth = {"Authorization": f"Bearer {edge.demo_key}", "Content-Type": "application/json"}
+    created = edge.request("POST", "/v1/images/generations", _json.dumps(body), auth)
+    assert created.status == 200
+    schema("OpenAIImagesResponse").validate(created.json())
+    schema("OpenAIModelList").validate(edge.request("GET", "/v1/models", headers=auth).json())
+    refused = edge.request("POST", "/v1/images/generations", _json.dumps({**body, "n": 99}), auth)
+    assert refused.status == 400
+    schema("OpenAIError").validate(refused.json())
+    assert not schema("OpenAIImagesRequest").is_valid({**body, "negativ_prompt": "x"})

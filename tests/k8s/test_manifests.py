@@ -57,10 +57,11 @@ def envoy_route_timeout() -> float:
     return max(timeouts)
 
 
-def envoy_upstream() -> tuple[str, int]:
+def envoy_upstream(cluster: str = "t2i_grpc") -> tuple[str, int]:
+    (found,) = [c for c in ENVOY["static_resources"]["clusters"] if c["name"] == cluster]
     (address,) = [
         e["endpoint"]["address"]["socket_address"]
-        for group in envoy_cluster()["load_assignment"]["endpoints"]
+        for group in found["load_assignment"]["endpoints"]
         for e in group["lb_endpoints"]
     ]
     return address["address"], int(address["port_value"])
@@ -276,6 +277,7 @@ def serve_options() -> dict:
 # Where the cluster's server.env deliberately differs from a `t2i serve` default, and why.
 CLUSTER_OVERRIDES = {
     "T2I_GRPC_HOST": "the edge is another pod: listen on the pod's address, not loopback",
+    "T2I_COMPAT_HOST": "the adapters' port, reached by the edge from another pod",
     "T2I_METRICS_HOST": "Prometheus scrapes from another pod",
     "T2I_TRUSTED_PROXIES": "the edge pods' addresses; NetworkPolicy lets only them reach the gRPC port",
     "T2I_DATA_DIR": "the emptyDir mount",
@@ -481,6 +483,28 @@ def test_headless_service_matches_the_envoy_cluster(rendered: Rendered):
     assert (ports[target] if isinstance(target, str) else target) == port
 
 
+def test_the_adapters_port_matches_the_envoy_cluster_and_the_settings(rendered: Rendered):
+    """Envoy's t2i_compat cluster (the OpenAI Images API) reaches the same pods as t2i_grpc on the
+    adapters' port, which the container declares, the headless Service names, and `t2i serve`
+    listens on; its loopback calls to the gRPC port are trusted (else it refuses to start)."""
+    from t2i.cli_options import build
+    from t2i.compat.app import configuration_error
+    from t2i.settings import ServeSettings
+
+    host, port = envoy_upstream("t2i_compat")
+    assert host == envoy_upstream()[0]
+    container = server_container(rendered)
+    env = container_env(rendered, container)
+    assert int(env.get("T2I_COMPAT_PORT", serve_options()["T2I_COMPAT_PORT"].default)) == port
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["compat"] == port
+    service = headless_service(rendered)
+    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+    assert service_port["targetPort"] == "compat"
+    settings = build(ServeSettings, {option.name: env[option.env] for option in serve_options().values()
+                                     if option.env in env and option.name in ("grpc_host", "trusted_proxies")})
+    assert configuration_error(settings) is None
+
+
 def test_metrics_service_and_servicemonitor(rendered: Rendered):
     container = server_container(rendered)
     metrics_port = int(container_env(rendered, container).get("T2I_METRICS_PORT", serve_options()["T2I_METRICS_PORT"].default))
@@ -628,12 +652,17 @@ def test_default_deny(rendered: Rendered):
 def test_only_the_edge_reaches_the_grpc_port_and_prometheus_the_metrics(rendered: Rendered):
     server_labels = server_deployment(rendered)["spec"]["template"]["metadata"]["labels"]
     edge_labels = edge_deployment(rendered)["spec"]["template"]["metadata"]["labels"]
-    grpc = ingress_rules_reaching(rendered, server_labels, 50051)
-    assert grpc, "nothing may reach the service"
-    for rule in grpc:
-        assert rule.get("from"), "a rule open to every source"
-        for peer in rule["from"]:
-            assert set(peer) == {"podSelector"} and selects(peer["podSelector"], edge_labels), peer
+    for port in (envoy_upstream()[1], envoy_upstream("t2i_compat")[1]):  # gRPC, the adapters
+        rules = ingress_rules_reaching(rendered, server_labels, port)
+        assert rules, f"nothing may reach the service on {port}"
+        for rule in rules:
+            assert rule.get("from"), "a rule open to every source"
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"} and selects(peer["podSelector"], edge_labels), peer
+        edge_egress = [rule for policy in rendered.all("NetworkPolicy") if "Egress" in policy["spec"]["policyTypes"]
+                       and selects(policy["spec"]["podSelector"], edge_labels)
+                       for rule in policy["spec"].get("egress", []) if port in [p.get("port") for p in rule.get("ports", [])]]
+        assert edge_egress, f"the edge may not open connections to {port}"
     metrics = ingress_rules_reaching(rendered, server_labels, 9464)
     assert metrics and all(
         peer.get("namespaceSelector") and peer.get("podSelector") for rule in metrics for peer in rule["from"]

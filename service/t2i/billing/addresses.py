@@ -46,11 +46,20 @@ def client_address(context: grpc.aio.ServicerContext, trusted: tuple = ()) -> st
     a caller reaching the service directly could otherwise claim any address (dodging the
     failed-authentication limit, or getting a victim's address blocked).
     """
-    peer = peer_address(context)
-    forwarded = metadata_value(context, wire.FORWARDED_FOR_HEADER)
+    return client_of(peer_address(context), metadata_value(context, wire.FORWARDED_FOR_HEADER), trusted)
+
+
+def client_of(peer: str, forwarded: str | None, trusted: tuple = ()) -> str:
+    """The rule of client_address for any protocol: the last x-forwarded-for hop when `peer` is
+    a trusted proxy, else `peer` (the adapters' HTTP port applies it too, t2i.compat.app)."""
     if forwarded and _trusted(peer, trusted):
         return forwarded.rsplit(",", 1)[-1].strip()
     return peer
+
+
+def trusts(networks: tuple, address: str) -> bool:
+    """Whether `address` is among the trusted proxies."""
+    return _trusted(address, networks)
 
 
 def _trusted(address: str, networks: tuple) -> bool:

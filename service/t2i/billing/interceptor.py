@@ -87,6 +87,32 @@ class Charge:
         return response
 
 
+def api_key_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The caller's API key: the x-illustrious-api-key metadata, or `Authorization: Bearer <key>`
+    (what OpenAI's clients send). Both may be sent only with the same key; an Authorization of
+    another scheme, or a Bearer without a key, is refused when it is the only credential
+    (Unauthenticated naming what was wrong, never the key)."""
+    header = metadata_value(context, wire.API_KEY_HEADER)
+    authorization = metadata_value(context, wire.AUTHORIZATION_HEADER)
+    if authorization is None:
+        return header
+    scheme, _, bearer = authorization.strip().partition(" ")
+    bearer = bearer.strip()
+    if scheme.lower() != wire.BEARER_SCHEME or not bearer:
+        if header:
+            return header  # another scheme (a proxy's, say) beside our own header: not ours to judge
+        shown = scheme[:20] if scheme.isascii() and scheme.isalnum() else "?"
+        raise Unauthenticated(
+            f"unsupported Authorization header (scheme {shown!r}{'' if bearer else ', no credentials'}): "
+            f"send Authorization: Bearer <API key>, or the key in the {wire.API_KEY_HEADER} header"
+        )
+    if header and header != bearer:
+        raise Unauthenticated(
+            f"the {wire.API_KEY_HEADER} header and Authorization: Bearer carry two different API keys: send one key"
+        )
+    return bearer
+
+
 def default_instance_id(port: int) -> str:
     return f"{socket.gethostname()}:{port}"
 
@@ -352,10 +378,16 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[KeyRecord, str]:
         address = client_address(context, self.trusted_proxies)
-        key = metadata_value(context, wire.API_KEY_HEADER)
+        try:
+            key = api_key_of(context)
+        except Unauthenticated:
+            await self._auth_failed(address, "malformed")
+            raise
         if not key:
             await self._auth_failed(address, "missing")
-            raise Unauthenticated(f"missing API key: send it in the {wire.API_KEY_HEADER} header")
+            raise Unauthenticated(
+                f"missing API key: send it in the {wire.API_KEY_HEADER} header or as Authorization: Bearer <key>"
+            )
         record = await self._find_key(key)
         if record is None:
             await self._auth_failed(address, "unknown")

@@ -1,9 +1,9 @@
 """A runnable copy of the canonical edge/envoy.yaml for one machine.
 
-The canonical file is what Kubernetes deploys (its upstream is the headless Service
-t2i-grpc.t2i.svc.cluster.local:50051, its descriptor /etc/envoy/text_to_image.pb). Running
-locally changes only addresses, ports, the descriptor path, the playground's file paths and the
-route timeout, structurally; each replaced value must be found where it is expected, so an edit
+The canonical file is what Kubernetes deploys (its upstreams are the headless Service
+t2i-grpc.t2i.svc.cluster.local, port 50051 for gRPC and 8090 for the adapters, its descriptor
+/etc/envoy/text_to_image.pb). Running locally changes only addresses, ports, the descriptor
+path, the playground's file paths and the route timeouts, structurally; each replaced value must be found where it is expected, so an edit
 of edge/envoy.yaml that breaks the local launcher fails loudly instead of silently running
 something else.
 """
@@ -20,6 +20,7 @@ REPOSITORY = Path(__file__).resolve().parents[3]
 CANONICAL = REPOSITORY / "edge" / "envoy.yaml"
 CANONICAL_DESCRIPTOR = "/etc/envoy/text_to_image.pb"
 CLUSTER = "t2i_grpc"
+COMPAT_CLUSTER = "t2i_compat"  # the adapters' HTTP port (t2i.compat)
 # The playground page (GET /, its script and style sheet): direct_response bodies read from
 # /etc/envoy/playground/ where Kubernetes mounts edge/playground/, from the repository locally.
 PLAYGROUND = REPOSITORY / "edge" / "playground"
@@ -36,6 +37,7 @@ class EdgeSettings:
     descriptor: Path = Path(CANONICAL_DESCRIPTOR)
     route_timeout: float = 300.0  # seconds: the longest generation the edge waits for
     playground: Path = PLAYGROUND  # the folder holding PLAYGROUND_FILES
+    compat_upstreams: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 8090)])
 
 
 def load_canonical(path: Path = CANONICAL) -> dict:
@@ -64,6 +66,16 @@ def generate_route(config: dict) -> dict:
             if route.get("route", {}).get("cluster") == CLUSTER:
                 return route["route"]
     raise KeyError(f"edge/envoy.yaml has no route to cluster {CLUSTER}")
+
+
+def routes_to(config: dict, cluster: str) -> list[dict]:
+    """The route actions that send requests to `cluster`, in route order."""
+    return [
+        route["route"]
+        for virtual_host in connection_manager(config)["route_config"]["virtual_hosts"]
+        for route in virtual_host["routes"]
+        if route.get("route", {}).get("cluster") == cluster
+    ]
 
 
 def file_bodies(config: dict) -> list[dict]:
@@ -96,22 +108,26 @@ def render(settings: EdgeSettings, canonical: dict | None = None) -> dict:
     for body in bodies:
         body["filename"] = str(Path(settings.playground).resolve() / body["filename"].rsplit("/", 1)[1])
 
-    route = generate_route(config)
-    route["timeout"] = f"{settings.route_timeout:g}s"
-    if _seconds(route.get("idle_timeout", "0s")) < settings.route_timeout:
-        route["idle_timeout"] = f"{settings.route_timeout:g}s"
+    compat_routes = routes_to(config, COMPAT_CLUSTER)
+    if not compat_routes:
+        raise KeyError(f"edge/envoy.yaml has no route to cluster {COMPAT_CLUSTER}")
+    for route in (generate_route(config), *compat_routes):
+        route["timeout"] = f"{settings.route_timeout:g}s"
+        if _seconds(route.get("idle_timeout", "0s")) < settings.route_timeout:
+            route["idle_timeout"] = f"{settings.route_timeout:g}s"
 
-    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == CLUSTER]
-    # Local upstreams are IP addresses: no DNS to resolve.
-    cluster["type"] = "STATIC"
-    cluster.pop("dns_lookup_family", None)
-    cluster["load_assignment"] = {
-        "cluster_name": CLUSTER,
-        "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
-            for host, port in settings.upstreams
-        ]}],
-    }
+    for name, upstreams in ((CLUSTER, settings.upstreams), (COMPAT_CLUSTER, settings.compat_upstreams)):
+        (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
+        # Local upstreams are IP addresses: no DNS to resolve.
+        cluster["type"] = "STATIC"
+        cluster.pop("dns_lookup_family", None)
+        cluster["load_assignment"] = {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                for host, port in upstreams
+            ]}],
+        }
     return config
 
 

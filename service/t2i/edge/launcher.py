@@ -179,6 +179,7 @@ def usage(settings: UpSettings, key: str | None, balance: int | None) -> str:
         "Ready.",
         f"  REST API (Envoy):   {base}   (GET /model/list, POST /text-to-image/generate)",
         f"  playground:         {base}/   (a page to try the API in a browser)",
+        f"  OpenAI-compatible:  {base}/v1   (the openai SDK's base_url; the API key as its api_key)",
         f"  gRPC:               localhost:{settings.http_port} through Envoy, localhost:{settings.grpc_port} direct",
         f"  metrics:            http://localhost:{settings.metrics_port}/metrics",
     ]
@@ -208,7 +209,7 @@ def run(settings: UpSettings) -> int:
         EdgeSettings(
             http_port=settings.http_port, host=settings.host, admin_port=settings.admin_port,
             upstreams=[("127.0.0.1", settings.grpc_port)], descriptor=descriptor.resolve(),
-            route_timeout=settings.route_timeout,
+            route_timeout=settings.route_timeout, compat_upstreams=[("127.0.0.1", settings.compat_port)],
         ),
         edge_dir / "envoy.yaml",
         load_canonical(settings.edge_config or CANONICAL),
@@ -218,6 +219,7 @@ def run(settings: UpSettings) -> int:
     serve_command = [
         sys.executable, "-m", "t2i", "serve", "--grpc-host", "127.0.0.1", "--grpc-port", str(settings.grpc_port),
         "--metrics-host", "127.0.0.1", "--metrics-port", str(settings.metrics_port), "--data-dir", str(settings.data_dir),
+        "--compat-host", "127.0.0.1", "--compat-port", str(settings.compat_port),
         "--grace-period", f"{settings.grace_period:g}", "--billing" if settings.billing else "--no-billing",
     ]
     if settings.models_file:

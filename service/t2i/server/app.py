@@ -85,9 +85,14 @@ class Server:
     def __init__(
         self, settings: ServeSettings, catalog: ModelCatalog | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (), models: dict[int, LoadedModel] | None = None,
+        compat=None,
     ) -> None:
-        """`models`: already loaded models to serve instead of loading them from the settings."""
+        """`models`: already loaded models to serve instead of loading them from the settings;
+        `compat`: the adapters' HTTP server (t2i.compat.app.CompatServer), started once the gRPC
+        port is bound (it calls that port) and stopped after the gRPC server."""
         self.settings = settings
+        self.compat = compat
+        self.compat_port: int | None = None
         self._models = models
         self.catalog = catalog or ModelCatalog()
         self.interceptors = list(interceptors)
@@ -124,7 +129,9 @@ class Server:
         if self.settings.metrics_port >= 0:
             http_server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.metrics_host)
             self.metrics_port = http_server.server_address[1]
-        log.info("listening", extra={"grpc_port": self.port, "metrics_port": self.metrics_port})
+        if self.compat is not None:
+            self.compat_port = await self.compat.start(self.port)
+        log.info("listening", extra={"grpc_port": self.port, "metrics_port": self.metrics_port, "compat_port": self.compat_port})
         started = time.perf_counter()
         models = self._models or await asyncio.to_thread(load_models, self.settings)
         engine = AsyncEngine(models, self.settings.engine)
@@ -176,6 +183,8 @@ class Server:
                 answer = ANSWER_SECONDS
         # Let the answers of the last requests reach their callers before closing.
         await self.grpc.stop(max(answer, deadline - time.monotonic()))
+        if self.compat is not None:
+            await self.compat.stop()  # its last answers came from the gRPC calls that just ended
         if self.engine is not None:
             await self.engine.close()
         for interceptor in self.interceptors:
@@ -203,6 +212,8 @@ async def run_until_signal(server: Server) -> int:
             # Stopped on this loop: left to its finalizer, the gRPC server would try to stop
             # itself on a loop already closed and add an "Event loop is closed" crash.
             await server.grpc.stop(None)
+            if server.compat is not None:
+                await server.compat.stop()
             raise
         done, _ = await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
     else:

@@ -11,7 +11,7 @@ import grpc
 
 from .. import wire
 from ..domain import Failed
-from ..errors import http_status_of, kind_of
+from ..errors import InvalidArgument, http_status_of, kind_of
 
 
 def status_for(error: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -37,4 +37,7 @@ def _trailers(error: Exception) -> tuple[tuple[str, str], ...]:
         trailers.append((wire.RETRY_AFTER_HEADER, str(max(1, math.ceil(retry_after)))))
     for name, value in getattr(error, "headers", {}).items():
         trailers.append((name, value))
+    if isinstance(error, InvalidArgument) and error.field and error.field.isascii() and error.field.isprintable():
+        # The field the message names, for adapters that name it in their own API's terms.
+        trailers.append((wire.ERROR_FIELD_HEADER, error.field))
     return tuple(trailers)
