@@ -61,13 +61,13 @@ proto-check: install
 # dynamic-batching peer vs a naive peer (diffusers), homogeneous and mixed workloads, open loop at
 # three loads, plus raw engine vs service ("serving"); last, the image mix: a third image to image, a
 # sixth hires fix, the service vs a dynamic-batching peer on diffusers' image pipelines near capacity
-# ("serving-image", also `make bench-image`). About 20 to 24 minutes on 2 cores.
+# ("serving-image", also `make bench-image`). About 17 to 24 minutes on 2 cores.
 bench: install
 	$(PY) -m benchmarks.loop_cost
 	$(PY) -m benchmarks.serving
 	$(PY) -m benchmarks.image_serving
 
-# The image mix alone (benchmarks/image_serving.py): about 5 minutes on 2 cores; writes docs/benchmarks.md
+# The image mix alone (benchmarks/image_serving.py): 4 to 6 minutes on 2 cores; writes docs/benchmarks.md
 # ("serving-image").
 .PHONY: bench-image
 bench-image: install

@@ -29,12 +29,14 @@ latents are decoded in one batched VAE call as the pipeline itself would (`decod
 The second pass of a hires fix joins the queue at its request's arrival time, so it is served
 before anything that came later.
 
-Step counts. A full pass takes the existing peer's mapping (diffusers_peer.scheduler_choice). A
-partial pass (denoise < 1) runs, on the service as in ComfyUI, `steps` steps of the tail of an
-int(steps / denoise)-step schedule, whereas a diffusers image pipeline with N steps and strength
-s runs the last int(N * s) of N steps. So the peer takes the smallest N with which the image
-pipeline makes exactly as many UNet evaluations as the service's pass (t2i.passes), counted on
-the diffusers scheduler itself (`partial_steps`); the cost is the same, the images differ.
+Step counts. The scheduler class and options are the existing peer's mapping
+(diffusers_peer.scheduler_choice). A partial pass (denoise < 1) runs, on the service as in
+ComfyUI, `steps` steps of the tail of an int(steps / denoise)-step schedule, whereas a diffusers
+image pipeline with N steps and strength s runs the last int(N * s) of N steps. So the peer takes
+the smallest N with which the pipeline makes exactly as many UNet evaluations as the service's
+pass (t2i.passes; `partial_steps` has diffusers' count); full passes too, where it differs from
+the existing peer only for ddim_uniform, whose ComfyUI schedule mostly has one step more than
+asked. The cost is the same, the images differ.
 
 Pictures and masks are decoded (EXIF orientation, RGB; the mask's red channel) on the PNG
 threads as the request arrives, not on the pipeline's thread. Diffusers samples the picture's
@@ -69,60 +71,70 @@ from t2i.server.convert import request_from_pb
 from t2i.settings import EngineConfig
 
 from .diffusers_peer import (
-    BATCH_KEY, CHUNK_TOKENS, QUEUE_WAIT_KEY, PeerPipeline, encode_png, scheduler_choice, serve, set_torch_threads,
+    BATCH_KEY, CHUNK_TOKENS, QUEUE_WAIT_KEY, PeerPipeline, SchedulerChoice, encode_png, scheduler_choice, serve,
+    set_torch_threads,
 )
 
 TEXT, IMAGE, INPAINT, REFINE = "txt2img", "img2img", "inpaint", "img2img-latent"
 
 
-# --- step counts and call keys (pure: no pipeline needed, only the scheduler config) -----------
+# --- step counts and call keys (pure: no pipeline needed) -------------------------------------------
 
 @functools.cache
-def _counting_scheduler(class_name: str, options: tuple, config_items: tuple):
+def _order(class_name: str) -> int:
     import diffusers
 
-    return getattr(diffusers, class_name).from_config(dict(config_items), **dict(options))
+    return getattr(diffusers, class_name).order
 
 
 @functools.cache
-def partial_steps(class_name: str, options: tuple, config_items: tuple, strength: float, evaluations: int) -> int:
+def partial_steps(class_name: str, strength: float, evaluations: int) -> int:
     """num_inference_steps with which a diffusers image pipeline at `strength` makes
     `evaluations` UNet evaluations (the nearest count when none makes exactly that many; the
-    smallest such N). The pipeline runs scheduler.timesteps[t_start * order:], one evaluation
-    per timestep, with t_start = N - min(int(N * strength), N) (get_timesteps)."""
-    scheduler = _counting_scheduler(class_name, options, config_items)
-    best: tuple[int, int] | None = None  # (distance, N)
-    for n in range(1, 4 * evaluations + 16):
+    smallest such N). The pipeline runs scheduler.timesteps[t_start * order:], one evaluation per
+    timestep, with t_start = N - min(int(N * strength), N) (get_timesteps); every scheduler of the
+    mapping has order * N - (order - 1) timesteps for N steps (KDPM2's are doubled but the first),
+    whatever its options (checked for all of them, N 1 to 150), so the count is
+    order * min(int(N * strength), N) - (order - 1)."""
+    order = _order(class_name)
+
+    def made(n: int) -> int:
         init = min(int(n * strength), n)
-        if init < 1:
-            continue  # the pipeline refuses a run of no steps
-        scheduler.set_timesteps(n, device="cpu")
-        made = len(scheduler.timesteps) - (n - init) * scheduler.order
-        if made == evaluations:
-            return n
-        if best is None or abs(made - evaluations) < best[0]:
-            best = (abs(made - evaluations), n)
-    return best[1]
+        return order * init - (order - 1) if init >= 1 else 0  # 0: the pipeline refuses a run of no steps
+
+    n = 1
+    while made(n) < evaluations:  # it never falls as N grows: the first N to reach the count
+        n += 1
+    if made(n) > evaluations and n > 1 and evaluations - made(n - 1) < made(n) - evaluations:
+        return n - 1  # one count short is nearer than the one reached
+    return n
 
 
-def pass_key(request: GenerateRequest, index: int, config_items: tuple) -> tuple:
-    """Passes with the same key can be served by one pipeline call. `index` 0 is the first pass,
-    1 a hires fix's second; `config_items` the model's scheduler config (sorted items)."""
+@dataclass(frozen=True)
+class CallKey:
+    """What one pipeline call takes once for all its rows: passes with equal keys can share it."""
+
+    pipeline: str  # TEXT, IMAGE, INPAINT or REFINE
+    width: int
+    height: int
+    cfg_scale: float
+    scheduler: SchedulerChoice  # class, options and num_inference_steps
+    strength: float  # 1.0 for text-to-image
+
+
+def pass_key(request: GenerateRequest, index: int) -> CallKey:
+    """The call key of a request's pass: `index` 0 is the first pass, 1 a hires fix's second.
+    num_inference_steps makes the service's evaluation count (`partial_steps`; a full pass too, so
+    that ddim_uniform's extra step, which diffusers_peer.scheduler_choice leaves out, is counted)."""
     the_pass: DenoisePass = plan(request).passes[index]
-    full = scheduler_choice(request.sampler, request.scheduler, the_pass.steps)
-    if index == 0 and not request.init_image:
-        return (TEXT, the_pass.width, the_pass.height, request.cfg_scale, full)
+    mapped = scheduler_choice(request.sampler, request.scheduler, the_pass.steps)
     evaluations = the_pass.evaluations(SigmaTable.sdxl(), request.scheduler, request.sampler)
-    steps = partial_steps(full.class_name, full.options, config_items, the_pass.denoise, evaluations)
-    pipeline = REFINE if index == 1 else INPAINT if request.mask else IMAGE
-    return (pipeline, the_pass.width, the_pass.height, request.cfg_scale, full.class_name, full.options, steps, the_pass.denoise)
-
-
-def scheduler_config_items(model_dir) -> tuple:
-    from diffusers import EulerDiscreteScheduler
-
-    config = EulerDiscreteScheduler.load_config(str(model_dir), subfolder="scheduler")
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items() if not k.startswith("_")))
+    full = index == 0 and not request.init_image
+    strength = 1.0 if full else the_pass.denoise
+    steps = partial_steps(mapped.class_name, strength, evaluations)
+    pipeline = TEXT if full else REFINE if index == 1 else INPAINT if request.mask else IMAGE
+    return CallKey(pipeline, the_pass.width, the_pass.height, request.cfg_scale,
+                   SchedulerChoice(mapped.class_name, mapped.options, steps), strength)
 
 
 # --- the pipelines ------------------------------------------------------------------------------
@@ -140,7 +152,7 @@ class Pass:
     """One pipeline pass of one request, as the pipelines thread sees it."""
 
     request: GenerateRequest
-    key: tuple
+    key: CallKey
     picture: object = None  # PIL image (image pipelines)
     mask: object = None  # PIL "L" image (inpainting)
     latent: torch.Tensor | None = None  # a hires fix's upscaled latent (second pass)
@@ -161,13 +173,10 @@ class ImagePipelines:
         self.pipelines[REFINE] = self.pipelines[IMAGE]
         for pipeline in self.pipelines.values():
             pipeline.set_progress_bar_config(disable=True)
-        self.config_items = tuple(
-            sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.base.base_config.items() if not k.startswith("_"))
-        )
         self.device = self.base.device
 
-    def key(self, request: GenerateRequest, index: int) -> tuple:
-        return pass_key(request, index, self.config_items)
+    def key(self, request: GenerateRequest, index: int) -> CallKey:
+        return pass_key(request, index)
 
     def warm_up(self) -> None:
         """One call of each kind at 64x64, 2 steps."""
@@ -204,26 +213,24 @@ class ImagePipelines:
         pass) its latent, upscaled for the second pass."""
         if len({p.key for p in passes}) != 1:
             raise ValueError("one pipeline call serves passes of one key")
-        key, first = passes[0].key, passes[0].request
+        key = passes[0].key
         requests = [p.request for p in passes]
-        pipeline_name, width, height = key[0], key[1], key[2]
+        pipeline_name, width, height, steps, strength = key.pipeline, key.width, key.height, key.scheduler.pipeline_steps, key.strength
         pipeline = self.pipelines[pipeline_name]
-        choice = scheduler_choice(first.sampler, first.scheduler, first.steps)
-        pipeline.scheduler = self.base.scheduler(choice)
+        pipeline.scheduler = self.base.scheduler(key.scheduler)
         common = dict(
-            **self._embeddings(requests), guidance_scale=first.cfg_scale,
+            **self._embeddings(requests), guidance_scale=key.cfg_scale,
             generator=[torch.Generator(self.device).manual_seed(r.seed) for r in requests],
         )
         if pipeline_name == TEXT:
             latent = any(p.wants_latent for p in passes)
-            out = pipeline(height=height, width=width, num_inference_steps=key[4].pipeline_steps,
+            out = pipeline(height=height, width=width, num_inference_steps=steps,
                            output_type="latent" if latent else "pil", **common).images
             if not latent:
                 return list(out)
             plain = [i for i, p in enumerate(passes) if not p.wants_latent]
             images = dict(zip(plain, decode_latents(pipeline, out[plain]))) if plain else {}
             return [upscale(out[i : i + 1], p.request) if p.wants_latent else images[i] for i, p in enumerate(passes)]
-        steps, strength = key[6], key[7]
         if pipeline_name == REFINE:
             image = torch.cat([p.latent for p in passes])
             return list(pipeline(image=image, strength=strength, num_inference_steps=steps, output_type="pil", **common).images)
@@ -290,7 +297,7 @@ class Waiting:
         return self.entry.arrival
 
     @property
-    def key(self) -> tuple:
+    def key(self) -> CallKey:
         return self.work.key
 
 

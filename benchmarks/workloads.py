@@ -211,6 +211,14 @@ def poisson_arrivals(rate: float, duration: float, seed: int) -> list[float]:
     return times
 
 
+def arrivals_of_count(count: int, duration: float, seed: int) -> list[float]:
+    """`count` arrival offsets (seconds) within `duration`: a Poisson process conditioned on its
+    number of arrivals (sorted uniform times), so a short trace offers exactly the load it is
+    meant to, with the bursts of Poisson arrivals, rather than that load give or take sqrt(count)."""
+    rng = random.Random(seed)
+    return sorted(rng.uniform(0.0, duration) for _ in range(count))
+
+
 def token_counter(model_dir) -> Callable[[str], int]:
     """Tokens of a text (no start/end tokens) with the model's first tokenizer."""
     from transformers import CLIPTokenizer
