@@ -51,6 +51,35 @@ class Waiting:
     batch: int = 0
 
 
+async def next_batch(waiting: list, arrived: asyncio.Event, window: float, max_batch: int) -> list:
+    """The dynamic batching rule both peers use: the oldest waiting entry and those with its
+    `key`, gathered until `max_batch` of them wait or `window` seconds have passed since its
+    `arrival`; if it is cancelled meanwhile, the next oldest starts over. `arrived` is set
+    whenever an entry is added to `waiting`."""
+
+    def batch_of(oldest) -> list:
+        return [w for w in waiting if w.key == oldest.key][:max_batch]
+
+    while True:
+        while not waiting:
+            arrived.clear()
+            await arrived.wait()
+        oldest = waiting[0]
+        batch = batch_of(oldest)
+        while len(batch) < max_batch and oldest in waiting:
+            remaining = oldest.arrival + window - time.monotonic()
+            if remaining <= 0:
+                break
+            arrived.clear()
+            try:
+                await asyncio.wait_for(arrived.wait(), remaining)
+            except TimeoutError:
+                pass
+            batch = batch_of(oldest)
+        if oldest in waiting:
+            return batch_of(oldest)
+
+
 class DynamicPeer(pb_grpc.TextToImageServiceServicer):
     def __init__(self, model_dir: str, window: float, max_batch: int) -> None:
         self.window = window
@@ -78,28 +107,8 @@ class DynamicPeer(pb_grpc.TextToImageServiceServicer):
         context.set_trailing_metadata(((QUEUE_WAIT_KEY, f"{entry.queue_wait:.6f}"), (BATCH_KEY, str(entry.batch))))
         return pb.GenerateImageResponse(images=[png], seeds=[request.seed])
 
-    def _batch_of(self, oldest: Waiting) -> list[Waiting]:
-        return [w for w in self.waiting if w.key == oldest.key][: self.max_batch]
-
     async def _next_batch(self) -> list[Waiting]:
-        while True:
-            while not self.waiting:
-                self.arrived.clear()
-                await self.arrived.wait()
-            oldest = self.waiting[0]
-            batch = self._batch_of(oldest)
-            while len(batch) < self.max_batch and oldest in self.waiting:
-                remaining = oldest.arrival + self.window - time.monotonic()
-                if remaining <= 0:
-                    break
-                self.arrived.clear()
-                try:
-                    await asyncio.wait_for(self.arrived.wait(), remaining)
-                except TimeoutError:
-                    pass
-                batch = self._batch_of(oldest)
-            if oldest in self.waiting:  # else it was cancelled meanwhile: start over
-                return self._batch_of(oldest)
+        return await next_batch(self.waiting, self.arrived, self.window, self.max_batch)
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()

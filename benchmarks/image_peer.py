@@ -74,6 +74,7 @@ from .diffusers_peer import (
     BATCH_KEY, CHUNK_TOKENS, QUEUE_WAIT_KEY, PeerPipeline, SchedulerChoice, encode_png, scheduler_choice, serve,
     set_torch_threads,
 )
+from .dynamic_peer import next_batch
 
 TEXT, IMAGE, INPAINT, REFINE = "txt2img", "img2img", "inpaint", "img2img-latent"
 
@@ -344,28 +345,8 @@ class ImagePeer(pb_grpc.TextToImageServiceServicer):
         )
         return pb.GenerateImageResponse(images=[png], seeds=[request.seed])
 
-    def _batch_of(self, oldest: Waiting) -> list[Waiting]:
-        return [w for w in self.waiting if w.key == oldest.key][: self.max_batch]
-
     async def _next_batch(self) -> list[Waiting]:
-        while True:
-            while not self.waiting:
-                self.arrived.clear()
-                await self.arrived.wait()
-            oldest = self.waiting[0]
-            batch = self._batch_of(oldest)
-            while len(batch) < self.max_batch and oldest in self.waiting:
-                remaining = oldest.arrival + self.window - time.monotonic()
-                if remaining <= 0:
-                    break
-                self.arrived.clear()
-                try:
-                    await asyncio.wait_for(self.arrived.wait(), remaining)
-                except TimeoutError:
-                    pass
-                batch = self._batch_of(oldest)
-            if oldest in self.waiting:  # else it was cancelled meanwhile: start over
-                return self._batch_of(oldest)
+        return await next_batch(self.waiting, self.arrived, self.window, self.max_batch)
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -478,8 +478,7 @@ def save(figures: dict, args, wall: float, path: Path) -> None:
         "args": {name: getattr(args, name) for name in SAVED_ARGS}, "wall": wall, "capacity": figures["capacity"],
         "other_cores": figures["other_cores"], "closed_other_cores": figures["closed_other_cores"],
         "closed": {name: dataclasses.asdict(c) for name, c in figures["closed"].items()},
-        "open": {name: {"outcomes": [dataclasses.asdict(o) for o in r.outcomes], "seconds": r.seconds, "extra": r.extra}
-                 for name, r in figures["open"].items()},
+        "open": {name: r.saved() for name, r in figures["open"].items()},
     }
     path.write_text(json.dumps(data))
 
@@ -488,10 +487,7 @@ def load_saved(path: Path, args) -> tuple[dict, float]:
     data = json.loads(path.read_text())
     for name, value in data["args"].items():
         setattr(args, name, value)
-    opened = {}
-    for name, r in data["open"].items():
-        extra = {**r["extra"], "window": tuple(r["extra"]["window"])}
-        opened[name] = load.RunResult([load.Outcome(**o) for o in r["outcomes"]], r["seconds"], extra)
+    opened = {name: load.RunResult.restored(r) for name, r in data["open"].items()}
     figures = {
         "capacity": data["capacity"], "other_cores": data["other_cores"], "closed_other_cores": data["closed_other_cores"],
         "closed": {name: ClosedLoop(**value) for name, value in data["closed"].items()}, "open": opened,

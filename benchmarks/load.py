@@ -10,6 +10,7 @@ in trailing metadata (diffusers_peer.QUEUE_WAIT_KEY, BATCH_KEY); the service's c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 import statistics
@@ -57,6 +58,15 @@ class RunResult:
     outcomes: list[Outcome]
     seconds: float = 0.0  # the span throughput is measured over
     extra: dict = field(default_factory=dict)
+
+    def saved(self) -> dict:
+        """As JSON data, for a benchmark's saved results (`restored` reads it back)."""
+        return {"outcomes": [dataclasses.asdict(o) for o in self.outcomes], "seconds": self.seconds, "extra": self.extra}
+
+    @classmethod
+    def restored(cls, data: dict) -> RunResult:
+        extra = {**data["extra"], "window": tuple(data["extra"]["window"])}
+        return cls([Outcome(**o) for o in data["outcomes"]], data["seconds"], extra)
 
     @property
     def completed(self) -> list[Outcome]:

@@ -626,8 +626,7 @@ def save(figures: dict, args, wall: float, path: Path) -> None:
         "capacity": figures["capacity"], "other_cores": figures["other_cores"], "closed_other_cores": figures["closed_other_cores"],
         "closed": [[*key, dataclasses.asdict(value)] for key, value in figures["closed"].items()],
         "late": [[*key, list(value)] for key, value in figures["late"].items()],
-        "open": [[*key, {"outcomes": [dataclasses.asdict(o) for o in r.outcomes], "seconds": r.seconds, "extra": r.extra}]
-                 for key, r in figures["open"].items()],
+        "open": [[*key, r.saved()] for key, r in figures["open"].items()],
     }
     path.write_text(json.dumps(data))
 
@@ -636,10 +635,7 @@ def load_saved(path: Path, args) -> tuple[dict, float]:
     data = json.loads(path.read_text())
     for name, value in data["args"].items():
         setattr(args, name, value)
-    opened = {}
-    for workload, factor, name, r in data["open"]:
-        extra = {**r["extra"], "window": tuple(r["extra"]["window"])}
-        opened[(workload, factor, name)] = load.RunResult([load.Outcome(**o) for o in r["outcomes"]], r["seconds"], extra)
+    opened = {(workload, factor, name): load.RunResult.restored(r) for workload, factor, name, r in data["open"]}
     figures = {
         "capacity": data["capacity"], "other_cores": data["other_cores"], "open": opened,
         "closed_other_cores": data["closed_other_cores"],

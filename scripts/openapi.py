@@ -122,9 +122,10 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
                         part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", path) if part)
                 paths.setdefault(path, {})[verb] = operation
 
-    compat_schemas, compat_paths = openai_description()
-    schemas.update(compat_schemas)
-    paths.update(compat_paths)
+    for describe in (openai_description, a1111_description):
+        compat_schemas, compat_paths = describe()
+        schemas.update(compat_schemas)
+        paths.update(compat_paths)
 
     return {
         "openapi": "3.1.0",
@@ -140,6 +141,9 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
                 "apiKey": {"type": "apiKey", "in": "header", "name": wire.API_KEY_HEADER},
                 "bearer": {"type": "http", "scheme": "bearer",
                            "description": "The same API key as `Authorization: Bearer <key>` (what OpenAI's clients send)."},
+                "basic": {"type": "http", "scheme": "basic",
+                          "description": "The API key as the password, any user name (what A1111 clients send); on "
+                                         "/sdapi/v1/ only."},
             },
             "schemas": schemas,
         },
@@ -316,6 +320,75 @@ def openai_description() -> tuple[dict, dict]:
                 "schema": {"$ref": "#/components/schemas/OpenAIModel"}}}},
                 **{code: reply for code, reply in errors.items() if code in ("401", "404", "429", "503")}})},
     }
+    return schemas, paths
+
+
+A1111_KINDS = {
+    "string": {"type": ["string", "null"]}, "integer": {"type": ["integer", "null"]},
+    "number": {"type": ["number", "null"]}, "boolean": {"type": ["boolean", "null"]},
+    "object": {"type": ["object", "null"]}, "array": {"type": ["array", "null"]},
+}
+
+
+def a1111_description() -> tuple[dict, dict]:
+    """Schemas and paths of the A1111 /sdapi/v1 adapter (its one mapping table)."""
+    from t2i.compat import a1111_api as a1
+
+    def request_schema(route: str) -> dict:
+        properties = {}
+        for spec in a1.fields_of(route):
+            becomes = "" if spec.ours == "-" else f" Becomes {spec.ours}."
+            properties[spec.name] = {**A1111_KINDS[spec.kind], "description": f"{spec.effect}{becomes} A1111's default: {spec.default}."}
+        required = ["init_images"] if route == a1.IMG2IMG else []
+        return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+    detail = {"type": "object", "required": ["detail"], "properties": {"detail": {
+        "description": "A message; for 422 a list of {type, loc, msg, input} (FastAPI's validation errors).",
+        "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "required": ["type", "loc", "msg"], "properties": {
+            "type": {"type": "string"}, "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+            "msg": {"type": "string"}, "input": {}}}}]}}}
+    schemas = {
+        "A1111Txt2ImgRequest": request_schema(a1.TXT2IMG),
+        "A1111Img2ImgRequest": request_schema(a1.IMG2IMG),
+        "A1111ImagesResponse": {"type": "object", "required": ["images", "parameters", "info"], "properties": {
+            "images": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}},
+            "parameters": {"type": "object", "description": "The request's fields as sent."},
+            "info": {"type": "string", "description": "JSON text: seed, all_seeds, infotexts (each image's `parameters` "
+                     "recipe), sampler_name, ... as A1111 writes it."}}},
+        "A1111Error": {**detail, "description": "FastAPI's error shape, whoever made the error (500: A1111's "
+                       "{error, detail, body, errors})."},
+    }
+    error_reply = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/A1111Error"}}}}
+    described: dict[str, list[str]] = {}
+    for row in a1.ERRORS:
+        described.setdefault(str(row.http), []).append(f"{row.status}: {row.why}")
+    described.setdefault("422", []).append("the adapter's own refusals (unknown field, wrong type, a feature not offered)")
+    described.setdefault("404", []).append("unknown sampler")
+    described["413"] = ["request body over the route's cap"]
+    errors = {code: {"description": "; ".join(texts), **error_reply} for code, texts in sorted(described.items())}
+    security = [{"basic": []}, {"bearer": []}, {"apiKey": []}]
+    any_json = {"content": {"application/json": {"schema": {}}}}
+
+    def operation(route, operation_id: str, **extra) -> dict:
+        return {"operationId": operation_id, "summary": route.summary, "tags": ["A1111-compatible"],
+                "security": security, **extra}
+
+    paths: dict[str, dict] = {}
+    for route in a1.ADAPTER.routes:
+        name = "A1111" + "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", route.path.removeprefix(a1.PREFIX)))
+        if route.path in a1.BOTH:
+            schema = "A1111Txt2ImgRequest" if route.path == a1.TXT2IMG else "A1111Img2ImgRequest"
+            limit = route.body_limit
+            op = operation(route, name, requestBody={"required": True, "description": f"At most {limit // 1024 // 1024} MiB "
+                           f"({limit} bytes); a larger body is refused with 413.", "content": {"application/json": {
+                               "schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+                           responses={"200": {"description": "The images; the charge and balance in x-stardust-usage and "
+                                              "x-stardust-balance", "content": {"application/json": {"schema": {
+                                                  "$ref": "#/components/schemas/A1111ImagesResponse"}}}}, **errors})
+        else:
+            op = operation(route, name, responses={"200": {"description": route.summary, **any_json},
+                                                   **{c: r for c, r in errors.items() if c in ("401", "429", "503")}})
+        paths.setdefault(route.path, {})[route.method.lower()] = op
     return schemas, paths
 
 

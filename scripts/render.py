@@ -404,6 +404,42 @@ def readme_openai_errors() -> list[str]:
     return rows
 
 
+def readme_a1111_fields() -> list[str]:
+    from t2i.compat.a1111_api import FIELDS, IMG2IMG, TXT2IMG
+
+    short = {TXT2IMG: "txt2img", IMG2IMG: "img2img"}
+    rows = ["| field | on | becomes | A1111's default | what happens |", "| --- | --- | --- | --- | --- |"]
+    for spec in FIELDS:
+        on = ", ".join(short[r] for r in spec.routes)
+        rows.append(f"| `{spec.name}` | {on} | {spec.ours} | {spec.default} | {spec.effect} |")
+    return rows
+
+
+def readme_a1111_labels() -> list[str]:
+    from t2i.compat.a1111_api import AUTOMATIC, SAMPLERS, SCHEDULERS, UPSCALERS
+
+    def names(table: dict[str, str], ours: str) -> str:
+        return ", ".join(f"`{label}`" for label, name in table.items() if name == ours)
+
+    from t2i.engine.recipe import A1111_LATENT_UPSCALERS, A1111_SAMPLERS, A1111_SCHEDULES
+
+    rows = ["| kind | ours | A1111 names accepted (any case) |", "| --- | --- | --- |"]
+    rows += [f"| sampler | `{name}` | {names(SAMPLERS, name)} |" for name in A1111_SAMPLERS]
+    rows += [f"| scheduler | `{name}` | {names(SCHEDULERS, name)} |" for name in A1111_SCHEDULES]
+    automatic = ", ".join(f"`{s}`: `{d}`" for s, d in AUTOMATIC.items())
+    rows.append(f"| scheduler | the sampler's own | `automatic`, empty ({automatic}; the others: `normal`) |")
+    rows += [f"| hr_upscaler | `{name}` | {names(UPSCALERS, name)} |" for name in A1111_LATENT_UPSCALERS]
+    return rows
+
+
+def readme_a1111_errors() -> list[str]:
+    from t2i.compat.a1111_api import ERRORS
+
+    rows = ["| service status | HTTP | when |", "| --- | --- | --- |"]
+    rows += [f"| {row.status} | {row.http} | {row.why} |" for row in ERRORS]
+    return rows
+
+
 def readme_errors() -> list[str]:
     rows = sorted(ERROR_KINDS, key=lambda k: k.http)
     return ["| HTTP | `status` | when |", "| --- | --- | --- |", *(f"| {k.http} | {k.status} | {k.when} |" for k in rows)]
@@ -493,7 +529,9 @@ BLOCKS: dict[str, dict[str, Callable[[], list[str]]]] = {
                         "compat-replies": envoy_compat_replies, "compat-routes": envoy_compat_routes,
                         "lua-compat-apis": lua_compat_apis},
     "README.md": {"error-table": readme_errors, "serve-flags": readme_serve_flags, "price-table": readme_price_table,
-                  "openai-params": readme_openai_params, "openai-errors": readme_openai_errors},
+                  "openai-params": readme_openai_params, "openai-errors": readme_openai_errors,
+                  "a1111-fields": readme_a1111_fields, "a1111-labels": readme_a1111_labels,
+                  "a1111-errors": readme_a1111_errors},
     "edge/README.md": {"grpc-http-table": edge_readme_errors},
     "edge/playground/playground.js": {"playground-names": playground_names},
 }

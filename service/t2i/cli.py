@@ -13,7 +13,7 @@ import typer
 
 from . import logs, wire
 from .cli_options import option_for, with_options
-from .domain import RESIZE_MODES, UPSCALE_METHODS, GenerateRequest, HiresFix
+from .domain import PROMPT_SYNTAXES, RESIZE_MODES, UPSCALE_METHODS, GenerateRequest, HiresFix
 from .settings import ServeSettings, UpSettings
 
 REQUEST = GenerateRequest()
@@ -170,6 +170,11 @@ def generate(
         None, "--hires-upscaler", show_default=False,
         help=f"Hires fix latent upscale method: {', '.join(UPSCALE_METHODS)} (default {HIRES.method}).",
     ),
+    prompt_syntax: str | None = typer.Option(
+        None, "--prompt-syntax", show_default=False,
+        help=f"How the prompts are read: {', '.join(PROMPT_SYNTAXES)} (default {PROMPT_SYNTAXES[0]}; a1111: A1111's "
+             "weights, BREAK and <lora:NAME:WEIGHT> tags).",
+    ),
     target: str = TARGET,
     api_key: str | None = API_KEY,
 ) -> None:
@@ -183,6 +188,7 @@ def generate(
         sampler=sampler, scheduler=scheduler, loras=tuple(map(_lora, lora)), cfg_rescale=cfg_rescale,
         width=default_width if width is None else width, height=default_height if height is None else height,
         denoise=denoise, **({} if resize_mode is None else {"resize_mode": resize_mode}),
+        **({} if prompt_syntax is None else {"prompt_syntax": prompt_syntax}),
         **_pictures(init_image, mask), **_hires_fix(hires_scale, hires_steps, hires_denoise, hires_upscaler),
     )
     with Client(target, api_key=api_key) as client:

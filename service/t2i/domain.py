@@ -20,6 +20,9 @@ class LoraSpec:
 
 RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")  # A1111's three, in its order
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")  # ComfyUI LatentUpscaleBy's
+# How prompts are read: ComfyUI's CLIPTextEncode (the default, docs/prompts.md) or A1111's
+# rules (t2i.prompts.a1111), the latter for the A1111-compatible API and callers who write for it.
+PROMPT_SYNTAXES = ("comfyui", "a1111")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ class GenerateRequest:
     mask: bytes = field(default=b"", repr=False)  # inpainting: white repaints, black keeps
     resize_mode: str = ""  # "" on the wire: just-resize
     hires_fix: HiresFix | None = None
+    prompt_syntax: str = ""  # "" on the wire: comfyui
+
+    @property
+    def syntax(self) -> str:
+        return self.prompt_syntax or PROMPT_SYNTAXES[0]
 
     @property
     def image_format(self) -> str:
@@ -105,6 +113,8 @@ class ModelInfo:
     # terminal SNR: what a client needs to reproduce the model's images elsewhere.
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
+    checkpoint: str = ""  # the checkpoint's file name (the recipe's Model is its stem)
+    sha256: str = ""  # of the checkpoint file
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Pure: no tensors here, only sizes, steps and sigma lists.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .domain import GenerateRequest
@@ -36,7 +37,19 @@ class DenoisePass:
         return partial_sigmas(table, scheduler, self.steps, sampler, self.denoise).tolist()
 
     def evaluations(self, table: SigmaTable, scheduler: str, sampler: str) -> int:
-        return count_evaluations(sampler, self.sigmas(table, scheduler, sampler))
+        return self.totals(table, scheduler, sampler)[1]
+
+    def totals(self, table: SigmaTable, scheduler: str, sampler: str) -> tuple[int, int]:
+        """(steps, UNet evaluations) of this pass: what pricing charges and progress counts."""
+        return _totals(self, table, scheduler, sampler)
+
+
+@functools.lru_cache(maxsize=4096)
+def _totals(denoise_pass: DenoisePass, table: SigmaTable, scheduler: str, sampler: str) -> tuple[int, int]:
+    # Cached because building a schedule costs more than everything else in pricing and in a
+    # pass's start; tables are hashed by identity (one per loaded model).
+    sigmas = denoise_pass.sigmas(table, scheduler, sampler)
+    return len(sigmas) - 1, count_evaluations(sampler, sigmas)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import math
 import unicodedata
 
 from .cost import PIXELS_PER_MEGAPIXEL
-from .domain import RESIZE_MODES, UPSCALE_METHODS, GenerateRequest, ModelInfo
+from .domain import PROMPT_SYNTAXES, RESIZE_MODES, UPSCALE_METHODS, GenerateRequest, ModelInfo
 from .errors import InvalidArgument, MissingFields
 from .passes import hires_size
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES
@@ -114,6 +114,8 @@ def validate(request: GenerateRequest, model: ModelInfo) -> None:
         raise InvalidArgument("prompt", request.prompt, f"must be 1 to {MAX_PROMPT_CHARS} characters")
     if len(request.negative_prompt) > MAX_PROMPT_CHARS:
         raise InvalidArgument("negativePrompt", request.negative_prompt, f"must be at most {MAX_PROMPT_CHARS} characters")
+    if request.prompt_syntax and request.prompt_syntax not in PROMPT_SYNTAXES:
+        raise InvalidArgument("promptSyntax", request.prompt_syntax, "must be one of " + ", ".join(PROMPT_SYNTAXES))
     check_text("prompt", request.prompt)
     check_text("negativePrompt", request.negative_prompt)
     check_size(request, model)

@@ -19,7 +19,10 @@ def test_the_description_is_valid_openapi():
     validate(SPEC)
     assert set(SPEC["paths"]) == {"/text-to-image/generate", "/text-to-image/generate/stream", "/image-to-image/generate",
                                   "/image-to-image/generate/stream", "/model/list", "/lora/list",
-                                  "/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/models/{model}"}
+                                  "/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/models/{model}",
+                                  "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/sd-models", "/sdapi/v1/samplers",
+                                  "/sdapi/v1/schedulers", "/sdapi/v1/loras", "/sdapi/v1/options", "/sdapi/v1/progress",
+                                  "/sdapi/v1/interrupt", "/sdapi/v1/scripts"}
     assert "201" in SPEC["paths"]["/text-to-image/generate"]["post"]["responses"]
     # The additional bindings: the same operation under an id of its own, with its body cap.
     image = SPEC["paths"]["/image-to-image/generate"]["post"]
@@ -74,3 +77,17 @@ def test_real_openai_replies_match_the_description(edge):
     assert refused.status == 400
     schema("OpenAIError").validate(refused.json())
     assert not schema("OpenAIImagesRequest").is_valid({**body, "negativ_prompt": "x"})
+
+
+def test_the_a1111_routes_are_described_from_the_mapping_table():
+    from t2i.compat import a1111_api as a1
+
+    for route in a1.ADAPTER.routes:
+        assert route.method.lower() in SPEC["paths"][route.path], route
+    txt2img = SPEC["paths"][a1.TXT2IMG]["post"]
+    assert set(txt2img["responses"]) >= {"200", "401", "404", "413", "422", "429", "500", "503"}
+    request = SPEC["components"]["schemas"]["A1111Txt2ImgRequest"]
+    assert set(request["properties"]) == {f.name for f in a1.fields_of(a1.TXT2IMG)}
+    assert SPEC["components"]["schemas"]["A1111Img2ImgRequest"]["required"] == ["init_images"]
+    assert SPEC["components"]["securitySchemes"]["basic"]["scheme"] == "basic"
+    assert "40 MiB" in SPEC["paths"][a1.IMG2IMG]["post"]["requestBody"]["description"]

@@ -58,3 +58,30 @@ def load_kdiffusion_external() -> types.ModuleType:
     sys.modules[module_spec.name] = module
     module_spec.loader.exec_module(module)
     return module
+
+
+# Our sampler names -> k-diffusion's sampling functions. The CFG++ samplers have no k-diffusion
+# counterpart (spec_cfg_pp.py transcribes them).
+SAMPLER_FUNCTIONS = {
+    "euler": "sample_euler",
+    "euler_ancestral": "sample_euler_ancestral",
+    "dpm_2": "sample_dpm_2",
+    "dpm_2_ancestral": "sample_dpm_2_ancestral",
+    "dpmpp_2s_ancestral": "sample_dpmpp_2s_ancestral",
+}
+DETERMINISTIC = ("euler", "dpm_2")  # they draw no noise
+
+
+def run_kdiffusion(name: str, model, x, sigmas, seed: int):
+    """k-diffusion's sampler for our sampler `name` on `model(x, sigma) -> x0`, its ancestral
+    noise drawn in order from a generator seeded with `seed` (as ours draws it)."""
+    import torch
+
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+
+    def noise_sampler(sigma, sigma_next):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+    kwargs = {} if name in DETERMINISTIC else {"noise_sampler": noise_sampler}
+    sampler = getattr(load_kdiffusion_sampling(), SAMPLER_FUNCTIONS[name])
+    return sampler(model, x, sigmas, disable=True, **kwargs)

@@ -7,19 +7,13 @@ import torch
 from t2i.sampling import SigmaTable, get_sigmas, sample
 from t2i.sampling.guidance import guide
 
-from .kdiffusion_oracle import load_kdiffusion_sampling
+from .kdiffusion_oracle import SAMPLER_FUNCTIONS, load_kdiffusion_sampling, run_kdiffusion
 from .toy import nonlinear_pair, sampler_tolerance
 
 K = load_kdiffusion_sampling()
 TABLE = SigmaTable.sdxl()
 
-ORACLE_SAMPLERS = {
-    "euler": K.sample_euler,
-    "euler_ancestral": K.sample_euler_ancestral,
-    "dpm_2": K.sample_dpm_2,
-    "dpm_2_ancestral": K.sample_dpm_2_ancestral,
-    "dpmpp_2s_ancestral": K.sample_dpmpp_2s_ancestral,
-}
+ORACLE_SAMPLERS = tuple(SAMPLER_FUNCTIONS)
 SEED = 1234
 
 
@@ -28,16 +22,10 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _run_oracle(name, x, sigmas, cfg_scale):
-    generator = torch.Generator(device=x.device).manual_seed(SEED)
-
-    def noise_sampler(sigma, sigma_next):
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-
     def model(x_in, sigma):
         return guide(*nonlinear_pair(x_in, sigma), cfg_scale)
 
-    kwargs = {} if name in ("euler", "dpm_2") else {"noise_sampler": noise_sampler}
-    return ORACLE_SAMPLERS[name](model, x, sigmas, disable=True, **kwargs)
+    return run_kdiffusion(name, model, x, sigmas, SEED)
 
 
 @pytest.mark.parametrize("name", list(ORACLE_SAMPLERS))

@@ -26,20 +26,12 @@ from t2i.sampling.partial import LatentMask, partial_sigmas, resize_mask
 from t2i.sampling.schedulers import SCHEDULERS
 
 from ..support.tolerance import EPS32, EPS64, elementwise_bound, max_abs, max_diff
-from .kdiffusion_oracle import load_kdiffusion_sampling
+from .kdiffusion_oracle import SAMPLER_FUNCTIONS, run_kdiffusion
 from .spec_cfg_pp import SPEC_CFG_PP
 from .toy import OPERATIONS_PER_STEP, as_column, nonlinear_pair
 
 TABLE = SigmaTable.sdxl()
-K = load_kdiffusion_sampling()
-KDIFFUSION = {
-    "euler": K.sample_euler,
-    "euler_ancestral": K.sample_euler_ancestral,
-    "dpm_2": K.sample_dpm_2,
-    "dpm_2_ancestral": K.sample_dpm_2_ancestral,
-    "dpmpp_2s_ancestral": K.sample_dpmpp_2s_ancestral,
-}
-assert set(KDIFFUSION) | set(SPEC_CFG_PP) == set(SAMPLER_NAMES)
+assert set(SAMPLER_FUNCTIONS) | set(SPEC_CFG_PP) == set(SAMPLER_NAMES)
 SEED = 2024
 SCALING_FACTOR = 0.13025  # SDXL's VAE
 
@@ -333,17 +325,11 @@ def inpaint_oracle(name, x, sigmas, cfg, latent, noise, mask, input_blend=True, 
             lambda x_in, s: nonlinear_pair(shown(x_in, s), s), x, sigmas,
             lambda x_in, s, c, u: blended(u + cfg * (c - u)), SEED,
         )
-    generator = torch.Generator().manual_seed(SEED)
-
-    def noise_sampler(sigma, sigma_next):
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype)
-
     def model(x_in, sigma):
         cond, uncond = nonlinear_pair(shown(x_in, sigma), sigma)
         return blended(uncond + cfg * (cond - uncond))
 
-    kwargs = {} if name in ("euler", "dpm_2") else {"noise_sampler": noise_sampler}
-    return KDIFFUSION[name](model, x, sigmas, disable=True, **kwargs)
+    return run_kdiffusion(name, model, x, sigmas, SEED)
 
 
 def inpaint_tolerance(latent, noise, sigmas) -> float:

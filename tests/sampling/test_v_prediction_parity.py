@@ -19,20 +19,12 @@ import torch
 from t2i.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, V_PREDICTION, get_sigmas, input_scale, sample, to_x0
 
 from ..support.tolerance import EPS64, elementwise_bound, reduction_bound
-from .kdiffusion_oracle import load_kdiffusion_external, load_kdiffusion_sampling
+from .kdiffusion_oracle import SAMPLER_FUNCTIONS, load_kdiffusion_external, run_kdiffusion
 from .spec_cfg_pp import SPEC_CFG_PP
 from .toy import OPERATIONS_PER_STEP, V_OPERATIONS_PER_STEP, as_column, v_network
 
-K = load_kdiffusion_sampling()
 SCALINGS = load_kdiffusion_external().VDenoiser(None).get_scalings
-KDIFFUSION = {
-    "euler": K.sample_euler,
-    "euler_ancestral": K.sample_euler_ancestral,
-    "dpm_2": K.sample_dpm_2,
-    "dpm_2_ancestral": K.sample_dpm_2_ancestral,
-    "dpmpp_2s_ancestral": K.sample_dpmpp_2s_ancestral,
-}
-assert set(KDIFFUSION) | set(SPEC_CFG_PP) == set(SAMPLER_NAMES)
+assert set(SAMPLER_FUNCTIONS) | set(SPEC_CFG_PP) == set(SAMPLER_NAMES)
 SEED = 4321
 STEPS = 10
 GUIDANCE = [(5.5, 0.0), (7.0, 0.7)]  # (cfg scale, RescaleCFG multiplier)
@@ -80,16 +72,10 @@ class OracleGuidance:
 def run_oracle(name, x, sigmas, guidance):
     if name in SPEC_CFG_PP:
         return SPEC_CFG_PP[name](oracle_pair, x, sigmas, guidance, SEED)
-    generator = torch.Generator().manual_seed(SEED)
-
-    def noise_sampler(sigma, sigma_next):
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype)
-
     def model(x_in, sigma):
         return guidance(x_in, sigma, *oracle_pair(x_in, sigma))
 
-    kwargs = {} if name in ("euler", "dpm_2") else {"noise_sampler": noise_sampler}
-    return KDIFFUSION[name](model, x, sigmas, disable=True, **kwargs)
+    return run_kdiffusion(name, model, x, sigmas, SEED)
 
 
 def tolerance(x, sigmas, guidance: OracleGuidance) -> float:

@@ -33,7 +33,7 @@ from .. import metrics, wire
 from ..errors import InternalError, InvalidArgument, PermissionDenied, ServiceError, Unauthenticated
 from ..logs import request_id_var
 from ..server import convert
-from ..server.catalog import ModelCatalog
+from ..server.catalog import ModelCatalog, checked_call
 from ..server.interceptors import metadata_value, wrap_stream, wrap_unary
 from ..server.status import failed_event
 from ..settings import ServeSettings
@@ -282,6 +282,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         that can refuse the request is asked first: a request the engine would refuse (bad
         field, shutting down, queue full) never reserves."""
         checked = self.catalog.check(convert.request_from_pb(request))
+        checked_call.set((request, checked))  # the engine uses this check (server/catalog.py)
         self.catalog.admission_check()
         params = checked.params  # with a picture's own size filled in: what runs is what is priced
         loaded = self.catalog.model(params.model_id)

@@ -28,7 +28,6 @@ rounding can tip a price over an integer boundary.
 
 from __future__ import annotations
 
-import functools
 import math
 from fractions import Fraction
 
@@ -41,21 +40,14 @@ from .settings import BillingSettings
 def evaluations(request: GenerateRequest, table: SigmaTable) -> int:
     """The UNet evaluations the engine will run for `request` on a model with this sigma table,
     every pass together (the same count SamplingRun makes: one function, the model's own table)."""
-    return sum(_evaluations(table, request.sampler, request.scheduler, p) for p in passes.plan(request).passes)
-
-
-@functools.lru_cache(maxsize=4096)
-def _evaluations(table: SigmaTable, sampler: str, scheduler: str, denoise_pass: passes.DenoisePass) -> int:
-    # Cached because building a schedule costs more than everything else in pricing; tables
-    # are hashed by identity (one per loaded model).
-    return denoise_pass.evaluations(table, scheduler, sampler)
+    return sum(p.evaluations(table, request.scheduler, request.sampler) for p in passes.plan(request).passes)
 
 
 def image_work(request: GenerateRequest, table: SigmaTable, context_chunks: int = 1) -> Fraction:
     """The work of one of the request's images (megapixel-evaluations, t2i.cost), every pass."""
     plan = passes.plan(request)
     work = sum(
-        _evaluations(table, request.sampler, request.scheduler, p) * cost.evaluation_work(p.width, p.height, context_chunks)
+        p.evaluations(table, request.scheduler, request.sampler) * cost.evaluation_work(p.width, p.height, context_chunks)
         for p in plan.passes
     )
     work += cost.decode_work(*plan.output_size)

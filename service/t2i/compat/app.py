@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
-import json
 import logging
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,7 +38,6 @@ from ..domain import ModelInfo
 from ..server import convert
 from ..server.interceptors import REQUEST_ID
 from ..settings import ServeSettings
-from . import openai_images as oa
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +54,15 @@ MAX_FORM_FIELDS = 100
 
 class ClientGone(Exception):
     """The caller disconnected while its call ran; nothing can be answered."""
+
+
+class Refused(Exception):
+    """The service refused a call: its gRPC status name, message and trailing metadata (each
+    adapter answers it in its API's terms)."""
+
+    def __init__(self, status: str, message: str, trailers: dict[str, str]) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status, self.message, self.trailers = status, message, trailers
 
 
 def loopback_target(settings: ServeSettings, grpc_port: int) -> tuple[str, str]:
@@ -106,14 +111,43 @@ class Gateway:
                 metadata.append((name, value))
         return metadata
 
-    async def call(self, rpc, message, request, route: str) -> tuple[Any, dict[str, str]]:
-        """(response, initial metadata) of one unary call, or the service's refusal as an
-        OpenAIError; ClientGone when the caller disconnects first (the call is cancelled)."""
-        call = rpc(message, metadata=self.metadata(request))
-        answer = asyncio.ensure_future(_answer(call))
+    async def call(self, rpc, message, request, metadata: list[tuple[str, str]] | None = None) -> tuple[Any, dict[str, str]]:
+        """(response, initial metadata) of one unary call; Refused for the service's refusal;
+        ClientGone when the caller disconnects first (the call is cancelled)."""
+        call = rpc(message, metadata=self.metadata(request) if metadata is None else metadata)
+        return await self._until_gone(call, _answer(call), request)
+
+    async def generate_streamed(self, message, request, metadata: list[tuple[str, str]], on_progress) -> tuple[Any, dict[str, str]]:
+        """GenerateImage through GenerateImageStream (the same path, billing included), calling
+        `on_progress(event)` with each Progress event; (its result, initial metadata)."""
+        call = self.stub.GenerateImageStream(message, metadata=metadata)
+
+        async def read():
+            result = None
+            async for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "progress":
+                    on_progress(event.progress)
+                elif kind == "result":
+                    result = event.result
+                elif kind == "error":
+                    raise Refused(event.error.status, event.error.message, {})
+            initial = {k: v for k, v in (await call.initial_metadata() or ()) if isinstance(v, str)}
+            if result is None:
+                raise Refused("INTERNAL", "the stream ended without a result", {})
+            return result, initial
+
+        return await self._until_gone(call, read(), request)
+
+    async def _until_gone(self, call, answering, request):
+        answer = asyncio.ensure_future(answering)
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # stopped by the adapter (A1111's interrupt): so is the call
+            call.cancel()
+            answer.cancel()
+            raise
         finally:
             gone.cancel()
         if not answer.done():
@@ -124,11 +158,16 @@ class Gateway:
             return answer.result()
         except grpc.aio.AioRpcError as error:
             trailers = {k: v for k, v in (error.trailing_metadata() or ()) if isinstance(v, str)}
-            raise oa.service_error(error.code().name, error.details() or "", trailers, route) from None
+            raise Refused(error.code().name, error.details() or "", trailers) from None
 
-    async def models(self, request, route: str) -> list[ModelInfo]:
-        response, _ = await self.call(self.stub.ListModels, pb.ListModelsRequest(), request, route)
+    async def models(self, request, metadata: list[tuple[str, str]] | None = None) -> list[ModelInfo]:
+        """The models; the call authenticates the caller (ListModels takes the key like any call)."""
+        response, _ = await self.call(self.stub.ListModels, pb.ListModelsRequest(), request, metadata)
         return [convert.model_from_pb(model) for model in response.models]
+
+    async def loras(self, request, metadata: list[tuple[str, str]]) -> list:
+        response, _ = await self.call(self.stub.ListLoras, pb.ListLorasRequest(), request, metadata)
+        return convert.loras_from_pb(response)
 
     async def serving(self) -> bool:
         try:
@@ -154,120 +193,47 @@ async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
 
 
 def build_app(gateway: Gateway):
-    """The Starlette application of the OpenAI Images API (t2i.compat.openai_images)."""
+    """The Starlette application of every adapter (t2i.compat.ADAPTERS): each adapter's routes
+    (its `*_http` module), and the replies for unknown paths, wrong methods and crashes in the
+    shape of the adapter whose prefix the path is under."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    started = int(time.time())
+    from . import a1111_http, openai_http
 
-    def error_response(error: oa.OpenAIError, request: Request) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=_echo(request, error.headers))
+    adapters = (openai_http.Routes(gateway), a1111_http.Routes(gateway))
 
-    def answering(route: str):
-        """Wrap a handler: its OpenAIErrors become OpenAI-shaped replies."""
-        def decorate(handler):
-            async def endpoint(request: Request) -> Response:
-                try:
-                    return await handler(request, route)
-                except oa.OpenAIError as error:
-                    return error_response(error, request)
-                except ClientGone:
-                    return Response(status_code=499)  # nobody reads it; the edge logs the disconnect
-            return endpoint
-        return decorate
-
-    @answering(oa.GENERATIONS)
-    async def generations(request: Request, route: str) -> Response:
-        if not _media_type(request).startswith("application/json"):
-            raise oa.OpenAIError(400, f"POST {route} takes a JSON body (Content-Type: application/json)", param=None,
-                                 code="invalid_request_body")
-        raw = await _body(request, oa.ADAPTER.body_limit(route))
-        try:
-            body = json.loads(raw)
-        except ValueError as error:
-            raise oa.OpenAIError(400, f"the body is not valid JSON ({error})", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise oa.OpenAIError(400, "the body must be a JSON object", code="invalid_json")
-        return await generate(request, route, body, form=False)
-
-    @answering(oa.EDITS)
-    async def edits(request: Request, route: str) -> Response:
-        if not _media_type(request).startswith("multipart/form-data"):
-            raise oa.OpenAIError(400, f"POST {route} takes multipart/form-data (the picture and the mask as files)",
-                                 code="invalid_request_body")
-        limit = oa.ADAPTER.body_limit(route)
-        body = await _form(request, await _body(request, limit), limit)
-        return await generate(request, route, body, form=True)
-
-    async def generate(request: Request, route: str, body: dict, form: bool) -> Response:
-        models = await gateway.models(request, route)  # authenticates the caller first
-        translated = oa.translate(body, route, models, form=form)
-        message = convert.request_to_pb(translated.request)
-        response, initial = await gateway.call(gateway.stub.GenerateImage, message, request, route)
-        images = list(response.images)
-        headers = {
-            oa.USAGE_HEADER: str(response.stardust_usage), oa.BALANCE_HEADER: str(response.stardust_balance),
-            oa.SEEDS_HEADER: ",".join(str(seed) for seed in response.seeds),
-            **{name: initial[name] for name in wire.RATE_LIMIT_HEADERS if name in initial},
-        }
-        body = oa.images_response(images, translated.request.prompt, int(time.time()),
-                                  response.output_format or translated.request.image_format, _size_of(images))
-        return JSONResponse(body, headers=_echo(request, headers))
-
-    @answering(oa.MODELS)
-    async def list_models(request: Request, route: str) -> Response:
-        models = await gateway.models(request, route)
-        return JSONResponse(oa.models_list(models, started), headers=_echo(request, {}))
-
-    @answering(oa.MODELS + "/{model}")
-    async def get_model(request: Request, route: str) -> Response:
-        models = await gateway.models(request, route)
-        model = oa.resolve_model(request.path_params["model"], models)
-        ordered = sorted(models, key=lambda m: m.id)
-        return JSONResponse(oa.model_object(model, ordered, started), headers=_echo(request, {}))
+    def owner(path: str):
+        for adapter in adapters:
+            if adapter.owns(path):
+                return adapter
+        return adapters[0]
 
     async def healthz(request: Request) -> Response:
         serving = await gateway.serving()
         return JSONResponse({"serving": serving}, status_code=200 if serving else 503)
 
     async def http_error(request: Request, error: HTTPException) -> Response:
-        if error.status_code == 405:
-            allowed = (error.headers or {}).get("Allow", "")
-            failure = oa.OpenAIError(405, f"method not allowed: use {allowed} {request.url.path}", code="method_not_allowed")
-        elif error.status_code == 404:
-            failure = oa.OpenAIError(404, f"invalid URL ({request.method} {request.url.path}): the OpenAI-compatible "
-                                     f"API has POST {oa.GENERATIONS}, POST {oa.EDITS}, GET {oa.MODELS} and GET "
-                                     f"{oa.MODELS}/{{model}}", code="unknown_url")
-        else:
-            failure = oa.OpenAIError(error.status_code, str(error.detail), code=None)
-        failure.headers.update(error.headers or {})
-        return error_response(failure, request)
+        return owner(request.url.path).http_error(request, error)
 
     async def crash(request: Request, error: Exception) -> Response:
         log.exception("adapter request failed", extra={"path": request.url.path})
-        return error_response(oa.OpenAIError(500, "internal error", type="server_error", code="server_error", retry=True),
-                              request)
+        return owner(request.url.path).crash(request)
 
     return Starlette(
-        routes=[
-            Route(oa.GENERATIONS, generations, methods=["POST"]),
-            Route(oa.EDITS, edits, methods=["POST"]),
-            Route(oa.MODELS, list_models, methods=["GET"]),
-            Route(oa.MODELS + "/{model:path}", get_model, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-        ],
+        routes=[*(route for adapter in adapters for route in adapter.routes()), Route("/healthz", healthz, methods=["GET"])],
         exception_handlers={HTTPException: http_error, Exception: crash},
     )
 
 
-def _media_type(request) -> str:
+def media_type(request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-def _echo(request, headers: dict[str, str]) -> dict[str, str]:
+def echo(request, headers: dict[str, str]) -> dict[str, str]:
     """`headers` and the caller's x-request-id, when it is one the service keeps (the edge sets
     its own on the way out anyway)."""
     request_id = request.headers.get(wire.REQUEST_ID_HEADER)
@@ -275,54 +241,21 @@ def _echo(request, headers: dict[str, str]) -> dict[str, str]:
     return {**headers, **({wire.REQUEST_ID_HEADER: request_id} if kept else {})}
 
 
-async def _body(request, limit: int) -> bytes:
-    """The whole body, at most `limit` bytes (413 beyond, as the edge answers)."""
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body too large: the limit is {limit // 1024 // 1024} MiB ({limit} bytes)")
+        self.limit = limit
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The whole body, at most `limit` bytes (BodyTooLarge beyond: a 413, as the edge answers)."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise oa.OpenAIError(413, f"request body too large: the limit is {limit // 1024 // 1024} MiB ({limit} bytes)",
-                                 code="request_too_large")
+            raise BodyTooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def _form(request, raw: bytes, limit: int) -> dict:
-    """A multipart body as {name: text | bytes | [bytes, ...]}; `image[]` (the SDK's array of
-    files) counts as `image`."""
-    from starlette.requests import Request
-
-    async def replay() -> dict:
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=8, max_fields=MAX_FORM_FIELDS, max_part_size=limit)
-    except Exception as error:  # python-multipart's and Starlette's parse errors
-        raise oa.OpenAIError(400, f"the multipart body could not be read ({error})", code="invalid_request_body") from None
-    body: dict[str, Any] = {}
-    try:
-        for name, value in form.multi_items():
-            key = name.removesuffix("[]")
-            if hasattr(value, "read"):
-                value = await value.read()
-            if key in body:
-                previous = body[key]
-                body[key] = (previous if isinstance(previous, list) else [previous]) + [value]
-            else:
-                body[key] = [value] if name.endswith("[]") else value
-    finally:
-        await form.close()
-    return body
-
-
-def _size_of(images: list[bytes]) -> tuple[int, int] | None:
-    if not images:
-        return None
-    from PIL import Image
-
-    with contextlib.suppress(Exception), Image.open(io.BytesIO(images[0])) as image:
-        return image.size
-    return None
 
 
 class CompatServer:

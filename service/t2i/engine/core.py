@@ -27,7 +27,7 @@ from .. import metrics
 from ..errors import InternalError, ServiceError
 from ..lora import text_encoder_wrapper
 from ..models.loader import LoadedModel
-from ..sampling import AncestralNoise, SamplingRun, count_evaluations, initial_noise, latent_shape, starting_latent
+from ..sampling import AncestralNoise, SamplingRun, initial_noise, latent_shape, starting_latent
 from ..sampling.partial import LatentMask, resize_mask
 from .batching import Batcher, StepPlan
 from .denoise import evaluate, size_conditioning
@@ -201,10 +201,7 @@ class EngineCore:
         noise, from its encoded picture, or from the `previous` pass's latent, upscaled."""
         p, step = request.params, request.current_pass
         if not request.pass_totals:
-            request.pass_totals = tuple(
-                (len(sigmas) - 1, count_evaluations(p.sampler, sigmas))
-                for sigmas in (q.sigmas(model.sigma_table, p.scheduler, p.sampler) for q in request.plan.passes)
-            )
+            request.pass_totals = tuple(q.totals(model.sigma_table, p.scheduler, p.sampler) for q in request.plan.passes)
         # The model's own table: a zero-terminal-SNR model schedules from its sigma_max of about
         # 4.5e3, and the start-noise rule below compares with that.
         sigmas = step.sigmas(model.sigma_table, p.scheduler, p.sampler)

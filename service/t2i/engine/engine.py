@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import metrics
-from ..domain import Event, GenerateRequest, GenerateResult, LoraDescription, ModelInfo, Progress, Queued, Started
+from ..domain import Event, GenerateRequest, GenerateResult, LoraDescription, LoraSpec, ModelInfo, Progress, Queued, Started
 from ..errors import InternalError, InvalidArgument, NotFound, Overloaded, RequestAborted, Unavailable
 from ..lora import ResolvedLora
 from ..models.loader import LoadedModel
@@ -162,7 +162,10 @@ class AsyncEngine:
         info = model.spec.info()
         params = self._picture_size(params, info)
         validate(params, info)
-        prompts = prepare_prompt(model, params.prompt, "prompt"), prepare_prompt(model, params.negative_prompt, "negativePrompt")
+        syntax = params.syntax
+        prompts = (prepare_prompt(model, params.prompt, "prompt", syntax=syntax),
+                   prepare_prompt(model, params.negative_prompt, "negativePrompt", syntax=syntax))
+        params = with_lora_tags(params, prompts[0].lora_tags)
         return Checked(prompts, resolve_loras(model, params.loras), params)
 
     @staticmethod
@@ -211,13 +214,15 @@ class AsyncEngine:
     async def generate(
         self, params: GenerateRequest, *, request_id: str | None = None, deadline: float | None = None,
         events: Callable[[Event], None] | None = None, tenant: str = "", weight: float = 1.0,
+        checked: Checked | None = None,
     ) -> GenerateResult:
         """Generate the request's images; raises ServiceError subclasses (RequestAborted when
         dropped). With `events`, it is called on this loop with each Queued, Started,
         Progress and Preview event of the request, throttled (streams); the unary and the
         streamed call are otherwise the same path. `tenant` (an API key's id) and its `weight`
-        decide its fair share of the engine (batching.py)."""
-        checked = self.check(params)
+        decide its fair share of the engine (batching.py). `checked`: this request's check(),
+        when the caller already made it (billing does, to price it)."""
+        checked = checked or self.check(params)
         # A size the caller gave is what the picture is fitted to; left out, the picture is only cropped.
         fit = (params.width, params.height) if params.width else None
         params = checked.params
@@ -443,3 +448,22 @@ class AsyncEngine:
                 listener(serving, reason)
             except Exception:
                 log.exception("health listener failed")
+
+
+def with_lora_tags(params: GenerateRequest, tags) -> GenerateRequest:
+    """The request with its prompt's A1111 `<lora:NAME:TE:UNET>` tags added to its LoRAs (what
+    runs, is priced and is recorded); a LoRA named twice, by tags or by a tag and `loras`, is
+    refused: which strengths it should have is the caller's to say."""
+    if not tags:
+        return params
+    named = {lora.name for lora in params.loras}
+    added = []
+    for tag in tags:
+        if tag.name in named:
+            raise InvalidArgument(
+                "prompt", f"<lora:{tag.name}:...>",
+                f"names the LoRA {tag.name!r} a second time (in another tag or in loras); give each LoRA once",
+            )
+        named.add(tag.name)
+        added.append(LoraSpec(tag.name, strength=tag.unet, strength_clip=tag.text_encoder))
+    return dataclasses.replace(params, loras=(*params.loras, *added))

@@ -233,13 +233,15 @@ class ImageFinisher:
         and the ComfyUI graph, which is the same for all of them."""
         model = self.models[request.params.model_id]
         lora_hashes = {lora.weights.name: lora.weights.sha256 for lora in request.loras}
-        graph = recipe.comfyui_prompt(request.params, request.seed, model.spec.path.name, model.prediction,
-                                      model.kind.zero_terminal_snr)
-        return [
-            {"parameters": recipe.parameters(request.params, request.seed, model.spec.path.stem, model.sha256, lora_hashes, index),
-             "prompt": graph}
-            for index in range(images)
-        ]
+        chunks = [{"parameters": recipe.parameters(request.params, request.seed, model.spec.path.stem, model.sha256,
+                                                   lora_hashes, index)} for index in range(images)]
+        if request.params.syntax == "comfyui":
+            # A prompt read by A1111's rules would mean something else in ComfyUI's graph.
+            graph = recipe.comfyui_prompt(request.params, request.seed, model.spec.path.name, model.prediction,
+                                          model.kind.zero_terminal_snr)
+            for chunk in chunks:
+                chunk["prompt"] = graph
+        return chunks
 
     @staticmethod
     def _log_finished(request: EngineRequest) -> None:
@@ -255,7 +257,8 @@ class ImageFinisher:
                 "request_id": request.request_id, "model_id": p.model_id, "size": f"{width}x{height}", "passes": len(request.plan.passes),
                 "sampler": p.sampler, "scheduler": p.scheduler, "steps": p.steps, "evaluations": times.evaluations,
                 "mean_batch": round(sum(times.batch_sizes) / max(len(times.batch_sizes), 1), 2),
-                "queue_wait_s": round(times.queue_wait, 4), "denoise_s": round(times.denoise, 4),
+                "queue_wait_s": round(times.queue_wait, 4), "vae_encode_s": round(times.vae_encode, 4),
+                "denoise_s": round(times.denoise, 4),
                 "decode_s": round(times.vae_decode, 4), "png_s": round(times.png_encode, 4),
             },
         )

@@ -83,6 +83,7 @@ import re
 
 from .. import __version__
 from ..domain import GenerateRequest
+from ..prompts.a1111 import parse_a1111
 from ..sampling import EPSILON, V_PREDICTION
 
 A1111_SAMPLERS = {
@@ -153,7 +154,11 @@ def denoising_fields(request: GenerateRequest) -> dict[str, str]:
 
 def parameters(request: GenerateRequest, seed: int, model_name: str, model_hash: str | None,
                lora_hashes: dict[str, str], index: int = 0) -> str:
-    prompt = prompt_line(request.prompt) + "".join(f" <lora:{l.name}:{l.strength:g}>" for l in request.loras)
+    # A1111-syntax prompts carry their own <lora:...> tags; the other LoRAs are written as tags.
+    tagged = {tag.name for tag in parse_a1111(request.prompt).loras} if request.syntax == "a1111" else set()
+    prompt = prompt_line(request.prompt) + "".join(
+        f" <lora:{l.name}:{l.strength:g}>" for l in request.loras if l.name not in tagged
+    )
     lines = [prompt]
     if request.negative_prompt:
         lines.append(f"{NEGATIVE_LABEL} {one_line(request.negative_prompt)}")

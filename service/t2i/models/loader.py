@@ -69,7 +69,7 @@ class LoadedModel:
         """What callers see of the model, including what is only known once loaded."""
         return replace(
             self.spec.info(), embeddings=self.embeddings.names, prediction_type=self.kind.prediction_type,
-            zero_terminal_snr=self.kind.zero_terminal_snr,
+            zero_terminal_snr=self.kind.zero_terminal_snr, checkpoint=self.spec.path.name, sha256=self.sha256 or "",
         )
 
 

@@ -6,10 +6,24 @@ Shared by the servicer and by interceptors (billing prices requests per model) s
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 from ..domain import GenerateRequest
 from ..engine.engine import AsyncEngine, Checked
 from ..errors import Unavailable
 from ..models.loader import LoadedModel
+
+
+# A request the billing layer checked before pricing it, with that check (engine.Checked): the
+# servicer hands it to the engine, so that a request's prompts are tokenised and its picture's
+# header read once. Set in the call's own context; it is the check of the message it names only.
+checked_call: ContextVar[tuple[object, Checked] | None] = ContextVar("checked_call", default=None)
+
+
+def checked_for(message: object) -> Checked | None:
+    """The check made of this very request message in this call, if one was made."""
+    held = checked_call.get()
+    return held[1] if held is not None and held[0] is message else None
 
 
 class ModelCatalog:

@@ -22,7 +22,7 @@ from ..errors import ServiceError, Unavailable
 from ..logs import request_id_var
 from ..tenancy import current_tenant
 from . import convert
-from .catalog import ModelCatalog
+from .catalog import ModelCatalog, checked_for
 from .status import failed_event
 
 
@@ -56,7 +56,7 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
         tenant = current_tenant.get()
         result = await self._unless_stopped(self.catalog.engine().generate(
             convert.request_from_pb(request), request_id=request_id_var.get(), deadline=_deadline(context),
-            tenant=tenant.id, weight=tenant.weight,
+            tenant=tenant.id, weight=tenant.weight, checked=checked_for(request),
         ))
         return convert.result_to_pb(result)
 
@@ -65,7 +65,7 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
         tenant = current_tenant.get()
         generation = asyncio.ensure_future(self.catalog.engine().generate(
             convert.request_from_pb(request), request_id=request_id_var.get(), deadline=_deadline(context),
-            events=events.put_nowait, tenant=tenant.id, weight=tenant.weight,
+            events=events.put_nowait, tenant=tenant.id, weight=tenant.weight, checked=checked_for(request),
         ))
         # The engine hands every event to this loop before it settles the future, so the end
         # marker the future leaves comes after the last event.

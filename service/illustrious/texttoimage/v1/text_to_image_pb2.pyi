@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateImageRequest(_message.Message):
-    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras", "num_images", "preview_every_steps", "omit_metadata", "output_format", "quality", "cfg_rescale", "init_image", "denoise", "mask", "resize_mode", "hires_fix")
+    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras", "num_images", "preview_every_steps", "omit_metadata", "output_format", "quality", "cfg_rescale", "init_image", "denoise", "mask", "resize_mode", "hires_fix", "prompt_syntax")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class GenerateImageRequest(_message.Message):
     MASK_FIELD_NUMBER: _ClassVar[int]
     RESIZE_MODE_FIELD_NUMBER: _ClassVar[int]
     HIRES_FIX_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_SYNTAX_FIELD_NUMBER: _ClassVar[int]
     model_id: int
     prompt: str
     negative_prompt: str
@@ -53,7 +54,8 @@ class GenerateImageRequest(_message.Message):
     mask: bytes
     resize_mode: str
     hires_fix: HiresFix
-    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ..., num_images: _Optional[int] = ..., preview_every_steps: _Optional[int] = ..., omit_metadata: _Optional[bool] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., cfg_rescale: _Optional[float] = ..., init_image: _Optional[bytes] = ..., denoise: _Optional[float] = ..., mask: _Optional[bytes] = ..., resize_mode: _Optional[str] = ..., hires_fix: _Optional[_Union[HiresFix, _Mapping]] = ...) -> None: ...
+    prompt_syntax: str
+    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ..., num_images: _Optional[int] = ..., preview_every_steps: _Optional[int] = ..., omit_metadata: _Optional[bool] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., cfg_rescale: _Optional[float] = ..., init_image: _Optional[bytes] = ..., denoise: _Optional[float] = ..., mask: _Optional[bytes] = ..., resize_mode: _Optional[str] = ..., hires_fix: _Optional[_Union[HiresFix, _Mapping]] = ..., prompt_syntax: _Optional[str] = ...) -> None: ...
 
 class HiresFix(_message.Message):
     __slots__ = ("scale", "upscale_method", "steps", "denoise")
@@ -202,7 +204,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "name", "min_size", "max_size", "max_steps", "demo", "embeddings", "max_pixels", "max_prompt_chunks", "prediction_type", "zero_terminal_snr")
+    __slots__ = ("id", "name", "min_size", "max_size", "max_steps", "demo", "embeddings", "max_pixels", "max_prompt_chunks", "prediction_type", "zero_terminal_snr", "checkpoint", "sha256")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +216,8 @@ class Model(_message.Message):
     MAX_PROMPT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_TYPE_FIELD_NUMBER: _ClassVar[int]
     ZERO_TERMINAL_SNR_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     id: int
     name: str
     min_size: int
@@ -225,4 +229,6 @@ class Model(_message.Message):
     max_prompt_chunks: int
     prediction_type: str
     zero_terminal_snr: bool
-    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., demo: _Optional[bool] = ..., embeddings: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_prompt_chunks: _Optional[int] = ..., prediction_type: _Optional[str] = ..., zero_terminal_snr: _Optional[bool] = ...) -> None: ...
+    checkpoint: str
+    sha256: str
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., demo: _Optional[bool] = ..., embeddings: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_prompt_chunks: _Optional[int] = ..., prediction_type: _Optional[str] = ..., zero_terminal_snr: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...

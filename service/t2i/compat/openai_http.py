@@ -1,0 +1,171 @@
+"""The OpenAI Images API's HTTP routes on the adapters' port (translations: openai_images)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from typing import Any
+
+from .. import wire
+from ..server import convert
+from . import openai_images as oa
+from .app import BodyTooLarge, ClientGone, Gateway, Refused, echo, media_type, read_body
+
+MAX_FORM_FIELDS = 100
+
+
+class Routes:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.started = int(time.time())
+
+    @staticmethod
+    def owns(path: str) -> bool:
+        return path.startswith(oa.PREFIX)
+
+    def routes(self) -> list:
+        from starlette.routing import Route
+
+        return [
+            Route(oa.GENERATIONS, self._answering(oa.GENERATIONS, self.generations), methods=["POST"]),
+            Route(oa.EDITS, self._answering(oa.EDITS, self.edits), methods=["POST"]),
+            Route(oa.MODELS, self._answering(oa.MODELS, self.list_models), methods=["GET"]),
+            Route(oa.MODELS + "/{model:path}", self._answering(oa.MODELS + "/{model}", self.get_model), methods=["GET"]),
+        ]
+
+    # --- replies -------------------------------------------------------------------------------
+
+    @staticmethod
+    def error_response(error: oa.OpenAIError, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(error.body(), status_code=error.status, headers=echo(request, error.headers))
+
+    def _answering(self, route: str, handler):
+        """Its OpenAIErrors, the service's refusals and a too-large body as OpenAI answers them."""
+        from starlette.responses import Response
+
+        async def endpoint(request) -> Response:
+            try:
+                return await handler(request, route)
+            except Refused as refused:
+                return self.error_response(oa.service_error(refused.status, refused.message, refused.trailers, route), request)
+            except BodyTooLarge as error:
+                return self.error_response(oa.OpenAIError(413, str(error), code="request_too_large"), request)
+            except oa.OpenAIError as error:
+                return self.error_response(error, request)
+            except ClientGone:
+                return Response(status_code=499)  # nobody reads it; the edge logs the disconnect
+        return endpoint
+
+    def http_error(self, request, error):
+        if error.status_code == 405:
+            allowed = (error.headers or {}).get("Allow", "")
+            failure = oa.OpenAIError(405, f"method not allowed: use {allowed} {request.url.path}", code="method_not_allowed")
+        elif error.status_code == 404:
+            failure = oa.OpenAIError(404, f"invalid URL ({request.method} {request.url.path}): the OpenAI-compatible "
+                                     f"API has POST {oa.GENERATIONS}, POST {oa.EDITS}, GET {oa.MODELS} and GET "
+                                     f"{oa.MODELS}/{{model}}", code="unknown_url")
+        else:
+            failure = oa.OpenAIError(error.status_code, str(error.detail), code=None)
+        failure.headers.update(error.headers or {})
+        return self.error_response(failure, request)
+
+    def crash(self, request):
+        return self.error_response(
+            oa.OpenAIError(500, "internal error", type="server_error", code="server_error", retry=True), request)
+
+    # --- handlers ------------------------------------------------------------------------------
+
+    async def generations(self, request, route: str):
+        if not media_type(request).startswith("application/json"):
+            raise oa.OpenAIError(400, f"POST {route} takes a JSON body (Content-Type: application/json)", param=None,
+                                 code="invalid_request_body")
+        raw = await read_body(request, oa.ADAPTER.body_limit(route))
+        try:
+            body = json.loads(raw)
+        except ValueError as error:
+            raise oa.OpenAIError(400, f"the body is not valid JSON ({error})", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise oa.OpenAIError(400, "the body must be a JSON object", code="invalid_json")
+        return await self.generate(request, route, body, form=False)
+
+    async def edits(self, request, route: str):
+        if not media_type(request).startswith("multipart/form-data"):
+            raise oa.OpenAIError(400, f"POST {route} takes multipart/form-data (the picture and the mask as files)",
+                                 code="invalid_request_body")
+        limit = oa.ADAPTER.body_limit(route)
+        body = await _form(request, await read_body(request, limit), limit)
+        return await self.generate(request, route, body, form=True)
+
+    async def generate(self, request, route: str, body: dict, form: bool):
+        from starlette.responses import JSONResponse
+
+        gateway = self.gateway
+        models = await gateway.models(request)  # authenticates the caller first
+        translated = oa.translate(body, route, models, form=form)
+        message = convert.request_to_pb(translated.request)
+        response, initial = await gateway.call(gateway.stub.GenerateImage, message, request)
+        images = list(response.images)
+        headers = {
+            oa.USAGE_HEADER: str(response.stardust_usage), oa.BALANCE_HEADER: str(response.stardust_balance),
+            oa.SEEDS_HEADER: ",".join(str(seed) for seed in response.seeds),
+            **{name: initial[name] for name in wire.RATE_LIMIT_HEADERS if name in initial},
+        }
+        answer = oa.images_response(images, translated.request.prompt, int(time.time()),
+                                    response.output_format or translated.request.image_format, _size_of(images))
+        return JSONResponse(answer, headers=echo(request, headers))
+
+    async def list_models(self, request, route: str):
+        from starlette.responses import JSONResponse
+
+        models = await self.gateway.models(request)
+        return JSONResponse(oa.models_list(models, self.started), headers=echo(request, {}))
+
+    async def get_model(self, request, route: str):
+        from starlette.responses import JSONResponse
+
+        models = await self.gateway.models(request)
+        model = oa.resolve_model(request.path_params["model"], models)
+        ordered = sorted(models, key=lambda m: m.id)
+        return JSONResponse(oa.model_object(model, ordered, self.started), headers=echo(request, {}))
+
+
+async def _form(request, raw: bytes, limit: int) -> dict:
+    """A multipart body as {name: text | bytes | [bytes, ...]}; `image[]` (the SDK's array of
+    files) counts as `image`."""
+    from starlette.requests import Request
+
+    async def replay() -> dict:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=8, max_fields=MAX_FORM_FIELDS, max_part_size=limit)
+    except Exception as error:  # python-multipart's and Starlette's parse errors
+        raise oa.OpenAIError(400, f"the multipart body could not be read ({error})", code="invalid_request_body") from None
+    body: dict[str, Any] = {}
+    try:
+        for name, value in form.multi_items():
+            key = name.removesuffix("[]")
+            if hasattr(value, "read"):
+                value = await value.read()
+            if key in body:
+                previous = body[key]
+                body[key] = (previous if isinstance(previous, list) else [previous]) + [value]
+            else:
+                body[key] = [value] if name.endswith("[]") else value
+    finally:
+        await form.close()
+    return body
+
+
+def _size_of(images: list[bytes]) -> tuple[int, int] | None:
+    if not images:
+        return None
+    from PIL import Image
+
+    with contextlib.suppress(Exception), Image.open(io.BytesIO(images[0])) as image:
+        return image.size
+    return None
