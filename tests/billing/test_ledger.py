@@ -2,6 +2,7 @@
 
 import datetime as dt
 import threading
+import time
 
 import pytest
 from sqlalchemy import update
@@ -127,6 +128,22 @@ def test_sweep_releases_what_dead_or_restarted_owners_left(ledger):
     assert {dead.id, mine_before_restart.id, expired.id}.isdisjoint(still_open)
     assert ledger.get_key(record.id).balance == 100 - 1 - 16
     assert ledger.verify() == []
+
+
+def test_a_reservation_can_outlive_the_ledgers_time_to_live(database_url):
+    """A job's reservation stays open as long as the job may wait (ReserveOp.ttl); the others
+    are released by the sweeper after the ledger's reservation_ttl."""
+    db = open_database(database_url)
+    ledger = Ledger(db, reservation_ttl=0.0)
+    record, _ = ledger.create_key("a", 100, "standard")
+    short = ledger.reserve(record.id, 1, owner="jobs")
+    long = ledger.reserve(record.id, 2, owner="jobs", ttl=3600)
+    deadline = time.monotonic() + 10
+    while short.id in {r["id"] for r in ledger.open_reservations()} and time.monotonic() < deadline:
+        ledger.sweep("me", utcnow(), instance_timeout=60)
+    assert {r["id"] for r in ledger.open_reservations()} == {long.id}
+    assert ledger.get_key(record.id).balance == 98 and ledger.verify() == []
+    db.dispose()
 
 
 def test_idempotent_requests_are_charged_once(ledger):

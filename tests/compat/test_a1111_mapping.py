@@ -116,6 +116,8 @@ def test_batches_hires_and_the_model():
     ({"enable_hr": True, "hr_upscaler": "Latent (antialiased)"}, "hr_upscaler", "latent upscaler"),
     ({"steps": "20"}, "steps", "integer"),
     ({"cfg_scale": True}, "cfg_scale", "number"),
+    ({"seed": 2**64}, "seed", "out of range"),
+    ({"steps": 2**40}, "steps", "out of range"),
     ({"init_images": ["x"]}, "init_images", "unknown field"),
 ])
 def test_what_this_service_cannot_do_is_refused_naming_the_field(change, field, fragment):

@@ -120,6 +120,9 @@ class ReserveOp:
     model_id: int | None = None
     request_id: str | None = None
     idempotency: IdempotencyClaim | None = None
+    # Seconds the reservation may stay open before the sweeper releases it (None: the ledger's
+    # reservation_ttl). A job's lasts as long as it may queue and run (t2i.jobs).
+    ttl: float | None = None
 
 
 @dataclass
@@ -241,10 +244,10 @@ class Ledger:
 
     def reserve(
         self, key_id: str, amount: int, *, owner: str, model_id: int | None = None, request_id: str | None = None,
-        idempotency: IdempotencyClaim | None = None,
+        idempotency: IdempotencyClaim | None = None, ttl: float | None = None,
     ) -> Reservation | Replay:
         """Set `amount` aside for one request, or return the stored result of an idempotent retry."""
-        return self._one(ReserveOp(key_id, amount, owner, model_id, request_id, idempotency))
+        return self._one(ReserveOp(key_id, amount, owner, model_id, request_id, idempotency, ttl))
 
     def commit(
         self, reservation: Reservation, *, model_id: int | None = None, request_id: str | None = None,
@@ -343,7 +346,8 @@ class Ledger:
         rows.append({
             "id": reservation.id, "key_id": op.key_id, "amount": op.amount, "model_id": op.model_id,
             "request_id": op.request_id, "owner": op.owner, "state": "open", "created_at": now,
-            "expires_at": now + self.reservation_ttl, "resolved_at": None,
+            "expires_at": now + (self.reservation_ttl if op.ttl is None else dt.timedelta(seconds=op.ttl)),
+            "resolved_at": None,
         })
         entries.append(_entry(op.key_id, "reserve", op.amount, reservation.id, op.model_id, op.request_id, now))
         return reservation

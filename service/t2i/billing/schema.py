@@ -104,3 +104,44 @@ instances = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("heartbeat_at", DateTime(timezone=True), nullable=False),
 )
+
+# Jobs (t2i.jobs): generations submitted now and collected later, in the same database as the
+# money so that every replica pulls from one queue. `request` is the GenerateImageRequest as
+# submitted (protobuf bytes); a running job is leased to one replica until `lease_expires_at`.
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("request", LargeBinary, nullable=False),
+    Column("cost", BigInteger, nullable=False),
+    Column("reservation_id", String(36)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("lease_owner", String(200)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("attempts", Integer, nullable=False),
+    Column("error_status", String(32)),
+    Column("error_message", String(2000)),
+    Column("usage", BigInteger),
+    Column("balance", BigInteger),
+    Column("image_count", Integer),
+    Column("content_type", String(32)),
+    Column("results_expire_at", DateTime(timezone=True)),
+    CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired')",
+                    name="ck_jobs_status"),
+    Index("ix_jobs_status_created_at", "status", "created_at"),
+    Index("ix_jobs_key_id_created_at", "key_id", "created_at"),
+)
+
+job_images = Table(
+    "job_images",
+    metadata,
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)

@@ -634,6 +634,11 @@ def _typed(name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
     if not ok:
         word = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean"}[k] for k in kinds)
         raise invalid(name, value, f"must be {word}", _KINDS[kinds[0]])
+    if isinstance(value, int) and not isinstance(value, bool):
+        # Beyond the wire's integer types the request could not even be encoded: refused here.
+        bits = 63 if name == "seed" else 31
+        if not -(2**bits) <= value < 2**bits:
+            raise invalid(name, value, f"out of range ({-(2**bits)} to {2**bits - 1})")
     return value
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from .. import wire
 from ..server import convert
 from . import a1111_api as a1
-from .app import BodyTooLarge, ClientGone, Gateway, Refused, echo, media_type, read_body
+from .app import BodyTooLarge, ClientGone, Gateway, Refused, echo, error_reply, media_type, read_body
 
 TIMESTAMP = "%Y%m%d%H%M%S"  # A1111's job_timestamp
 
@@ -120,11 +120,7 @@ class Routes:
 
     # --- replies -------------------------------------------------------------------------------
 
-    @staticmethod
-    def error_response(error: a1.A1111Error, request):
-        from starlette.responses import JSONResponse
-
-        return JSONResponse(error.body(), status_code=error.status, headers=echo(request, error.headers))
+    error_response = staticmethod(error_reply)
 
     def _answering(self, route: str, handler):
         from starlette.responses import Response

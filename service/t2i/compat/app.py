@@ -1,8 +1,9 @@
 """The adapters' HTTP port of `t2i serve`: other APIs' routes, served through the service's own gRPC.
 
-Each request is translated into the one domain request (t2i.compat.openai_images) and sent to
-this process's GenerateImage over a real socket, with the caller's credentials (x-illustrious-
-api-key or Authorization), x-request-id, Idempotency-Key and client address as metadata, so
+Each adapter's routes (openai_http, a1111_http) translate a request into the one domain request
+(by openai_images, a1111_api) and send it to this process's GenerateImage (or
+GenerateImageStream) over a real socket through the Gateway here, with the caller's credentials
+(x-illustrious-api-key or Authorization), x-request-id, Idempotency-Key and client address as metadata, so
 that authentication, rate limits, validation, pricing, the ledger and the engine are exactly
 those of the documented route. The answer, or the refusal, is translated back into the API's
 own shapes and statuses. Nothing is counted or stored here.
@@ -239,6 +240,13 @@ def echo(request, headers: dict[str, str]) -> dict[str, str]:
     request_id = request.headers.get(wire.REQUEST_ID_HEADER)
     kept = request_id is not None and REQUEST_ID.fullmatch(request_id)
     return {**headers, **({wire.REQUEST_ID_HEADER: request_id} if kept else {})}
+
+
+def error_reply(error, request):
+    """An adapter's error (its API's exception: `body()`, `status`, `headers`) as its JSON reply."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(error.body(), status_code=error.status, headers=echo(request, error.headers))
 
 
 class BodyTooLarge(Exception):

@@ -11,7 +11,7 @@ from typing import Any
 from .. import wire
 from ..server import convert
 from . import openai_images as oa
-from .app import BodyTooLarge, ClientGone, Gateway, Refused, echo, media_type, read_body
+from .app import BodyTooLarge, ClientGone, Gateway, Refused, echo, error_reply, media_type, read_body
 
 MAX_FORM_FIELDS = 100
 
@@ -37,11 +37,7 @@ class Routes:
 
     # --- replies -------------------------------------------------------------------------------
 
-    @staticmethod
-    def error_response(error: oa.OpenAIError, request):
-        from starlette.responses import JSONResponse
-
-        return JSONResponse(error.body(), status_code=error.status, headers=echo(request, error.headers))
+    error_response = staticmethod(error_reply)
 
     def _answering(self, route: str, handler):
         """Its OpenAIErrors, the service's refusals and a too-large body as OpenAI answers them."""

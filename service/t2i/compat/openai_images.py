@@ -11,7 +11,7 @@ service's GenerateImage (its validation, billing and engine), and the field a re
 comes back as the parameter the caller sent (`param_of`). What the service never sees is
 checked here: the body's shape and types, OpenAI's own choices (`quality`, `background`, ...),
 the `size` syntax, and what this service cannot do (`response_format: url`, GIF, streaming).
-This module does no I/O; t2i.compat.app serves it.
+This module does no I/O; t2i.compat.openai_http serves it.
 """
 
 from __future__ import annotations

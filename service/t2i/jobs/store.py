@@ -1,0 +1,251 @@
+"""The jobs queue and its stored results, in the billing database (t2i.billing.schema `jobs`).
+
+One code path for SQLite (the embedded default) and PostgreSQL (several replicas), through
+SQLAlchemy Core like the ledger. A replica takes the next job with `claim()`: on PostgreSQL
+`SELECT ... FOR UPDATE SKIP LOCKED`, so replicas claiming at once take different jobs without
+waiting on each other; on SQLite every write transaction is BEGIN IMMEDIATE (one writer), which
+gives the same guarantee. A claimed job is leased to its replica until `lease_expires_at`; the
+replica renews the lease while the job runs (`renew()`), and a job whose lease ran out (its
+replica died) is claimed again by another, from the start. Only the lease holder can finish a
+job (`succeed()`, `fail()`), so a replica that lost its lease cannot overwrite what another did.
+
+Which job is next: among the queued ones (and the running ones whose lease expired), the oldest
+of the key with the fewest jobs running, so one key's flood of jobs does not hold back another
+key's first one (the engine's fair batching then shares the work between the keys).
+
+Ids are unguessable (`job_` and 24 random bytes); every read takes the key, and another key's
+job is not found. Money is the ledger's (t2i.billing.ledger): the store keeps the job's price
+and reservation id, and the caller reserves, commits and releases.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+
+from ..billing.schema import JOB_STATUSES, job_images, jobs
+
+ID_PREFIX = "job_"
+FINISHED = ("succeeded", "failed", "cancelled", "expired")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def aware(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite gives naive datetimes back; every stored time is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=dt.UTC)
+
+
+def new_job_id() -> str:
+    return ID_PREFIX + secrets.token_urlsafe(24)
+
+
+class QueueFull(Exception):
+    """The key has as many queued jobs as its tier allows."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"{queued} jobs are queued for this key, the most its tier allows ({limit})")
+        self.queued, self.limit = queued, limit
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    key_id: str
+    status: str
+    request: bytes
+    cost: int
+    reservation_id: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    lease_owner: str | None
+    lease_expires_at: dt.datetime | None
+    attempts: int
+    error_status: str | None
+    error_message: str | None
+    usage: int | None
+    balance: int | None
+    image_count: int | None
+    content_type: str | None
+    results_expire_at: dt.datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    @classmethod
+    def of(cls, row) -> Job:
+        values = dict(row._mapping)
+        for name in ("created_at", "started_at", "finished_at", "lease_expires_at", "results_expire_at"):
+            values[name] = aware(values[name])
+        return cls(**values)
+
+
+class JobStore:
+    def __init__(self, db: Engine) -> None:
+        self.db = db
+
+    def _read(self):
+        return self.db.execution_options(read_only=True).begin()
+
+    # --- the caller's side -----------------------------------------------------------------
+
+    def submit(self, key_id: str, request: bytes, cost: int, reservation_id: str | None, max_queued: int,
+               job_id: str | None = None) -> Job:
+        """A new queued job; QueueFull when the key already has `max_queued` queued jobs."""
+        now = utcnow()
+        job_id = job_id or new_job_id()
+        with self.db.begin() as conn:
+            queued = conn.execute(
+                select(func.count()).select_from(jobs).where(jobs.c.key_id == key_id, jobs.c.status == "queued")
+            ).scalar_one()
+            if queued >= max_queued:
+                raise QueueFull(queued, max_queued)
+            conn.execute(insert(jobs).values(
+                id=job_id, key_id=key_id, status="queued", request=request, cost=cost, reservation_id=reservation_id,
+                created_at=now, attempts=0,
+            ))
+            return Job.of(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
+
+    def get(self, job_id: str, key_id: str) -> Job | None:
+        """The key's job, or None (unknown, or another key's)."""
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.key_id == key_id)).one_or_none()
+        return None if row is None else Job.of(row)
+
+    def position(self, job: Job) -> int:
+        """1 for the next queued job to be claimed (in submission order, all keys), ..."""
+        with self._read() as conn:
+            ahead = conn.execute(select(func.count()).select_from(jobs).where(
+                jobs.c.status == "queued", jobs.c.created_at < job.created_at)).scalar_one()
+        return ahead + 1
+
+    def list(self, key_id: str, statuses: Sequence[str] = (), after: str | None = None, limit: int = 50) -> list[Job]:
+        """The key's jobs, newest first; `after`: the id the previous page ended with."""
+        query = select(jobs).where(jobs.c.key_id == key_id)
+        if statuses:
+            query = query.where(jobs.c.status.in_(list(statuses)))
+        with self._read() as conn:
+            if after is not None:
+                anchor = conn.execute(select(jobs.c.created_at, jobs.c.id).where(
+                    jobs.c.id == after, jobs.c.key_id == key_id)).one_or_none()
+                if anchor is None:
+                    return []
+                query = query.where(or_(jobs.c.created_at < anchor.created_at,
+                                        and_(jobs.c.created_at == anchor.created_at, jobs.c.id < anchor.id)))
+            rows = conn.execute(query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)).all()
+        return [Job.of(row) for row in rows]
+
+    def cancel(self, job_id: str, key_id: str) -> tuple[Job, str] | None:
+        """Cancel the key's job: a queued or running one becomes cancelled (its runner sees it
+        at its next renew() and stops); a finished one has its images deleted. Returns the job
+        after, and its status before (None: not found)."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.key_id == key_id)
+                               .with_for_update()).one_or_none()
+            if row is None:
+                return None
+            before = row.status
+            if before in ("queued", "running"):
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                    status="cancelled", finished_at=now, lease_owner=None, lease_expires_at=None))
+            else:
+                conn.execute(delete(job_images).where(job_images.c.job_id == job_id))
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(image_count=0))
+            return Job.of(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()), before
+
+    def image(self, job_id: str, key_id: str, position: int) -> tuple[bytes, str] | None:
+        """An image of the key's succeeded job and its content type, or None."""
+        with self._read() as conn:
+            row = conn.execute(
+                select(job_images.c.data, jobs.c.content_type)
+                .join(jobs, jobs.c.id == job_images.c.job_id)
+                .where(jobs.c.id == job_id, jobs.c.key_id == key_id, job_images.c.position == position)
+            ).one_or_none()
+        return None if row is None else (row.data, row.content_type)
+
+    # --- the runners' side -----------------------------------------------------------------
+
+    def claim(self, owner: str, lease_seconds: float) -> Job | None:
+        """Lease the next job to `owner` (module docstring), or None when none waits."""
+        now = utcnow()
+        other = jobs.alias("other")
+        running = (
+            select(func.count()).select_from(other)
+            .where(other.c.key_id == jobs.c.key_id, other.c.status == "running")
+            .scalar_subquery()
+        )
+        claimable = or_(jobs.c.status == "queued", and_(jobs.c.status == "running", jobs.c.lease_expires_at < now))
+        with self.db.begin() as conn:
+            row = conn.execute(
+                select(jobs.c.id).where(claimable).order_by(running, jobs.c.created_at, jobs.c.id).limit(1)
+                .with_for_update(skip_locked=True)
+            ).one_or_none()
+            if row is None:
+                return None
+            conn.execute(update(jobs).where(jobs.c.id == row.id).values(
+                status="running", lease_owner=owner, lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                started_at=now, attempts=jobs.c.attempts + 1,
+            ))
+            return Job.of(conn.execute(select(jobs).where(jobs.c.id == row.id)).one())
+
+    def renew(self, job_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend `owner`'s lease; False when the job is no longer its to run (cancelled, or
+        the lease ran out and another replica took it)."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            return conn.execute(update(jobs).where(
+                jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.status == "running",
+            ).values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))).rowcount == 1
+
+    def succeed(self, job_id: str, owner: str, images: Sequence[bytes], content_type: str, usage: int, balance: int,
+                results_ttl: float) -> bool:
+        """Store the images and mark the job succeeded, if `owner` still holds it."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            held = conn.execute(update(jobs).where(
+                jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.status == "running",
+            ).values(
+                status="succeeded", finished_at=now, lease_owner=None, lease_expires_at=None, usage=usage,
+                balance=balance, image_count=len(images), content_type=content_type,
+                results_expire_at=now + dt.timedelta(seconds=results_ttl),
+            )).rowcount == 1
+            if held and images:
+                conn.execute(insert(job_images), [
+                    {"job_id": job_id, "position": position, "data": data} for position, data in enumerate(images)
+                ])
+            return held
+
+    def fail(self, job_id: str, owner: str, status: str, message: str) -> bool:
+        """Mark the job failed with the error a synchronous call would have answered."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            return conn.execute(update(jobs).where(
+                jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.status == "running",
+            ).values(status="failed", finished_at=now, lease_owner=None, lease_expires_at=None, error_status=status,
+                     error_message=message[:2000])).rowcount == 1
+
+    def expire_results(self) -> list[str]:
+        """Delete the images of jobs whose results outlived their time to live; those jobs
+        become `expired`. Returns their ids."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            ids = conn.execute(select(jobs.c.id).where(
+                jobs.c.status == "succeeded", jobs.c.results_expire_at < now)).scalars().all()
+            if ids:
+                conn.execute(delete(job_images).where(job_images.c.job_id.in_(ids)))
+                conn.execute(update(jobs).where(jobs.c.id.in_(ids)).values(status="expired", image_count=0))
+        return list(ids)
+
+
+assert set(FINISHED) | {"queued", "running"} == set(JOB_STATUSES)
