@@ -161,10 +161,16 @@ def operation_of(method, rule, note: str, package: str) -> dict:
     """The OpenAPI operation of one HTTP binding (`rule`) of a method; `note` is its comment."""
     verb = rule.WhichOneof("pattern")
     path = getattr(rule, verb)
-    # POST creates (201), except a stream: its 200 opens the event stream.
-    success = "201" if verb == "post" and not method.server_streaming else "200"
+    # POST creates (201), except a stream: its 200 opens the event stream, and a job: 202, it
+    # runs later (the edge's Lua filter sets these).
+    accepted = method.name == "SubmitJob"
+    success = "202" if accepted else "201" if verb == "post" and not method.server_streaming else "200"
     output = method.output_type.removeprefix(f".{package}.")
     media = "text/event-stream" if method.server_streaming else "application/json"
+    schema = {"$ref": f"#/components/schemas/{output}"}
+    if method.output_type == ".google.api.HttpBody":
+        # The bytes themselves, with the content type of the image (image/png, image/jpeg, image/webp).
+        media, schema = "image/*", {"type": "string", "contentMediaType": "application/octet-stream"}
     operation = {
         "operationId": method.name,
         "summary": note.split(". ")[0],
@@ -177,7 +183,7 @@ def operation_of(method, rule, note: str, package: str) -> dict:
         "responses": {
             success: {
                 "description": "Server-sent events, one JSON event per `data:` line" if method.server_streaming else "Success",
-                "content": {media: {"schema": {"$ref": f"#/components/schemas/{output}"}}},
+                "content": {media: {"schema": schema}},
             },
             **{
                 code: {
@@ -190,6 +196,19 @@ def operation_of(method, rule, note: str, package: str) -> dict:
             },
         },
     }
+    for name in re.findall(r"\{(\w+)\}", path):
+        operation["parameters"].append({"name": name, "in": "path", "required": True,
+                                        "schema": {"type": "integer" if name == "index" else "string"},
+                                        "description": "The job's id." if name == "id" else "The image's index, from 0."})
+    if verb == "get" and method.name == "ListJobs":
+        operation["parameters"] += [
+            {"name": "status", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "Only jobs in this status."},
+            {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "The nextCursor of the page before."},
+            {"name": "pageSize", "in": "query", "required": False, "schema": {"type": "integer"},
+             "description": "Jobs per page, 1 to 100 (default 20)."},
+        ]
     if rule.body == "*":
         operation["parameters"].append(
             {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": wire.MAX_IDEMPOTENCY_KEY},

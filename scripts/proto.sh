@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Protobuf tooling, one verb per call (the Makefile's proto targets call these):
-#   deps      copy google/api/{annotations,http}.proto from the pinned googleapis-common-protos
+#   deps      copy google/api/{annotations,http,httpbody}.proto from the pinned googleapis-common-protos
 #             package into build/proto-deps (never committed, so never stale)
 #   python D  generate the Python messages and gRPC stubs into D (default: service/)
 #   openapi F generate the OpenAPI description of the REST API into F (default: edge/openapi.json)
@@ -18,7 +18,7 @@ deps() {
   local src
   src=$("$PY" -c 'import os, google.api.annotations_pb2 as m; print(os.path.dirname(m.__file__))')
   mkdir -p "$DEPS/google/api"
-  cp "$src/annotations.proto" "$src/http.proto" "$DEPS/google/api/"
+  cp "$src/annotations.proto" "$src/http.proto" "$src/httpbody.proto" "$DEPS/google/api/"
 }
 
 python_code() {

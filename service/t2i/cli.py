@@ -175,6 +175,9 @@ def generate(
         help=f"How the prompts are read: {', '.join(PROMPT_SYNTAXES)} (default {PROMPT_SYNTAXES[0]}; a1111: A1111's "
              "weights, BREAK and <lora:NAME:WEIGHT> tags).",
     ),
+    job: bool = typer.Option(
+        False, "--job", help="Submit it as a job instead and print the job (JSON); `t2i jobs fetch` gets its images."
+    ),
     target: str = TARGET,
     api_key: str | None = API_KEY,
 ) -> None:
@@ -193,6 +196,9 @@ def generate(
     )
     with Client(target, api_key=api_key) as client:
         try:
+            if job:
+                typer.echo(_job_json(client.submit_job(prompt, **options)))
+                return
             result = client.generate(prompt, **options)
         except ClientError as error:
             typer.echo(f"error: {error}", err=True)
@@ -287,6 +293,78 @@ def loras(
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
     typer.echo(json.dumps([asdict(lora) for lora in found], indent=2))
+
+
+jobs_app = typer.Typer(help="Jobs: generations submitted with `t2i generate --job`, collected later.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+def _job_json(message) -> str:
+    from google.protobuf.json_format import MessageToJson
+
+    return MessageToJson(message, indent=2)
+
+
+def _job_call(action):
+    from .client import Client, ClientError
+
+    def run(target: str, api_key: str | None):
+        with Client(target, api_key=api_key) as client:
+            try:
+                return action(client)
+            except ClientError as error:
+                typer.echo(f"error: {error}", err=True)
+                raise typer.Exit(1) from None
+
+    return run
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, target: str = TARGET, api_key: str | None = API_KEY) -> None:
+    """Print a job: its status, position or progress, charge, image URLs or error."""
+    typer.echo(_job_json(_job_call(lambda client: client.get_job(job_id))(target, api_key)))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, target: str = TARGET, api_key: str | None = API_KEY) -> None:
+    """Cancel a queued or running job (not charged), or delete a finished job's images."""
+    typer.echo(_job_json(_job_call(lambda client: client.cancel_job(job_id))(target, api_key)))
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: str = typer.Option("", "--status", help="Only jobs in this status."),
+    cursor: str = typer.Option("", "--cursor", help="The nextCursor of the page before."),
+    page_size: int = typer.Option(0, "--page-size", help="Jobs per page, 1 to 100 (0: 20)."),
+    target: str = TARGET, api_key: str | None = API_KEY,
+) -> None:
+    """List your jobs, newest first."""
+    typer.echo(_job_json(_job_call(lambda client: client.list_jobs(status, cursor, page_size))(target, api_key)))
+
+
+@jobs_app.command("fetch")
+def jobs_fetch(
+    job_id: str, out: Path = typer.Option(Path("."), "--out", help="Folder to write the images to."),
+    target: str = TARGET, api_key: str | None = API_KEY,
+) -> None:
+    """Write a succeeded job's images to --out as JOB_ID-N.EXT and print their paths."""
+    extensions = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+    def fetch(client) -> list[str]:
+        job = client.get_job(job_id)
+        if job.status != "succeeded":
+            typer.echo(f"error: job {job_id} is {job.status}, not succeeded", err=True)
+            raise typer.Exit(1)
+        written = []
+        for index in range(len(job.image_urls)):
+            data, content_type = client.job_image(job_id, index)
+            path = out / f"{job_id}-{index}.{extensions.get(content_type, 'bin')}"
+            path.write_bytes(data)
+            written.append(str(path))
+        return written
+
+    out.mkdir(parents=True, exist_ok=True)
+    typer.echo(json.dumps(_job_call(fetch)(target, api_key)))
 
 
 @app.command()

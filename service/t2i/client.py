@@ -112,6 +112,9 @@ class _Calls:
     def list_models(self, timeout) -> _Call:
         return _Call(pb.ListModelsRequest(), self._metadata(), timeout or self.timeout)
 
+    def call(self, request, timeout) -> _Call:
+        return _Call(request, self._metadata(), timeout or self.timeout)
+
     def list_loras(self, model_id: int, timeout) -> _Call:
         return _Call(pb.ListLorasRequest(model_id=model_id), self._metadata(), timeout or self.timeout)
 
@@ -153,6 +156,29 @@ class Client:
 
     def list_loras(self, model_id: int = 0, *, timeout: float | None = None) -> list[LoraDescription]:
         return convert.loras_from_pb(self._invoke(self._stub.ListLoras, self._calls.list_loras(model_id, timeout)))
+
+    # Jobs: generations that run later (README, "Jobs"). They answer the proto's Job message.
+
+    def submit_job(self, prompt: str, *, idempotency_key: str | None = None, request_id: str | None = None,
+                   timeout: float | None = None, **options) -> pb.Job:
+        """Queue the generation GenerateImage would run; its price is reserved now."""
+        return self._invoke(self._stub.SubmitJob, self._calls.generate(prompt, idempotency_key, request_id, timeout, options))
+
+    def get_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
+        return self._invoke(self._stub.GetJob, self._calls.call(pb.GetJobRequest(id=job_id), timeout))
+
+    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
+        return self._invoke(self._stub.CancelJob, self._calls.call(pb.CancelJobRequest(id=job_id), timeout))
+
+    def list_jobs(self, status: str = "", cursor: str = "", page_size: int = 0, *,
+                  timeout: float | None = None) -> pb.ListJobsResponse:
+        return self._invoke(self._stub.ListJobs, self._calls.call(
+            pb.ListJobsRequest(status=status, cursor=cursor, page_size=page_size), timeout))
+
+    def job_image(self, job_id: str, index: int = 0, *, timeout: float | None = None) -> tuple[bytes, str]:
+        """(the image's bytes, its content type)."""
+        body = self._invoke(self._stub.GetJobImage, self._calls.call(pb.GetJobImageRequest(id=job_id, index=index), timeout))
+        return body.data, body.content_type
 
     def close(self) -> None:
         self._channel.close()

@@ -82,6 +82,10 @@ class InsufficientBalance(ServiceError):
         super().__init__(f"insufficient stardust: this request costs {cost}, balance is {balance}")
 
 
+class NotConfigured(ServiceError):
+    """The call needs something this server runs without (jobs need the billing database)."""
+
+
 class AlreadyProcessing(ServiceError):
     """A request with the same idempotency key is still running."""
 
@@ -128,7 +132,8 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("INVALID_ARGUMENT", 400, False,
               "a field out of range, unknown sampler/scheduler, malformed JSON, wrong field type", (InvalidArgument,)),
     ErrorKind("FAILED_PRECONDITION", 400, False,
-              "not enough stardust (`insufficient stardust: this request costs 3, balance is 1`)", (InsufficientBalance,)),
+              "not enough stardust (`insufficient stardust: this request costs 3, balance is 1`); jobs on a server "
+              "without billing", (InsufficientBalance, NotConfigured)),
     ErrorKind("UNAUTHENTICATED", 401, False, "missing or unknown `x-illustrious-api-key`", (Unauthenticated,)),
     ErrorKind("PERMISSION_DENIED", 403, False, "revoked key", (PermissionDenied,)),
     ErrorKind("NOT_FOUND", 404, False, "unknown `modelId`, unknown path", (NotFound,)),

@@ -13,6 +13,9 @@ GENERATE_METHOD = f"/{SERVICE}/GenerateImage"
 GENERATE_STREAM_METHOD = f"/{SERVICE}/GenerateImageStream"
 LIST_MODELS_METHOD = f"/{SERVICE}/ListModels"
 LIST_LORAS_METHOD = f"/{SERVICE}/ListLoras"
+SUBMIT_JOB_METHOD = f"/{SERVICE}/SubmitJob"
+# The job calls that read or change the caller's own jobs (t2i.jobs): a valid key, no price.
+JOB_METHODS = tuple(f"/{SERVICE}/{name}" for name in ("GetJob", "CancelJob", "ListJobs", "GetJobImage"))
 
 # Request metadata (REST: headers of the same names).
 API_KEY_HEADER = "x-illustrious-api-key"
@@ -48,7 +51,7 @@ MAX_REQUEST_BYTES = 1024 * 1024
 MAX_IMAGE_REQUEST_BYTES = 40 * 1024 * 1024
 # The REST paths that take MAX_IMAGE_REQUEST_BYTES and require initImage (the additional
 # google.api.http bindings of GenerateImage and GenerateImageStream in the proto).
-IMAGE_PATHS = ("/image-to-image/generate", "/image-to-image/generate/stream")
+IMAGE_PATHS = ("/image-to-image/generate", "/image-to-image/generate/stream", "/image-to-image/jobs")
 # The largest request header block the edge forwards (larger: 431). Below gRPC's own metadata
 # limit (which the service raises to MAX_METADATA_BYTES), so that gRPC never answers
 # RESOURCE_EXHAUSTED for headers that the edge let through.

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import update
 
 from t2i.billing.database import open_database
-from t2i.billing.ledger import IdempotencyClaim, Ledger, Replay, Reservation, utcnow
+from t2i.billing.ledger import IdempotencyClaim, Ledger, Replay, Reservation, ReservationExpired, utcnow
 from t2i.billing.schema import instances, reservations
 from t2i.errors import AlreadyProcessing, InsufficientBalance, InternalError, InvalidArgument, NotFound, PermissionDenied
 
@@ -293,3 +293,20 @@ def test_the_sqlite_ledger_is_readable_by_its_owner_only(tmp_path):
         ledger.close()
     finally:
         os.umask(old_umask)
+
+
+def test_commit_with_records_the_charge_and_what_was_paid_for_together(ledger):
+    """commit_with's `then` runs in the charge's transaction: declined, neither is recorded."""
+    record, _ = ledger.create_key("a", 100, "standard")
+    declined = ledger.reserve(record.id, 10, owner="jobs")
+    seen = []
+    assert ledger.commit_with(declined, lambda conn, balance: seen.append(balance) or False, request_id="j1") is None
+    assert seen == [90]  # the balance the charge would have left
+    assert ledger.get_key(record.id).balance == 90 and declined.id in {r["id"] for r in ledger.open_reservations()}
+    assert ledger.commit_with(declined, lambda conn, balance: True, request_id="j1") == 90
+    assert declined.id not in {r["id"] for r in ledger.open_reservations()}
+    with pytest.raises(ReservationExpired):
+        ledger.commit_with(declined, lambda conn, balance: True)
+    _, entries, _ = ledger.usage(record.id)
+    assert [e["kind"] for e in entries if e["request_id"] == "j1"] == ["commit"]
+    assert ledger.verify() == []

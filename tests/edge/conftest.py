@@ -9,6 +9,7 @@ tiers:
   tight: {requests_per_minute: 1, burst: 1, max_concurrent: 1}
   solo: {requests_per_minute: 6000, burst: 1000, max_concurrent: 1}
   unlimited: {requests_per_minute: 1000000, burst: 100000, max_concurrent: 100000}
+  nojobs: {requests_per_minute: 6000, burst: 1000, max_concurrent: 100, max_queued_jobs: 0}
 auth_failures_per_minute: 6000
 auth_failure_burst: 1000
 """

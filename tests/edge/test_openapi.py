@@ -19,6 +19,8 @@ def test_the_description_is_valid_openapi():
     validate(SPEC)
     assert set(SPEC["paths"]) == {"/text-to-image/generate", "/text-to-image/generate/stream", "/image-to-image/generate",
                                   "/image-to-image/generate/stream", "/model/list", "/lora/list",
+                                  "/text-to-image/jobs", "/image-to-image/jobs", "/jobs", "/jobs/{id}",
+                                  "/jobs/{id}/images/{index}",
                                   "/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/models/{model}",
                                   "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/sd-models", "/sdapi/v1/samplers",
                                   "/sdapi/v1/schedulers", "/sdapi/v1/loras", "/sdapi/v1/options", "/sdapi/v1/progress",
@@ -91,3 +93,16 @@ def test_the_a1111_routes_are_described_from_the_mapping_table():
     assert SPEC["components"]["schemas"]["A1111Img2ImgRequest"]["required"] == ["init_images"]
     assert SPEC["components"]["securitySchemes"]["basic"]["scheme"] == "basic"
     assert "40 MiB" in SPEC["paths"][a1.IMG2IMG]["post"]["requestBody"]["description"]
+
+
+
+def test_the_job_routes_are_described_as_the_edge_answers_them():
+    submit = SPEC["paths"]["/text-to-image/jobs"]["post"]
+    assert "202" in submit["responses"] and "201" not in submit["responses"]
+    assert "40 MiB" in SPEC["paths"]["/image-to-image/jobs"]["post"]["requestBody"]["description"]
+    image = SPEC["paths"]["/jobs/{id}/images/{index}"]["get"]
+    assert list(image["responses"]["200"]["content"]) == ["image/*"]
+    assert {p["name"] for p in image["parameters"] if p["in"] == "path"} == {"id", "index"}
+    assert {p["name"] for p in SPEC["paths"]["/jobs"]["get"]["parameters"] if p["in"] == "query"} == {
+        "status", "cursor", "pageSize"}
+    assert set(SPEC["paths"]["/jobs/{id}"]) == {"get", "delete"}

@@ -31,6 +31,9 @@ from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
 from .. import metrics, wire
 from ..errors import InternalError, InvalidArgument, PermissionDenied, ServiceError, Unauthenticated
+from ..jobs.runner import JobRunner
+from ..jobs.service import JobCharge, JobService, submitted_charge
+from ..jobs.store import JobStore, idempotent_job_id, new_job_id
 from ..logs import request_id_var
 from ..server import convert
 from ..server.catalog import ModelCatalog, checked_call
@@ -52,6 +55,13 @@ log = logging.getLogger(__name__)
 # Known keys are remembered this long, saving a database read per request. Revocation evicts
 # them within a poll (revocation_poll_seconds), and a reservation refuses a revoked key anyway.
 KEY_CACHE_SECONDS = 5.0
+# The owner of jobs' reservations: no instance, so the instance sweeper leaves them to their
+# expiry (a job outlives the replica that took it), and beyond the queue's time to live a job
+# may run this long.
+JOBS_OWNER = "jobs"
+JOB_RUN_ALLOWANCE_SECONDS = 3600.0
+# Jobs one replica runs at once, besides its synchronous calls: enough to fill a batch.
+JOBS_PER_REPLICA = 8
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,10 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         self._inflight: dict[str, set[asyncio.Task]] = {}
         self._revoked: set[str] = set()
         self._slots: set[tuple[str, str]] = set()
+        # Jobs: stored in this database, fed to the engine by the runner started with billing.
+        self.job_store = JobStore(ledger.db)
+        catalog.jobs = JobService(self.job_store, ledger)
+        self.runner: JobRunner | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -157,6 +171,13 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             asyncio.create_task(self._every(min(1.0, self.settings.concurrency_slot_lease_seconds / 3), self._renew_slots, "slot leases")),
             asyncio.create_task(self._every(self.settings.revocation_poll_seconds, self._watch_revocations, "revocations")),
         ]
+        self.runner = JobRunner(
+            self.job_store, self.ledger, self.catalog, owner=self.instance_id, lease_seconds=self.settings.job_lease_seconds,
+            results_ttl=self.settings.job_results_ttl_seconds, queue_ttl=self.settings.job_queue_ttl_seconds,
+            max_running=JOBS_PER_REPLICA, weight_of=lambda key_id: self._tier(self.ledger.get_key(key_id)).weight,
+        )
+        self.runner.start()
+        self.catalog.jobs.runner = self.runner
 
     @staticmethod
     async def _every(seconds: float, step, what: str) -> None:
@@ -199,6 +220,8 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                 task.cancel()
 
     async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.close()
         for loop in self._loops:
             loop.cancel()
         await self.limiter.close()
@@ -218,7 +241,70 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             return wrap_stream(handler, self._generate_stream)
         if details.method in (wire.LIST_MODELS_METHOD, wire.LIST_LORAS_METHOD):
             return wrap_unary(handler, self._list_models)
+        if details.method == wire.SUBMIT_JOB_METHOD:
+            return wrap_unary(handler, self._submit_job)
+        if details.method in wire.JOB_METHODS:
+            return wrap_unary(handler, self._keyed)
         return handler
+
+    # --- jobs (t2i.jobs) -------------------------------------------------------------------------
+
+    async def _keyed(self, inner, request, context):
+        """A job call on the caller's own jobs: a valid key, which the servicer reads as the tenant."""
+        key, address = await self._authenticate(context)
+        blocked = await self.limiter.address_blocked(address)
+        if not blocked.allowed:
+            metrics.RATE_LIMITED.labels(limit=blocked.verdict.value).inc()
+            raise refusal(blocked)
+        token = current_tenant.set(Tenant(key.id, self._tier(key).weight))
+        try:
+            return await inner(request, context)
+        finally:
+            current_tenant.reset(token)
+
+    def _tier(self, key: KeyRecord):
+        return self.settings.tiers.get(key.tier) or self.settings.tiers[self.settings.default_tier]
+
+    async def _submit_job(self, inner, request, context):
+        """SubmitJob: admitted and priced as GenerateImage is, its price reserved for as long as
+        the job may wait and run (a queued job cannot overdraw); the runner charges it."""
+        async with self._admitted(context) as admitted:
+            checked = self.catalog.check(convert.request_from_pb(request))
+            self.catalog.admission_check()
+            claim = self._idempotency_claim(context, request)
+            if claim is None:
+                job_id = new_job_id()
+            else:
+                # A retry with the same Idempotency-Key finds its job instead of making another.
+                job_id = idempotent_job_id(admitted.key.id, claim.key)
+                existing = await self._call("job", self.job_store.get, job_id, admitted.key.id)
+                if existing is not None:
+                    if existing.request != request.SerializeToString(deterministic=True):
+                        raise InvalidArgument("idempotency-key", claim.key, "was used for a job with different request "
+                                              "parameters; use a new key for a new request")
+                    metrics.IDEMPOTENT_REPLAYS.inc()
+                    await context.send_initial_metadata(tuple(admitted.headers.items()))
+                    position = await self._call("job", self.job_store.position, existing)
+                    return convert.job_to_pb(existing, position)
+            params = checked.params
+            loaded = self.catalog.model(params.model_id)
+            cost = pricing.price(params, loaded.spec.price_multiplier, loaded.sigma_table, self.settings, checked.context_chunks)
+            ttl = self.settings.job_queue_ttl_seconds + JOB_RUN_ALLOWANCE_SECONDS
+            reservation = await self._timed("reserve", self._money.reserve(
+                ReserveOp(admitted.key.id, cost, JOBS_OWNER, params.model_id, job_id, None, ttl)))
+            charge = submitted_charge.set(
+                JobCharge(admitted.key.id, cost, reservation.id, self._tier(admitted.key).max_queued_jobs, job_id))
+            try:
+                response = await inner(request, context)
+            except BaseException:
+                self._release(Charge(params.model_id, cost, False, job_id, reservation), "job not queued")
+                raise
+            finally:
+                submitted_charge.reset(charge)
+            await context.send_initial_metadata(tuple(admitted.headers.items()))
+        if self.runner is not None:
+            self.runner.wake()
+        return response
 
     async def _list_models(self, inner, request, context):
         _, address = await self._authenticate(context)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import AlreadyProcessing, InsufficientBalance, InternalError, InvalidArgument, NotFound, PermissionDenied
@@ -256,6 +257,26 @@ class Ledger:
         """Charge a reservation; returns the key's balance afterwards. ReservationExpired if it
         was already resolved (then nothing is charged)."""
         return self._one(CommitOp(reservation, model_id, request_id, idempotent_response))
+
+    def commit_with(self, reservation: Reservation, then: Callable[[Connection, int], bool], *,
+                    model_id: int | None = None, request_id: str | None = None) -> int | None:
+        """Charge a reservation and, in the same transaction, `then(connection, balance)`: what
+        was paid for is recorded with the payment, or neither is. `then` returning False rolls
+        both back (None: nothing charged). ReservationExpired if the reservation was resolved."""
+        now = utcnow()
+        try:
+            with self.db.begin() as conn:
+                resolved = conn.execute(_RESOLVE_COMMITTED, {"p_reservations": [reservation.id], "p_at": now}).scalars().all()
+                if reservation.id not in resolved:
+                    raise ReservationExpired()
+                balance = conn.execute(_CHARGE, {"p_key": reservation.key_id, "p_amount": reservation.amount}).scalar_one()
+                conn.execute(_INSERT_ENTRY, [_entry(reservation.key_id, "commit", reservation.amount, reservation.id,
+                                                    model_id, request_id, now)])
+                if not then(conn, balance):
+                    raise _RolledBack()
+        except _RolledBack:
+            return None
+        return balance
 
     def release(self, reservation_id: str, note: str = "request failed") -> bool:
         """Return a reservation to the balance; False if it was already resolved."""
@@ -520,6 +541,10 @@ class Ledger:
 
     def _journal(self, conn, key_id, kind, amount, reservation_id=None, model_id=None, request_id=None, note=None) -> None:
         conn.execute(_INSERT_ENTRY, _entry(key_id, kind, amount, reservation_id, model_id, request_id, utcnow(), note))
+
+
+class _RolledBack(Exception):
+    """commit_with's `then` declined: undo the charge with it."""
 
 
 def _entry(key_id, kind, amount, reservation_id, model_id, request_id, now, note=None) -> dict:

@@ -26,14 +26,17 @@ class Tier(BaseModel):
     # Shares of the engine when keys compete (engine/batching.py): a key of weight 2 gets twice
     # the work done of a key of weight 1 while both wait; nobody starves.
     weight: float = Field(default=1.0, gt=0)
+    # Jobs (t2i.jobs) a key may have queued at once; one more is refused with 429.
+    max_queued_jobs: int = Field(default=100, ge=0)
 
 
 DEFAULT_TIERS = {
-    "free": Tier(requests_per_minute=10, burst=5, max_concurrent=2, weight=0.5),
-    "standard": Tier(requests_per_minute=60, burst=20, max_concurrent=8, weight=1.0),
-    "pro": Tier(requests_per_minute=600, burst=100, max_concurrent=32, weight=2.0),
+    "free": Tier(requests_per_minute=10, burst=5, max_concurrent=2, weight=0.5, max_queued_jobs=10),
+    "standard": Tier(requests_per_minute=60, burst=20, max_concurrent=8, weight=1.0, max_queued_jobs=100),
+    "pro": Tier(requests_per_minute=600, burst=100, max_concurrent=32, weight=2.0, max_queued_jobs=1000),
     # For internal callers and load tests: limits high enough never to bind, and priority.
-    "unlimited": Tier(requests_per_minute=1_000_000, burst=100_000, max_concurrent=100_000, weight=4.0),
+    "unlimited": Tier(requests_per_minute=1_000_000, burst=100_000, max_concurrent=100_000, weight=4.0,
+                      max_queued_jobs=100_000),
 }
 
 
@@ -64,6 +67,14 @@ class BillingSettings(BaseModel):
     # How often every replica looks for keys revoked elsewhere (their queued and running
     # requests are then stopped, released and not charged).
     revocation_poll_seconds: float = Field(default=1.0, gt=0)
+    # Jobs (t2i.jobs): a queued job not started within this long expires (its price is
+    # released); its reservation lives this long plus the run allowance.
+    job_queue_ttl_seconds: float = Field(default=24 * 3600, gt=0)
+    # A job's images are kept this long after it succeeded, then deleted.
+    job_results_ttl_seconds: float = Field(default=24 * 3600, ge=0)
+    # A running job is leased to its replica this long, renewed every third of it; a replica
+    # that stops renewing (it died) loses the job to another after at most this long.
+    job_lease_seconds: float = Field(default=30, gt=0)
 
     @model_validator(mode="after")
     def _default_tier_exists(self) -> BillingSettings:

@@ -197,6 +197,10 @@ class AsyncEngine:
         check_size(resolved, info, origin)
         return resolved
 
+    def waiting(self) -> int:
+        """Requests accepted and not yet admitted to a batch."""
+        return len(self._inbox) + len(self.core.batcher.waiting)
+
     def admission_error(self) -> Unavailable | Overloaded | None:
         """Why a new request would be refused right now, if it would."""
         if self.fatal.is_set():

@@ -1,6 +1,9 @@
-"""Jobs: generations submitted now and collected later (issue 23).
+"""Jobs: generations submitted now and collected later, run by whichever replica has room.
 
-store.py is the durable queue and the stored results, shared by every replica through the
-billing database. The API (submit, status, images, cancel, list), the runner that feeds a
-replica's engine from the queue, and webhooks build on it.
+- store.py: the durable queue and the stored results, in the billing database (every replica
+  shares it): submit, claim under a lease, renew, succeed, fail, cancel, list, expire.
+- service.py: what the servicer's job calls do (SubmitJob, GetJob, CancelJob, ListJobs,
+  GetJobImage), and the price reserved at submission (`submitted_charge`).
+- runner.py: each replica's loop that feeds its engine from the queue and charges a job in the
+  transaction that stores its images.
 """

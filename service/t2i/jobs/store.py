@@ -20,12 +20,15 @@ and reservation id, and the caller reserves, commits and releases.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from ..billing.schema import JOB_STATUSES, job_images, jobs
 
@@ -48,12 +51,23 @@ def new_job_id() -> str:
     return ID_PREFIX + secrets.token_urlsafe(24)
 
 
+def idempotent_job_id(key_id: str, idempotency_key: str) -> str:
+    """The id of the key's job submitted with this Idempotency-Key: a retry finds the same job.
+    Not guessable without the key's own Idempotency-Key, and only that key can read it anyway."""
+    digest = hashlib.sha256(f"{key_id}\0{idempotency_key}".encode()).digest()
+    return ID_PREFIX + base64.urlsafe_b64encode(digest[:24]).decode().rstrip("=")
+
+
 class QueueFull(Exception):
     """The key has as many queued jobs as its tier allows."""
 
     def __init__(self, queued: int, limit: int) -> None:
         super().__init__(f"{queued} jobs are queued for this key, the most its tier allows ({limit})")
         self.queued, self.limit = queued, limit
+
+
+class DuplicateJob(Exception):
+    """A job of this id exists: the same Idempotency-Key submitted twice at once."""
 
 
 @dataclass(frozen=True)
@@ -110,10 +124,13 @@ class JobStore:
             ).scalar_one()
             if queued >= max_queued:
                 raise QueueFull(queued, max_queued)
-            conn.execute(insert(jobs).values(
-                id=job_id, key_id=key_id, status="queued", request=request, cost=cost, reservation_id=reservation_id,
-                created_at=now, attempts=0,
-            ))
+            try:
+                conn.execute(insert(jobs).values(
+                    id=job_id, key_id=key_id, status="queued", request=request, cost=cost,
+                    reservation_id=reservation_id, created_at=now, attempts=0,
+                ))
+            except IntegrityError:
+                raise DuplicateJob(job_id) from None
             return Job.of(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
 
     def get(self, job_id: str, key_id: str) -> Job | None:
@@ -211,20 +228,27 @@ class JobStore:
     def succeed(self, job_id: str, owner: str, images: Sequence[bytes], content_type: str, usage: int, balance: int,
                 results_ttl: float) -> bool:
         """Store the images and mark the job succeeded, if `owner` still holds it."""
-        now = utcnow()
         with self.db.begin() as conn:
-            held = conn.execute(update(jobs).where(
-                jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.status == "running",
-            ).values(
-                status="succeeded", finished_at=now, lease_owner=None, lease_expires_at=None, usage=usage,
-                balance=balance, image_count=len(images), content_type=content_type,
-                results_expire_at=now + dt.timedelta(seconds=results_ttl),
-            )).rowcount == 1
-            if held and images:
-                conn.execute(insert(job_images), [
-                    {"job_id": job_id, "position": position, "data": data} for position, data in enumerate(images)
-                ])
-            return held
+            return self.succeed_in(conn, job_id, owner, images, content_type, usage, balance, results_ttl)
+
+    @staticmethod
+    def succeed_in(conn, job_id: str, owner: str, images: Sequence[bytes], content_type: str, usage: int, balance: int,
+                   results_ttl: float) -> bool:
+        """succeed() in the caller's transaction (the ledger's, so that the charge and the
+        images are recorded together: t2i.billing.ledger.Ledger.commit_with)."""
+        now = utcnow()
+        held = conn.execute(update(jobs).where(
+            jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.status == "running",
+        ).values(
+            status="succeeded", finished_at=now, lease_owner=None, lease_expires_at=None, usage=usage,
+            balance=balance, image_count=len(images), content_type=content_type,
+            results_expire_at=now + dt.timedelta(seconds=results_ttl),
+        )).rowcount == 1
+        if held and images:
+            conn.execute(insert(job_images), [
+                {"job_id": job_id, "position": position, "data": data} for position, data in enumerate(images)
+            ])
+        return held
 
     def fail(self, job_id: str, owner: str, status: str, message: str) -> bool:
         """Mark the job failed with the error a synchronous call would have answered."""
@@ -234,6 +258,19 @@ class JobStore:
                 jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.status == "running",
             ).values(status="failed", finished_at=now, lease_owner=None, lease_expires_at=None, error_status=status,
                      error_message=message[:2000])).rowcount == 1
+
+    def expire_queued(self, queue_ttl: float) -> list[Job]:
+        """Queued jobs older than `queue_ttl` seconds become `expired` (never started: their
+        price is the caller's to release). Returns them."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            rows = conn.execute(select(jobs).where(
+                jobs.c.status == "queued", jobs.c.created_at < now - dt.timedelta(seconds=queue_ttl))
+                .with_for_update(skip_locked=True)).all()
+            if rows:
+                conn.execute(update(jobs).where(jobs.c.id.in_([r.id for r in rows]), jobs.c.status == "queued")
+                             .values(status="expired", finished_at=now))
+        return [Job.of(row) for row in rows]
 
     def expire_results(self) -> list[str]:
         """Delete the images of jobs whose results outlived their time to live; those jobs

@@ -29,6 +29,8 @@ def checked_for(message: object) -> Checked | None:
 class ModelCatalog:
     def __init__(self) -> None:
         self._engine: AsyncEngine | None = None
+        # Jobs (t2i.jobs.service.JobService), set by billing: they live in its database.
+        self.jobs = None
 
     def attach(self, engine: AsyncEngine) -> None:
         self._engine = engine

@@ -115,3 +115,24 @@ def event_to_pb(event: Event) -> pb.GenerateImageEvent:
 def event_from_pb(message: pb.GenerateImageEvent) -> Event:
     field = message.WhichOneof("event")
     return _from_pb(_EVENT_CLASSES[field], getattr(message, field))
+
+
+def _time(value) -> str:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else ""
+
+
+def job_to_pb(job, position: int = 0) -> pb.Job:
+    """A stored job (t2i.jobs.store.Job) as callers see it."""
+    from ..errors import http_status_of
+
+    message = pb.Job(
+        id=job.id, status=job.status, created_at=_time(job.created_at), started_at=_time(job.started_at),
+        finished_at=_time(job.finished_at), position=position if job.status == "queued" else 0,
+        stardust_price=job.cost, stardust_usage=job.usage or 0, stardust_balance=job.balance or 0,
+        image_urls=[f"/jobs/{job.id}/images/{n}" for n in range(job.image_count or 0)] if job.status == "succeeded" else [],
+        attempts=job.attempts, results_expire_at=_time(job.results_expire_at) if job.status == "succeeded" else "",
+    )
+    if job.status == "failed":
+        message.error.CopyFrom(pb.JobError(code=http_status_of(job.error_status or ""), status=job.error_status or "",
+                                           message=job.error_message or ""))
+    return message

@@ -118,7 +118,8 @@ class _Served:
             request_id_var.reset(self.token)
 
 
-GENERATION_METHODS = frozenset({wire.GENERATE_METHOD, wire.GENERATE_STREAM_METHOD})
+# Calls that take a GenerateImageRequest (SubmitJob runs it later, but is priced now).
+GENERATION_METHODS = frozenset({wire.GENERATE_METHOD, wire.GENERATE_STREAM_METHOD, wire.SUBMIT_JOB_METHOD})
 
 
 class ServingInterceptor(grpc.aio.ServerInterceptor):

@@ -15,10 +15,12 @@ import asyncio
 import time
 
 import grpc
+from google.api import httpbody_pb2
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 
-from ..errors import ServiceError, Unavailable
+from ..errors import NotConfigured, ServiceError, Unavailable
+from ..jobs.service import submitted_charge
 from ..logs import request_id_var
 from ..tenancy import current_tenant
 from . import convert
@@ -87,6 +89,33 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
             # The caller went away (or the stream failed): the engine drops the request
             # before its next evaluation, as for a cancelled unary call.
             generation.cancel()
+
+    # --- jobs (t2i.jobs): billing authenticated the call; the key is the tenant -----------------
+
+    def _jobs(self):
+        if self.catalog.jobs is None:
+            raise NotConfigured("jobs need the billing database: this server runs with --no-billing")
+        return self.catalog.jobs
+
+    async def SubmitJob(self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        jobs = self._jobs()
+        job, position = await jobs.submit(request.SerializeToString(deterministic=True), submitted_charge.get())
+        return convert.job_to_pb(job, position)
+
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        job, position = await self._jobs().get(current_tenant.get().id, request.id)
+        return convert.job_to_pb(job, position)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        return convert.job_to_pb(await self._jobs().cancel(current_tenant.get().id, request.id))
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
+        jobs, cursor = await self._jobs().list(current_tenant.get().id, request.status, request.cursor, request.page_size)
+        return pb.ListJobsResponse(jobs=[convert.job_to_pb(job) for job in jobs], next_cursor=cursor)
+
+    async def GetJobImage(self, request: pb.GetJobImageRequest, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        data, content_type = await self._jobs().image(current_tenant.get().id, request.id, request.index)
+        return httpbody_pb2.HttpBody(content_type=content_type, data=data)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return convert.models_to_pb(self.catalog.engine().model_infos())

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.illustrious/texttoimage/v1/text_to_image.proto\x12\x1aillustrious.texttoimage.v1\x1a\x1cgoogle/api/annotations.proto\"\xd5\x04\n\x14GenerateImageRequest\x12\x10\n\x08model_id\x18\x01 \x01(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x11\n\tcfg_scale\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x14\n\x0csampler_name\x18\t \x01(\t\x12\x11\n\tscheduler\x18\n \x01(\t\x12\x37\n\x05loras\x18\x0b \x03(\x0b\x32(.illustrious.texttoimage.v1.LoraSettings\x12\x17\n\nnum_images\x18\x0c \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x13preview_every_steps\x18\r \x01(\x05\x12\x15\n\romit_metadata\x18\x0e \x01(\x08\x12\x15\n\routput_format\x18\x0f \x01(\t\x12\x14\n\x07quality\x18\x10 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x0b\x63\x66g_rescale\x18\x11 \x01(\x01\x12\x12\n\ninit_image\x18\x12 \x01(\x0c\x12\x14\n\x07\x64\x65noise\x18\x13 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04mask\x18\x14 \x01(\x0c\x12\x13\n\x0bresize_mode\x18\x15 \x01(\t\x12\x37\n\thires_fix\x18\x16 \x01(\x0b\x32$.illustrious.texttoimage.v1.HiresFix\x12\x15\n\rprompt_syntax\x18\x17 \x01(\tB\r\n\x0b_num_imagesB\n\n\x08_qualityB\n\n\x08_denoise\"b\n\x08HiresFix\x12\r\n\x05scale\x18\x01 \x01(\x01\x12\x16\n\x0eupscale_method\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x14\n\x07\x64\x65noise\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_denoise\"n\n\x0cLoraSettings\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\x08strength\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rstrength_clip\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_strengthB\x10\n\x0e_strength_clip\"\x7f\n\x15GenerateImageResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x16\n\x0estardust_usage\x18\x02 \x01(\x03\x12\x18\n\x10stardust_balance\x18\x03 \x01(\x03\x12\r\n\x05seeds\x18\x04 \x03(\x03\x12\x15\n\routput_format\x18\x05 \x01(\t\"\x8f\x03\n\x12GenerateImageEvent\x12\x39\n\x06queued\x18\x01 \x01(\x0b\x32\'.illustrious.texttoimage.v1.QueuedEventH\x00\x12;\n\x07started\x18\x02 \x01(\x0b\x32(.illustrious.texttoimage.v1.StartedEventH\x00\x12=\n\x08progress\x18\x03 \x01(\x0b\x32).illustrious.texttoimage.v1.ProgressEventH\x00\x12;\n\x07preview\x18\x04 \x01(\x0b\x32(.illustrious.texttoimage.v1.PreviewEventH\x00\x12\x43\n\x06result\x18\x05 \x01(\x0b\x32\x31.illustrious.texttoimage.v1.GenerateImageResponseH\x00\x12\x37\n\x05\x65rror\x18\x06 \x01(\x0b\x32&.illustrious.texttoimage.v1.ErrorEventH\x00\x42\x07\n\x05\x65vent\".\n\x0bQueuedEvent\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\r\n\x05\x61head\x18\x02 \x01(\x05\"%\n\x0cStartedEvent\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\"\x96\x01\n\rProgressEvent\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x13\n\x0b\x65valuations\x18\x03 \x01(\x05\x12\x19\n\x11total_evaluations\x18\x04 \x01(\x05\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x01\x12\x19\n\x11remaining_seconds\x18\x06 \x01(\x01\"I\n\x0cPreviewEvent\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04jpeg\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\";\n\nErrorEvent\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"$\n\x10ListLorasRequest\x12\x10\n\x08model_id\x18\x01 \x01(\x05\"D\n\x11ListLorasResponse\x12/\n\x05loras\x18\x01 \x03(\x0b\x32 .illustrious.texttoimage.v1.Lora\"\x9b\x01\n\x04Lora\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\x05\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x18\n\x10has_text_encoder\x18\x06 \x01(\x08\x12\x15\n\rtrigger_words\x18\x07 \x03(\t\x12\x0c\n\x04hash\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.illustrious.texttoimage.v1.Model\"\x81\x02\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08min_size\x18\x03 \x01(\x05\x12\x10\n\x08max_size\x18\x04 \x01(\x05\x12\x11\n\tmax_steps\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x65mo\x18\x06 \x01(\x08\x12\x12\n\nembeddings\x18\x07 \x03(\t\x12\x12\n\nmax_pixels\x18\x08 \x01(\x03\x12\x19\n\x11max_prompt_chunks\x18\t \x01(\x05\x12\x17\n\x0fprediction_type\x18\n \x01(\t\x12\x19\n\x11zero_terminal_snr\x18\x0b \x01(\x08\x12\x12\n\ncheckpoint\x18\x0c \x01(\t\x12\x0e\n\x06sha256\x18\r \x01(\t2\x9c\x05\n\x12TextToImageService\x12\xb7\x01\n\rGenerateImage\x12\x30.illustrious.texttoimage.v1.GenerateImageRequest\x1a\x31.illustrious.texttoimage.v1.GenerateImageResponse\"A\x82\xd3\xe4\x93\x02;\"\x17/text-to-image/generate:\x01*Z\x1d\"\x18/image-to-image/generate:\x01*\x12\xca\x01\n\x13GenerateImageStream\x12\x30.illustrious.texttoimage.v1.GenerateImageRequest\x1a..illustrious.texttoimage.v1.GenerateImageEvent\"O\x82\xd3\xe4\x93\x02I\"\x1e/text-to-image/generate/stream:\x01*Z$\"\x1f/image-to-image/generate/stream:\x01*0\x01\x12\x80\x01\n\nListModels\x12-.illustrious.texttoimage.v1.ListModelsRequest\x1a..illustrious.texttoimage.v1.ListModelsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/model/list\x12|\n\tListLoras\x12,.illustrious.texttoimage.v1.ListLorasRequest\x1a-.illustrious.texttoimage.v1.ListLorasResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/lora/listb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.illustrious/texttoimage/v1/text_to_image.proto\x12\x1aillustrious.texttoimage.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"\xd5\x04\n\x14GenerateImageRequest\x12\x10\n\x08model_id\x18\x01 \x01(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x11\n\tcfg_scale\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x14\n\x0csampler_name\x18\t \x01(\t\x12\x11\n\tscheduler\x18\n \x01(\t\x12\x37\n\x05loras\x18\x0b \x03(\x0b\x32(.illustrious.texttoimage.v1.LoraSettings\x12\x17\n\nnum_images\x18\x0c \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x13preview_every_steps\x18\r \x01(\x05\x12\x15\n\romit_metadata\x18\x0e \x01(\x08\x12\x15\n\routput_format\x18\x0f \x01(\t\x12\x14\n\x07quality\x18\x10 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x0b\x63\x66g_rescale\x18\x11 \x01(\x01\x12\x12\n\ninit_image\x18\x12 \x01(\x0c\x12\x14\n\x07\x64\x65noise\x18\x13 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04mask\x18\x14 \x01(\x0c\x12\x13\n\x0bresize_mode\x18\x15 \x01(\t\x12\x37\n\thires_fix\x18\x16 \x01(\x0b\x32$.illustrious.texttoimage.v1.HiresFix\x12\x15\n\rprompt_syntax\x18\x17 \x01(\tB\r\n\x0b_num_imagesB\n\n\x08_qualityB\n\n\x08_denoise\"b\n\x08HiresFix\x12\r\n\x05scale\x18\x01 \x01(\x01\x12\x16\n\x0eupscale_method\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x14\n\x07\x64\x65noise\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_denoise\"n\n\x0cLoraSettings\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\x08strength\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rstrength_clip\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_strengthB\x10\n\x0e_strength_clip\"\x7f\n\x15GenerateImageResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x16\n\x0estardust_usage\x18\x02 \x01(\x03\x12\x18\n\x10stardust_balance\x18\x03 \x01(\x03\x12\r\n\x05seeds\x18\x04 \x03(\x03\x12\x15\n\routput_format\x18\x05 \x01(\t\"\x8f\x03\n\x12GenerateImageEvent\x12\x39\n\x06queued\x18\x01 \x01(\x0b\x32\'.illustrious.texttoimage.v1.QueuedEventH\x00\x12;\n\x07started\x18\x02 \x01(\x0b\x32(.illustrious.texttoimage.v1.StartedEventH\x00\x12=\n\x08progress\x18\x03 \x01(\x0b\x32).illustrious.texttoimage.v1.ProgressEventH\x00\x12;\n\x07preview\x18\x04 \x01(\x0b\x32(.illustrious.texttoimage.v1.PreviewEventH\x00\x12\x43\n\x06result\x18\x05 \x01(\x0b\x32\x31.illustrious.texttoimage.v1.GenerateImageResponseH\x00\x12\x37\n\x05\x65rror\x18\x06 \x01(\x0b\x32&.illustrious.texttoimage.v1.ErrorEventH\x00\x42\x07\n\x05\x65vent\".\n\x0bQueuedEvent\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\r\n\x05\x61head\x18\x02 \x01(\x05\"%\n\x0cStartedEvent\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\"\x96\x01\n\rProgressEvent\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x13\n\x0b\x65valuations\x18\x03 \x01(\x05\x12\x19\n\x11total_evaluations\x18\x04 \x01(\x05\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x01\x12\x19\n\x11remaining_seconds\x18\x06 \x01(\x01\"I\n\x0cPreviewEvent\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04jpeg\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\";\n\nErrorEvent\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"$\n\x10ListLorasRequest\x12\x10\n\x08model_id\x18\x01 \x01(\x05\"D\n\x11ListLorasResponse\x12/\n\x05loras\x18\x01 \x03(\x0b\x32 .illustrious.texttoimage.v1.Lora\"\x9b\x01\n\x04Lora\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\x05\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x18\n\x10has_text_encoder\x18\x06 \x01(\x08\x12\x15\n\rtrigger_words\x18\x07 \x03(\t\x12\x0c\n\x04hash\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.illustrious.texttoimage.v1.Model\"\x81\x02\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08min_size\x18\x03 \x01(\x05\x12\x10\n\x08max_size\x18\x04 \x01(\x05\x12\x11\n\tmax_steps\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x65mo\x18\x06 \x01(\x08\x12\x12\n\nembeddings\x18\x07 \x03(\t\x12\x12\n\nmax_pixels\x18\x08 \x01(\x03\x12\x19\n\x11max_prompt_chunks\x18\t \x01(\x05\x12\x17\n\x0fprediction_type\x18\n \x01(\t\x12\x19\n\x11zero_terminal_snr\x18\x0b \x01(\x08\x12\x12\n\ncheckpoint\x18\x0c \x01(\t\x12\x0e\n\x06sha256\x18\r \x01(\t\"\xb0\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\t\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\t\x12\x10\n\x08position\x18\x06 \x01(\x05\x12\x16\n\x0estardust_price\x18\x07 \x01(\x03\x12\x16\n\x0estardust_usage\x18\x08 \x01(\x03\x12\x18\n\x10stardust_balance\x18\t \x01(\x03\x12\x12\n\nimage_urls\x18\n \x03(\t\x12\x33\n\x05\x65rror\x18\x0b \x01(\x0b\x32$.illustrious.texttoimage.v1.JobError\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x19\n\x11results_expire_at\x18\r \x01(\t\"9\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x0fListJobsRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"V\n\x10ListJobsResponse\x12-\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.illustrious.texttoimage.v1.Job\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"/\n\x12GetJobImageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x32\x80\n\n\x12TextToImageService\x12\xb7\x01\n\rGenerateImage\x12\x30.illustrious.texttoimage.v1.GenerateImageRequest\x1a\x31.illustrious.texttoimage.v1.GenerateImageResponse\"A\x82\xd3\xe4\x93\x02;\"\x17/text-to-image/generate:\x01*Z\x1d\"\x18/image-to-image/generate:\x01*\x12\xca\x01\n\x13GenerateImageStream\x12\x30.illustrious.texttoimage.v1.GenerateImageRequest\x1a..illustrious.texttoimage.v1.GenerateImageEvent\"O\x82\xd3\xe4\x93\x02I\"\x1e/text-to-image/generate/stream:\x01*Z$\"\x1f/image-to-image/generate/stream:\x01*0\x01\x12\x80\x01\n\nListModels\x12-.illustrious.texttoimage.v1.ListModelsRequest\x1a..illustrious.texttoimage.v1.ListModelsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/model/list\x12|\n\tListLoras\x12,.illustrious.texttoimage.v1.ListLorasRequest\x1a-.illustrious.texttoimage.v1.ListLorasResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/lora/list\x12\x99\x01\n\tSubmitJob\x12\x30.illustrious.texttoimage.v1.GenerateImageRequest\x1a\x1f.illustrious.texttoimage.v1.Job\"9\x82\xd3\xe4\x93\x02\x33\"\x13/text-to-image/jobs:\x01*Z\x19\"\x14/image-to-image/jobs:\x01*\x12h\n\x06GetJob\x12).illustrious.texttoimage.v1.GetJobRequest\x1a\x1f.illustrious.texttoimage.v1.Job\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/jobs/{id}\x12n\n\tCancelJob\x12,.illustrious.texttoimage.v1.CancelJobRequest\x1a\x1f.illustrious.texttoimage.v1.Job\"\x12\x82\xd3\xe4\x93\x02\x0c*\n/jobs/{id}\x12t\n\x08ListJobs\x12+.illustrious.texttoimage.v1.ListJobsRequest\x1a,.illustrious.texttoimage.v1.ListJobsResponse\"\r\x82\xd3\xe4\x93\x02\x07\x12\x05/jobs\x12v\n\x0bGetJobImage\x12..illustrious.texttoimage.v1.GetJobImageRequest\x1a\x14.google.api.HttpBody\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/jobs/{id}/images/{index}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,38 +41,62 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTTOIMAGESERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\r\022\013/model/list'
   _globals['_TEXTTOIMAGESERVICE'].methods_by_name['ListLoras']._loaded_options = None
   _globals['_TEXTTOIMAGESERVICE'].methods_by_name['ListLoras']._serialized_options = b'\202\323\344\223\002\014\022\n/lora/list'
-  _globals['_GENERATEIMAGEREQUEST']._serialized_start=109
-  _globals['_GENERATEIMAGEREQUEST']._serialized_end=706
-  _globals['_HIRESFIX']._serialized_start=708
-  _globals['_HIRESFIX']._serialized_end=806
-  _globals['_LORASETTINGS']._serialized_start=808
-  _globals['_LORASETTINGS']._serialized_end=918
-  _globals['_GENERATEIMAGERESPONSE']._serialized_start=920
-  _globals['_GENERATEIMAGERESPONSE']._serialized_end=1047
-  _globals['_GENERATEIMAGEEVENT']._serialized_start=1050
-  _globals['_GENERATEIMAGEEVENT']._serialized_end=1449
-  _globals['_QUEUEDEVENT']._serialized_start=1451
-  _globals['_QUEUEDEVENT']._serialized_end=1497
-  _globals['_STARTEDEVENT']._serialized_start=1499
-  _globals['_STARTEDEVENT']._serialized_end=1536
-  _globals['_PROGRESSEVENT']._serialized_start=1539
-  _globals['_PROGRESSEVENT']._serialized_end=1689
-  _globals['_PREVIEWEVENT']._serialized_start=1691
-  _globals['_PREVIEWEVENT']._serialized_end=1764
-  _globals['_ERROREVENT']._serialized_start=1766
-  _globals['_ERROREVENT']._serialized_end=1825
-  _globals['_LISTLORASREQUEST']._serialized_start=1827
-  _globals['_LISTLORASREQUEST']._serialized_end=1863
-  _globals['_LISTLORASRESPONSE']._serialized_start=1865
-  _globals['_LISTLORASRESPONSE']._serialized_end=1933
-  _globals['_LORA']._serialized_start=1936
-  _globals['_LORA']._serialized_end=2091
-  _globals['_LISTMODELSREQUEST']._serialized_start=2093
-  _globals['_LISTMODELSREQUEST']._serialized_end=2112
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2114
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2185
-  _globals['_MODEL']._serialized_start=2188
-  _globals['_MODEL']._serialized_end=2445
-  _globals['_TEXTTOIMAGESERVICE']._serialized_start=2448
-  _globals['_TEXTTOIMAGESERVICE']._serialized_end=3116
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['SubmitJob']._loaded_options = None
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['SubmitJob']._serialized_options = b'\202\323\344\223\0023\"\023/text-to-image/jobs:\001*Z\031\"\024/image-to-image/jobs:\001*'
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['GetJob']._loaded_options = None
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['GetJob']._serialized_options = b'\202\323\344\223\002\014\022\n/jobs/{id}'
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['CancelJob']._loaded_options = None
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['CancelJob']._serialized_options = b'\202\323\344\223\002\014*\n/jobs/{id}'
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['ListJobs']._loaded_options = None
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['ListJobs']._serialized_options = b'\202\323\344\223\002\007\022\005/jobs'
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['GetJobImage']._loaded_options = None
+  _globals['_TEXTTOIMAGESERVICE'].methods_by_name['GetJobImage']._serialized_options = b'\202\323\344\223\002\033\022\031/jobs/{id}/images/{index}'
+  _globals['_GENERATEIMAGEREQUEST']._serialized_start=136
+  _globals['_GENERATEIMAGEREQUEST']._serialized_end=733
+  _globals['_HIRESFIX']._serialized_start=735
+  _globals['_HIRESFIX']._serialized_end=833
+  _globals['_LORASETTINGS']._serialized_start=835
+  _globals['_LORASETTINGS']._serialized_end=945
+  _globals['_GENERATEIMAGERESPONSE']._serialized_start=947
+  _globals['_GENERATEIMAGERESPONSE']._serialized_end=1074
+  _globals['_GENERATEIMAGEEVENT']._serialized_start=1077
+  _globals['_GENERATEIMAGEEVENT']._serialized_end=1476
+  _globals['_QUEUEDEVENT']._serialized_start=1478
+  _globals['_QUEUEDEVENT']._serialized_end=1524
+  _globals['_STARTEDEVENT']._serialized_start=1526
+  _globals['_STARTEDEVENT']._serialized_end=1563
+  _globals['_PROGRESSEVENT']._serialized_start=1566
+  _globals['_PROGRESSEVENT']._serialized_end=1716
+  _globals['_PREVIEWEVENT']._serialized_start=1718
+  _globals['_PREVIEWEVENT']._serialized_end=1791
+  _globals['_ERROREVENT']._serialized_start=1793
+  _globals['_ERROREVENT']._serialized_end=1852
+  _globals['_LISTLORASREQUEST']._serialized_start=1854
+  _globals['_LISTLORASREQUEST']._serialized_end=1890
+  _globals['_LISTLORASRESPONSE']._serialized_start=1892
+  _globals['_LISTLORASRESPONSE']._serialized_end=1960
+  _globals['_LORA']._serialized_start=1963
+  _globals['_LORA']._serialized_end=2118
+  _globals['_LISTMODELSREQUEST']._serialized_start=2120
+  _globals['_LISTMODELSREQUEST']._serialized_end=2139
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2141
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2212
+  _globals['_MODEL']._serialized_start=2215
+  _globals['_MODEL']._serialized_end=2472
+  _globals['_JOB']._serialized_start=2475
+  _globals['_JOB']._serialized_end=2779
+  _globals['_JOBERROR']._serialized_start=2781
+  _globals['_JOBERROR']._serialized_end=2838
+  _globals['_GETJOBREQUEST']._serialized_start=2840
+  _globals['_GETJOBREQUEST']._serialized_end=2867
+  _globals['_CANCELJOBREQUEST']._serialized_start=2869
+  _globals['_CANCELJOBREQUEST']._serialized_end=2899
+  _globals['_LISTJOBSREQUEST']._serialized_start=2901
+  _globals['_LISTJOBSREQUEST']._serialized_end=2969
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2971
+  _globals['_LISTJOBSRESPONSE']._serialized_end=3057
+  _globals['_GETJOBIMAGEREQUEST']._serialized_start=3059
+  _globals['_GETJOBIMAGEREQUEST']._serialized_end=3106
+  _globals['_TEXTTOIMAGESERVICE']._serialized_start=3109
+  _globals['_TEXTTOIMAGESERVICE']._serialized_end=4389
 # @@protoc_insertion_point(module_scope)

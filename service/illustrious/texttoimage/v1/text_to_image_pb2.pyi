@@ -1,4 +1,5 @@
 from google.api import annotations_pb2 as _annotations_pb2
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -232,3 +233,81 @@ class Model(_message.Message):
     checkpoint: str
     sha256: str
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., demo: _Optional[bool] = ..., embeddings: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_prompt_chunks: _Optional[int] = ..., prediction_type: _Optional[str] = ..., zero_terminal_snr: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "status", "created_at", "started_at", "finished_at", "position", "stardust_price", "stardust_usage", "stardust_balance", "image_urls", "error", "attempts", "results_expire_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    STARDUST_PRICE_FIELD_NUMBER: _ClassVar[int]
+    STARDUST_USAGE_FIELD_NUMBER: _ClassVar[int]
+    STARDUST_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_URLS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_EXPIRE_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: str
+    created_at: str
+    started_at: str
+    finished_at: str
+    position: int
+    stardust_price: int
+    stardust_usage: int
+    stardust_balance: int
+    image_urls: _containers.RepeatedScalarFieldContainer[str]
+    error: JobError
+    attempts: int
+    results_expire_at: str
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., position: _Optional[int] = ..., stardust_price: _Optional[int] = ..., stardust_usage: _Optional[int] = ..., stardust_balance: _Optional[int] = ..., image_urls: _Optional[_Iterable[str]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ..., results_expire_at: _Optional[str] = ...) -> None: ...
+
+class JobError(_message.Message):
+    __slots__ = ("code", "status", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    status: str
+    message: str
+    def __init__(self, code: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("status", "cursor", "page_size")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    cursor: str
+    page_size: int
+    def __init__(self, status: _Optional[str] = ..., cursor: _Optional[str] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_cursor")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_cursor: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
+
+class GetJobImageRequest(_message.Message):
+    __slots__ = ("id", "index")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    index: int
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from illustrious.texttoimage.v1 import text_to_image_pb2 as illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -57,6 +58,31 @@ class TextToImageServiceStub:
                 '/illustrious.texttoimage.v1.TextToImageService/ListLoras',
                 request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasRequest.SerializeToString,
                 response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasResponse.FromString,
+                _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/illustrious.texttoimage.v1.TextToImageService/SubmitJob',
+                request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageRequest.SerializeToString,
+                response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/illustrious.texttoimage.v1.TextToImageService/GetJob',
+                request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/illustrious.texttoimage.v1.TextToImageService/CancelJob',
+                request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/illustrious.texttoimage.v1.TextToImageService/ListJobs',
+                request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.GetJobImage = channel.unary_unary(
+                '/illustrious.texttoimage.v1.TextToImageService/GetJobImage',
+                request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GetJobImageRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
 
 
@@ -115,6 +141,56 @@ class TextToImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """SubmitJob queues the same generation as GenerateImage to run later, on any replica, and
+        answers at once with the job (REST: 202 Accepted). Its price is reserved now (a queued job
+        cannot overdraw), charged when its images are stored, released if it fails, is cancelled
+        or expires. Refusals are GenerateImage's (a bad field, no key, not enough stardust), plus
+        RESOURCE_EXHAUSTED when the key has as many queued jobs as its tier allows. It takes
+        GenerateImage's own request, so that a caller switches calls without changing what it
+        sends (buf's naming rules are waived for it, as for the jobs' other calls returning Job).
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """GetJob reports one of the caller's jobs; another key's job, or an unknown id, is NOT_FOUND.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """CancelJob stops a queued or running job (it is not charged) or deletes a finished job's
+        images; it answers with the job as it is after.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """ListJobs lists the caller's jobs, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobImage(self, request, context):
+        """GetJobImage returns one image of a succeeded job, as its bytes with their content type.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextToImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +213,31 @@ def add_TextToImageServiceServicer_to_server(servicer, server):
                     servicer.ListLoras,
                     request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasRequest.FromString,
                     response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageRequest.FromString,
+                    response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GetJobRequest.FromString,
+                    response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.CancelJobRequest.FromString,
+                    response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsRequest.FromString,
+                    response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetJobImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobImage,
+                    request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GetJobImageRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -251,6 +352,141 @@ class TextToImageService:
             '/illustrious.texttoimage.v1.TextToImageService/ListLoras',
             illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasRequest.SerializeToString,
             illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListLorasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/illustrious.texttoimage.v1.TextToImageService/SubmitJob',
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GenerateImageRequest.SerializeToString,
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/illustrious.texttoimage.v1.TextToImageService/GetJob',
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GetJobRequest.SerializeToString,
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/illustrious.texttoimage.v1.TextToImageService/CancelJob',
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.CancelJobRequest.SerializeToString,
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/illustrious.texttoimage.v1.TextToImageService/ListJobs',
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsRequest.SerializeToString,
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/illustrious.texttoimage.v1.TextToImageService/GetJobImage',
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GetJobImageRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,191 @@
+"""The runner: feeds this replica's engine from the shared job queue.
+
+It claims a job (store.claim) whenever the engine has nobody waiting and it runs fewer than
+`max_running` jobs, so that jobs fill the engine's spare room and the queue, not the edge,
+balances long and short work across replicas. A job runs through the same engine path as
+GenerateImage (`engine.generate`, with the key as tenant: fair sharing applies), while its lease
+is renewed every third of the lease time; when a renewal fails (the job was cancelled, or this
+replica was too slow and another took it) the generation is stopped at its next step.
+
+Money: the reservation made at submission is committed (the charge) in the same database
+transaction that stores the images and marks the job succeeded, and only if this replica still
+holds the job (t2i.billing.ledger.Ledger.commit_with): the charge and what was paid for are
+recorded together or not at all, so nothing is charged twice or without its images. A job
+that fails releases its reservation. A job whose replica dies first is claimed again by another
+replica once its lease runs out and runs from the start; its reservation stays open for it.
+
+Also here, on every replica: queued jobs past their time to live expire (price released) and
+stored results past theirs are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
+
+from ..billing.ledger import Reservation
+from ..domain import Queued
+from ..errors import ServiceError
+from ..server import convert
+from ..server.status import failed_event
+from .store import Job, JobStore
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2  # how often an idle runner looks for work
+SWEEP_SECONDS = 30.0  # how often expired jobs and results are cleared
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, ledger, catalog, *, owner: str, lease_seconds: float, results_ttl: float,
+                 queue_ttl: float, max_running: int, weight_of) -> None:
+        self.store, self.ledger, self.catalog = store, ledger, catalog
+        self.owner = owner
+        self.lease_seconds, self.results_ttl, self.queue_ttl = lease_seconds, results_ttl, queue_ttl
+        self.max_running = max_running
+        self.weight_of = weight_of  # key id -> its tier's weight (fair shares)
+        self.running: set[asyncio.Task] = set()
+        self._generations: dict[str, asyncio.Future] = {}  # job id -> its generation here
+        self._loop_task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop())
+
+    def stop(self, job_id: str) -> None:
+        """The job was cancelled: if it runs here, stop it now (at its next step) rather than
+        at its next lease renewal."""
+        generation = self._generations.get(job_id)
+        if generation is not None:
+            generation.cancel()
+
+    def wake(self) -> None:
+        """A job was submitted on this replica: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Stop claiming and stop the running jobs; their leases run out and other replicas
+        take them (or this one, restarted)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in list(self.running):
+            task.cancel()
+        if self.running:
+            await asyncio.gather(*self.running, return_exceptions=True)
+
+    def _has_room(self) -> bool:
+        if len(self.running) >= self.max_running:
+            return False
+        try:
+            engine = self.catalog.engine()
+        except ServiceError:
+            return False  # still starting
+        return engine.admission_error() is None and engine.waiting() == 0
+
+    async def _loop(self) -> None:
+        last_sweep = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_sweep > SWEEP_SECONDS:
+                    last_sweep = time.monotonic()
+                    await self._sweep()
+                while self._has_room():
+                    job = await asyncio.to_thread(self.store.claim, self.owner, self.lease_seconds)
+                    if job is None:
+                        break
+                    queued = asyncio.Event()
+                    task = asyncio.create_task(self._run(job, queued))
+                    self.running.add(task)
+                    task.add_done_callback(self.running.discard)
+                    # The next claim waits until this job is in the engine's queue (or over), so
+                    # that the engine's own queue decides whether there is room for another.
+                    waiting = asyncio.ensure_future(queued.wait())
+                    await asyncio.wait({waiting, task}, return_when=asyncio.FIRST_COMPLETED)
+                    waiting.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database is unreachable, say: try again at the next poll
+                log.exception("job runner: claiming failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+
+    async def _sweep(self) -> None:
+        for job in await asyncio.to_thread(self.store.expire_queued, self.queue_ttl):
+            if job.reservation_id:
+                await asyncio.to_thread(self.ledger.release, job.reservation_id, "job expired in the queue")
+        expired = await asyncio.to_thread(self.store.expire_results)
+        if expired:
+            log.info("job results expired", extra={"jobs": len(expired)})
+
+    async def _run(self, job: Job, queued: asyncio.Event) -> None:
+        engine = self.catalog.engine()
+        params = convert.request_from_pb(pb.GenerateImageRequest.FromString(job.request))
+        try:
+            weight = await asyncio.to_thread(self.weight_of, job.key_id)
+        except Exception:
+            weight = 1.0  # the key's tier could not be read: an even share
+        def event(happened) -> None:
+            if isinstance(happened, Queued):
+                queued.set()
+
+        generation = asyncio.ensure_future(engine.generate(
+            params, request_id=job.id, tenant=job.key_id, weight=weight, events=event))
+        self._generations[job.id] = generation
+        renewal = asyncio.create_task(self._renew(job, generation))
+        try:
+            result = await generation
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # this replica is stopping: the lease runs out, another takes the job
+            log.info("job stopped: cancelled or taken over", extra={"job_id": job.id})
+            return
+        except ServiceError as error:
+            await self._failed(job, error)
+            return
+        finally:
+            renewal.cancel()
+            self._generations.pop(job.id, None)
+        content_type = CONTENT_TYPES.get(result.output_format or "png", "image/png")
+        reservation = Reservation(job.reservation_id, job.key_id, job.cost)
+
+        def store(conn, balance: int) -> bool:
+            return self.store.succeed_in(conn, job.id, self.owner, result.images, content_type, job.cost, balance,
+                                         self.results_ttl)
+
+        try:
+            balance = await asyncio.to_thread(self.ledger.commit_with, reservation, store, model_id=params.model_id,
+                                              request_id=job.id)
+        except Exception:
+            log.exception("job result not recorded; the job runs again once its lease runs out", extra={"job_id": job.id})
+            return
+        if balance is None:
+            log.info("job finished after it was cancelled or taken over; not charged", extra={"job_id": job.id})
+            return
+        log.info("job succeeded", extra={"job_id": job.id, "attempts": job.attempts, "stardust": job.cost})
+
+    async def _renew(self, job: Job, generation: asyncio.Future) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                held = await asyncio.to_thread(self.store.renew, job.id, self.owner, self.lease_seconds)
+            except Exception:
+                log.exception("job lease renewal failed", extra={"job_id": job.id})
+                continue  # the lease has two more thirds to go
+            if not held:
+                generation.cancel()  # stops at the next step; nothing is charged
+                return
+
+    async def _failed(self, job: Job, error: ServiceError) -> None:
+        status = failed_event(error).status  # what GenerateImage would have answered
+        if await asyncio.to_thread(self.store.fail, job.id, self.owner, status, str(error)):
+            if job.reservation_id:
+                await asyncio.to_thread(self.ledger.release, job.reservation_id, f"job failed: {status}")
+        log.info("job failed", extra={"job_id": job.id, "status": status})
