@@ -451,6 +451,24 @@ def keys_revoke(key_id: str, as_json: bool = JSON, data_dir: Path = DATA_DIR, da
     typer.echo(json.dumps(_key_json(record)) if as_json else f"revoked {record.id}")
 
 
+@keys_app.command("webhook-secret")
+def keys_webhook_secret(
+    key_id: str, rotate: bool = typer.Option(False, "--rotate", help="Replace it: webhooks are signed with the new one."),
+    as_json: bool = JSON, data_dir: Path = DATA_DIR, database_url: str | None = DATABASE_URL,
+) -> None:
+    """Print the key's webhook signing secret (whsec_...), made on first use; verify job
+    webhooks with it (README, "Webhooks")."""
+    from .jobs.store import JobStore
+
+    def secret() -> str:
+        ledger = _ledger(data_dir, database_url)[0]
+        ledger.get_key(key_id)  # NotFound for an unknown key
+        return JobStore(ledger.db).secret(key_id, rotate=rotate)
+
+    value = _run_admin(secret)
+    typer.echo(json.dumps({"secret": value}) if as_json else value)
+
+
 @keys_app.command("topup")
 def keys_topup(
     key_id: str, amount: int, as_json: bool = JSON, data_dir: Path = DATA_DIR, database_url: str | None = DATABASE_URL

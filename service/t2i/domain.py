@@ -41,6 +41,14 @@ class HiresFix:
 
 
 @dataclass(frozen=True)
+class JobWebhook:
+    """Where a job's outcome is POSTed (t2i.jobs.webhooks); jobs only."""
+
+    url: str = ""
+    events: tuple[str, ...] = ()  # empty: every event
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """One generation, as validated by t2i.validation. The defaults are what the client and
     the CLI send when a caller leaves a field out (the REST API has no defaults)."""
@@ -73,6 +81,7 @@ class GenerateRequest:
     resize_mode: str = ""  # "" on the wire: just-resize
     hires_fix: HiresFix | None = None
     prompt_syntax: str = ""  # "" on the wire: comfyui
+    webhook: JobWebhook | None = None  # SubmitJob only (t2i.jobs); validation refuses it elsewhere
 
     @property
     def syntax(self) -> str:

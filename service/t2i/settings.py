@@ -85,6 +85,10 @@ class ServeSettings:
         "127.0.0.1/32,::1/128",
         "Peers (comma-separated CIDRs) whose x-forwarded-for names the client; other peers are the client themselves.",
     )
+    webhook_allow: str = setting(
+        "", "Hosts and CIDRs (comma-separated) that job webhooks may reach although they are not public addresses "
+        "(loopback, private, link-local); by default only public addresses are.", doc_default="none",
+    )
     compat_host: str = setting(
         "127.0.0.1", "Address to bind the adapters' HTTP port to (0.0.0.0 in a container, where the edge is another pod)."
     )
@@ -122,3 +126,5 @@ class UpSettings:
     demo_key: bool = setting(True, "Create (or reuse) a demo API key and print it.", env=None)
     edge_config: Path | None = setting(None, "Envoy config to run (default: edge/envoy.yaml).", env=None)
     grace_period: float = setting(GRACE_PERIOD, "Seconds in-flight requests get to finish on Ctrl-C or SIGTERM.")
+    webhook_allow: str = setting("", "Passed to `t2i serve --webhook-allow`: non-public hosts and CIDRs job webhooks may reach.",
+                                 doc_default="none")

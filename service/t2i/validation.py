@@ -116,6 +116,9 @@ def validate(request: GenerateRequest, model: ModelInfo) -> None:
         raise InvalidArgument("negativePrompt", request.negative_prompt, f"must be at most {MAX_PROMPT_CHARS} characters")
     if request.prompt_syntax and request.prompt_syntax not in PROMPT_SYNTAXES:
         raise InvalidArgument("promptSyntax", request.prompt_syntax, "must be one of " + ", ".join(PROMPT_SYNTAXES))
+    if request.webhook is not None:
+        raise InvalidArgument("webhook", request.webhook.url, "only a job takes a webhook (POST /text-to-image/jobs, "
+                              "SubmitJob): a synchronous call has its answer")
     check_text("prompt", request.prompt)
     check_text("negativePrompt", request.negative_prompt)
     check_size(request, model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import socket
@@ -31,6 +32,7 @@ from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
 from .. import metrics, wire
 from ..errors import InternalError, InvalidArgument, PermissionDenied, ServiceError, Unauthenticated
+from ..jobs import webhooks
 from ..jobs.runner import JobRunner
 from ..jobs.service import JobCharge, JobService, submitted_charge
 from ..jobs.store import JobStore, idempotent_job_id, new_job_id
@@ -131,9 +133,11 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self, ledger: Ledger, limiter: LocalLimiter | RedisLimiter, settings: BillingSettings, catalog: ModelCatalog,
         instance_id: str | None = None, trusted_proxies: str = ServeSettings.trusted_proxies,
+        webhook_allow: str = ServeSettings.webhook_allow,
     ) -> None:
         self.ledger = ledger
         self.trusted_proxies = parse_networks(trusted_proxies)
+        self.webhook_allow = webhooks.AllowList.parse(webhook_allow)
         self.limiter = limiter
         self.settings = settings
         self.catalog = catalog
@@ -175,6 +179,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             self.job_store, self.ledger, self.catalog, owner=self.instance_id, lease_seconds=self.settings.job_lease_seconds,
             results_ttl=self.settings.job_results_ttl_seconds, queue_ttl=self.settings.job_queue_ttl_seconds,
             max_running=JOBS_PER_REPLICA, weight_of=lambda key_id: self._tier(self.ledger.get_key(key_id)).weight,
+            webhook_allow=self.webhook_allow, first_retry=self.settings.webhook_first_retry_seconds,
         )
         self.runner.start()
         self.catalog.jobs.runner = self.runner
@@ -269,8 +274,16 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         """SubmitJob: admitted and priced as GenerateImage is, its price reserved for as long as
         the job may wait and run (a queued job cannot overdraw); the runner charges it."""
         async with self._admitted(context) as admitted:
-            checked = self.catalog.check(convert.request_from_pb(request))
+            params = convert.request_from_pb(request)
+            webhook = params.webhook
+            # The webhook is the job's: the generation is checked and priced without it.
+            checked = self.catalog.check(dataclasses.replace(params, webhook=None))
             self.catalog.admission_check()
+            events: tuple[str, ...] = ()
+            if webhook is not None:
+                events = webhooks.check_events(webhook.events)
+                await asyncio.to_thread(webhooks.check_url, webhook.url, self.webhook_allow)
+                await self._call("webhook secret", self.job_store.secret, admitted.key.id)  # signed from the start
             claim = self._idempotency_claim(context, request)
             if claim is None:
                 job_id = new_job_id()
@@ -286,6 +299,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                     await context.send_initial_metadata(tuple(admitted.headers.items()))
                     position = await self._call("job", self.job_store.position, existing)
                     return convert.job_to_pb(existing, position)
+            await self.catalog.jobs.check_room(admitted.key.id, self._tier(admitted.key).max_queued_jobs)
             params = checked.params
             loaded = self.catalog.model(params.model_id)
             cost = pricing.price(params, loaded.spec.price_multiplier, loaded.sigma_table, self.settings, checked.context_chunks)
@@ -293,7 +307,8 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             reservation = await self._timed("reserve", self._money.reserve(
                 ReserveOp(admitted.key.id, cost, JOBS_OWNER, params.model_id, job_id, None, ttl)))
             charge = submitted_charge.set(
-                JobCharge(admitted.key.id, cost, reservation.id, self._tier(admitted.key).max_queued_jobs, job_id))
+                JobCharge(admitted.key.id, cost, reservation.id, self._tier(admitted.key).max_queued_jobs, job_id,
+                          webhook.url if webhook is not None else None, events))
             try:
                 response = await inner(request, context)
             except BaseException:

@@ -132,6 +132,8 @@ jobs = Table(
     Column("image_count", Integer),
     Column("content_type", String(32)),
     Column("results_expire_at", DateTime(timezone=True)),
+    Column("webhook_url", String(2048)),
+    Column("webhook_events", String(200)),  # comma-separated
     CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired')",
                     name="ck_jobs_status"),
     Index("ix_jobs_status_created_at", "status", "created_at"),
@@ -144,4 +146,35 @@ job_images = Table(
     Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
     Column("position", Integer, primary_key=True),
     Column("data", LargeBinary, nullable=False),
+)
+
+# Webhooks of jobs (t2i.jobs.webhooks): each key's signing secret, and every event to deliver
+# with its attempts (the id is the webhook-id header, the same for every retry).
+webhook_secrets = Table(
+    "webhook_secrets",
+    metadata,
+    Column("key_id", String(32), ForeignKey("api_keys.id"), primary_key=True),
+    Column("secret", String(100), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("url", String(2048), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_attempt_at", DateTime(timezone=True)),
+    Column("last_status", Integer),
+    Column("last_error", String(500)),
+    CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="ck_webhook_deliveries_status"),
+    Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_job_id", "job_id"),
 )

@@ -75,6 +75,9 @@ class BillingSettings(BaseModel):
     # A running job is leased to its replica this long, renewed every third of it; a replica
     # that stops renewing (it died) loses the job to another after at most this long.
     job_lease_seconds: float = Field(default=30, gt=0)
+    # The first retry of a job's webhook comes this long after a failed delivery; later ones
+    # wait longer, in proportion (t2i.jobs.webhooks.BACKOFF_SECONDS), for up to 24 hours.
+    webhook_first_retry_seconds: float = Field(default=10, gt=0, le=60)
 
     @model_validator(mode="after")
     def _default_tier_exists(self) -> BillingSettings:

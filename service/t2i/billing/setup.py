@@ -32,4 +32,5 @@ def build_billing(serve: ServeSettings, catalog: ModelCatalog) -> BillingInterce
     ledger = open_ledger(serve.data_dir, serve.database_url, settings)
     limiter = create_limiter(serve.redis_url, settings)
     log.info("rate limits", extra={"backend": "redis" if serve.redis_url else "in-process", "policy": settings.redis_failure_policy})
-    return BillingInterceptor(ledger, limiter, settings, catalog, trusted_proxies=serve.trusted_proxies)
+    return BillingInterceptor(ledger, limiter, settings, catalog, trusted_proxies=serve.trusted_proxies,
+                              webhook_allow=serve.webhook_allow)

@@ -226,6 +226,8 @@ def run(settings: UpSettings) -> int:
         serve_command += ["--models", str(settings.models_file)]
     if settings.database_url:
         serve_command += ["--database-url", settings.database_url]
+    if settings.webhook_allow:
+        serve_command += ["--webhook-allow", settings.webhook_allow]
 
     stop = {"requested": False}
 

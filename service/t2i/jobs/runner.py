@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
 import logging
 import time
 
@@ -32,18 +34,21 @@ from ..domain import Queued
 from ..errors import ServiceError
 from ..server import convert
 from ..server.status import failed_event
+from . import webhooks
 from .store import Job, JobStore
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # how often an idle runner looks for work
 SWEEP_SECONDS = 30.0  # how often expired jobs and results are cleared
+MAX_DELIVERIES = 16  # webhook attempts one replica makes at once
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 class JobRunner:
     def __init__(self, store: JobStore, ledger, catalog, *, owner: str, lease_seconds: float, results_ttl: float,
-                 queue_ttl: float, max_running: int, weight_of) -> None:
+                 queue_ttl: float, max_running: int, weight_of, webhook_allow: webhooks.AllowList = webhooks.AllowList(),
+                 first_retry: float | None = None) -> None:
         self.store, self.ledger, self.catalog = store, ledger, catalog
         self.owner = owner
         self.lease_seconds, self.results_ttl, self.queue_ttl = lease_seconds, results_ttl, queue_ttl
@@ -51,6 +56,8 @@ class JobRunner:
         self.weight_of = weight_of  # key id -> its tier's weight (fair shares)
         self.running: set[asyncio.Task] = set()
         self._generations: dict[str, asyncio.Future] = {}  # job id -> its generation here
+        self.webhook_allow, self.first_retry = webhook_allow, first_retry
+        self.deliveries: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
 
@@ -75,10 +82,10 @@ class JobRunner:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        for task in list(self.running):
+        for task in [*self.running, *self.deliveries]:
             task.cancel()
-        if self.running:
-            await asyncio.gather(*self.running, return_exceptions=True)
+        if self.running or self.deliveries:
+            await asyncio.gather(*self.running, *self.deliveries, return_exceptions=True)
 
     def _has_room(self) -> bool:
         if len(self.running) >= self.max_running:
@@ -109,6 +116,12 @@ class JobRunner:
                     waiting = asyncio.ensure_future(queued.wait())
                     await asyncio.wait({waiting, task}, return_when=asyncio.FIRST_COMPLETED)
                     waiting.cancel()
+                if len(self.deliveries) < MAX_DELIVERIES:
+                    for delivery in await asyncio.to_thread(self.store.claim_deliveries, MAX_DELIVERIES - len(self.deliveries),
+                                                            webhooks.DELIVERY_TIMEOUT_SECONDS * 2):
+                        task = asyncio.create_task(self._deliver(delivery))
+                        self.deliveries.add(task)
+                        task.add_done_callback(self.deliveries.discard)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the database is unreachable, say: try again at the next poll
@@ -127,7 +140,8 @@ class JobRunner:
 
     async def _run(self, job: Job, queued: asyncio.Event) -> None:
         engine = self.catalog.engine()
-        params = convert.request_from_pb(pb.GenerateImageRequest.FromString(job.request))
+        # The webhook is the job's, not the generation's (validation refuses it on a generation).
+        params = dataclasses.replace(convert.request_from_pb(pb.GenerateImageRequest.FromString(job.request)), webhook=None)
         try:
             weight = await asyncio.to_thread(self.weight_of, job.key_id)
         except Exception:
@@ -170,6 +184,32 @@ class JobRunner:
             log.info("job finished after it was cancelled or taken over; not charged", extra={"job_id": job.id})
             return
         log.info("job succeeded", extra={"job_id": job.id, "attempts": job.attempts, "stardust": job.cost})
+
+    async def _deliver(self, delivery) -> None:
+        """One attempt at a webhook event (t2i.jobs.webhooks): checked, signed, POSTed."""
+        status, error = None, None
+        try:
+            await asyncio.to_thread(webhooks.check_url, delivery.url, self.webhook_allow)
+            secret = await asyncio.to_thread(self.store.secret, delivery.key_id)
+            headers = webhooks.signed_headers(secret, delivery.id, webhooks.utc_now(), delivery.payload)
+            status = await asyncio.to_thread(webhooks.post, delivery.url, headers, delivery.payload)
+        except ServiceError as refused:  # the URL now resolves somewhere it may not go
+            error = str(refused)
+        except OSError as failed:
+            error = f"{type(failed).__name__}: {failed}"
+        delivered = status is not None and 200 <= status < 300
+        next_attempt = None
+        if not delivered:
+            wait = webhooks.backoff(delivery.attempts + 1, self.first_retry)
+            due = webhooks.utc_now() + dt.timedelta(seconds=wait)
+            if due - delivery.created_at <= webhooks.GIVE_UP_AFTER:
+                next_attempt = due
+        try:
+            await asyncio.to_thread(self.store.record_attempt, delivery.id, status, error, delivered, next_attempt)
+        except Exception:
+            log.exception("webhook attempt not recorded; it is made again", extra={"delivery": delivery.id})
+        log.info("webhook attempt", extra={"job_id": delivery.job_id, "event": delivery.event, "status": status,
+                                           "error": error, "delivered": delivered})
 
     async def _renew(self, job: Job, generation: asyncio.Future) -> None:
         while True:

@@ -36,6 +36,8 @@ class JobCharge:
     reservation_id: str
     max_queued: int  # the key's tier's cap on queued jobs
     job_id: str  # made before the reservation, so that the journal names the job
+    webhook_url: str | None = None  # checked by billing (t2i.jobs.webhooks.check_url)
+    webhook_events: tuple[str, ...] = ()
 
 
 submitted_charge: ContextVar[JobCharge | None] = ContextVar("submitted_charge", default=None)
@@ -47,11 +49,19 @@ class JobService:
         self.ledger = ledger
         self.runner = None  # this replica's runner (runner.py), once billing started it
 
+    async def check_room(self, key_id: str, max_queued: int) -> None:
+        """Overloaded (429) when the key's queue is full: asked before its price is reserved
+        (submit() asks again, in the transaction that queues the job)."""
+        queued = await asyncio.to_thread(self.store.queued, key_id)
+        if queued >= max_queued:
+            raise Overloaded(f"{QueueFull(queued, max_queued)}; wait for some to start, or cancel some",
+                             retry_after=QUEUE_FULL_RETRY_SECONDS)
+
     async def submit(self, request: bytes, charge: JobCharge) -> tuple[Job, int]:
         """The queued job and its position; Overloaded (429) when the key's queue is full."""
         try:
             job = await asyncio.to_thread(self.store.submit, charge.key_id, request, charge.cost, charge.reservation_id,
-                                          charge.max_queued, charge.job_id)
+                                          charge.max_queued, charge.job_id, charge.webhook_url, charge.webhook_events)
         except QueueFull as full:
             raise Overloaded(f"{full}; wait for some to start, or cancel some", retry_after=QUEUE_FULL_RETRY_SECONDS) from None
         except DuplicateJob:
@@ -60,12 +70,14 @@ class JobService:
             raise AlreadyProcessing("a job with the same Idempotency-Key is being submitted; retry to get it") from None
         return job, await asyncio.to_thread(self.store.position, job)
 
-    async def get(self, key_id: str, job_id: str) -> tuple[Job, int]:
+    async def get(self, key_id: str, job_id: str) -> tuple[Job, int, list]:
+        """The job, its queue position (0 unless queued) and its webhook deliveries."""
         job = await asyncio.to_thread(self.store.get, job_id, key_id)
         if job is None:
             raise NotFound(f"no job {job_id!r} of this API key")
         position = await asyncio.to_thread(self.store.position, job) if job.status == "queued" else 0
-        return job, position
+        deliveries = await asyncio.to_thread(self.store.deliveries, job.id) if job.webhook_url else []
+        return job, position, deliveries
 
     async def cancel(self, key_id: str, job_id: str) -> Job:
         cancelled = await asyncio.to_thread(self.store.cancel, job_id, key_id)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..billing.schema import JOB_STATUSES, job_images, jobs
+from ..billing.schema import JOB_STATUSES, job_images, jobs, webhook_deliveries, webhook_secrets
 
 ID_PREFIX = "job_"
 FINISHED = ("succeeded", "failed", "cancelled", "expired")
@@ -71,6 +71,32 @@ class DuplicateJob(Exception):
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """One webhook event of a job and its attempts (table webhook_deliveries)."""
+
+    id: str
+    job_id: str
+    key_id: str
+    event: str
+    url: str
+    payload: bytes
+    status: str
+    attempts: int
+    next_attempt_at: dt.datetime
+    created_at: dt.datetime
+    last_attempt_at: dt.datetime | None
+    last_status: int | None
+    last_error: str | None
+
+    @classmethod
+    def of(cls, row) -> Delivery:
+        values = dict(row._mapping)
+        for name in ("next_attempt_at", "created_at", "last_attempt_at"):
+            values[name] = aware(values[name])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class Job:
     id: str
     key_id: str
@@ -91,6 +117,8 @@ class Job:
     image_count: int | None
     content_type: str | None
     results_expire_at: dt.datetime | None
+    webhook_url: str | None = None
+    webhook_events: str | None = None  # comma-separated
 
     @property
     def finished(self) -> bool:
@@ -114,7 +142,7 @@ class JobStore:
     # --- the caller's side -----------------------------------------------------------------
 
     def submit(self, key_id: str, request: bytes, cost: int, reservation_id: str | None, max_queued: int,
-               job_id: str | None = None) -> Job:
+               job_id: str | None = None, webhook_url: str | None = None, webhook_events: Sequence[str] = ()) -> Job:
         """A new queued job; QueueFull when the key already has `max_queued` queued jobs."""
         now = utcnow()
         job_id = job_id or new_job_id()
@@ -127,11 +155,18 @@ class JobStore:
             try:
                 conn.execute(insert(jobs).values(
                     id=job_id, key_id=key_id, status="queued", request=request, cost=cost,
-                    reservation_id=reservation_id, created_at=now, attempts=0,
+                    reservation_id=reservation_id, created_at=now, attempts=0, webhook_url=webhook_url,
+                    webhook_events=",".join(webhook_events) if webhook_url else None,
                 ))
             except IntegrityError:
                 raise DuplicateJob(job_id) from None
             return Job.of(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
+
+    def queued(self, key_id: str) -> int:
+        """The key's jobs waiting to start."""
+        with self._read() as conn:
+            return conn.execute(select(func.count()).select_from(jobs).where(
+                jobs.c.key_id == key_id, jobs.c.status == "queued")).scalar_one()
 
     def get(self, job_id: str, key_id: str) -> Job | None:
         """The key's job, or None (unknown, or another key's)."""
@@ -176,6 +211,7 @@ class JobStore:
             if before in ("queued", "running"):
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(
                     status="cancelled", finished_at=now, lease_owner=None, lease_expires_at=None))
+                _announce(conn, job_id)
             else:
                 conn.execute(delete(job_images).where(job_images.c.job_id == job_id))
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(image_count=0))
@@ -248,16 +284,21 @@ class JobStore:
             conn.execute(insert(job_images), [
                 {"job_id": job_id, "position": position, "data": data} for position, data in enumerate(images)
             ])
+        if held:
+            _announce(conn, job_id)
         return held
 
     def fail(self, job_id: str, owner: str, status: str, message: str) -> bool:
         """Mark the job failed with the error a synchronous call would have answered."""
         now = utcnow()
         with self.db.begin() as conn:
-            return conn.execute(update(jobs).where(
+            held = conn.execute(update(jobs).where(
                 jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.status == "running",
             ).values(status="failed", finished_at=now, lease_owner=None, lease_expires_at=None, error_status=status,
                      error_message=message[:2000])).rowcount == 1
+            if held:
+                _announce(conn, job_id)
+            return held
 
     def expire_queued(self, queue_ttl: float) -> list[Job]:
         """Queued jobs older than `queue_ttl` seconds become `expired` (never started: their
@@ -272,6 +313,59 @@ class JobStore:
                              .values(status="expired", finished_at=now))
         return [Job.of(row) for row in rows]
 
+    # --- webhooks (t2i.jobs.webhooks) -----------------------------------------------------------
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        with self._read() as conn:
+            rows = conn.execute(select(webhook_deliveries).where(webhook_deliveries.c.job_id == job_id)
+                                .order_by(webhook_deliveries.c.created_at)).all()
+        return [Delivery.of(row) for row in rows]
+
+    def claim_deliveries(self, limit: int, hold_seconds: float) -> list[Delivery]:
+        """Deliveries due now, held for `hold_seconds` (an attempt's time) so that no other
+        replica sends them meanwhile."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                select(webhook_deliveries).where(webhook_deliveries.c.status == "pending",
+                                                 webhook_deliveries.c.next_attempt_at <= now)
+                .order_by(webhook_deliveries.c.next_attempt_at).limit(limit).with_for_update(skip_locked=True)
+            ).all()
+            if rows:
+                conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.id.in_([r.id for r in rows]))
+                             .values(next_attempt_at=now + dt.timedelta(seconds=hold_seconds)))
+        return [Delivery.of(row) for row in rows]
+
+    def record_attempt(self, delivery_id: str, status: int | None, error: str | None, delivered: bool,
+                       next_attempt: dt.datetime | None) -> None:
+        """One attempt's outcome: delivered, due again at `next_attempt`, or (None) given up."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.id == delivery_id).values(
+                attempts=webhook_deliveries.c.attempts + 1, last_attempt_at=now, last_status=status,
+                last_error=(error or "")[:500] or None,
+                status="delivered" if delivered else "pending" if next_attempt is not None else "failed",
+                next_attempt_at=next_attempt or now,
+            ))
+
+    def secret(self, key_id: str, rotate: bool = False) -> str:
+        """The key's webhook signing secret, made on first use; `rotate` replaces it."""
+        from .webhooks import new_secret
+
+        now = utcnow()
+        with self.db.begin() as conn:
+            current = conn.execute(select(webhook_secrets.c.secret).where(webhook_secrets.c.key_id == key_id)
+                                   .with_for_update()).scalar_one_or_none()
+            if current is not None and not rotate:
+                return current
+            secret = new_secret()
+            if current is None:
+                conn.execute(insert(webhook_secrets).values(key_id=key_id, secret=secret, created_at=now))
+            else:
+                conn.execute(update(webhook_secrets).where(webhook_secrets.c.key_id == key_id)
+                             .values(secret=secret, created_at=now))
+            return secret
+
     def expire_results(self) -> list[str]:
         """Delete the images of jobs whose results outlived their time to live; those jobs
         become `expired`. Returns their ids."""
@@ -283,6 +377,22 @@ class JobStore:
                 conn.execute(delete(job_images).where(job_images.c.job_id.in_(ids)))
                 conn.execute(update(jobs).where(jobs.c.id.in_(ids)).values(status="expired", image_count=0))
         return list(ids)
+
+
+def _announce(conn, job_id: str) -> None:
+    """Queue the webhook of a job that just ended, in the transaction that ended it, if it asked
+    for this event: its delivery is as durable as the job's new status."""
+    from .webhooks import STATUS_EVENTS, payload
+
+    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+    event = STATUS_EVENTS.get(row.status)
+    if not row.webhook_url or event is None or event not in (row.webhook_events or "").split(","):
+        return
+    now = utcnow()
+    conn.execute(insert(webhook_deliveries).values(
+        id="msg_" + secrets.token_urlsafe(24), job_id=job_id, key_id=row.key_id, event=event, url=row.webhook_url,
+        payload=payload(Job.of(row), event, now), status="pending", attempts=0, next_attempt_at=now, created_at=now,
+    ))
 
 
 assert set(FINISHED) | {"queued", "running"} == set(JOB_STATUSES)

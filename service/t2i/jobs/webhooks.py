@@ -12,7 +12,8 @@ followed (a 3xx is a failed attempt). Every attempt is kept on the job.
 Where they may go (SSRF): http and https only; every address the host resolves to must be a
 public one: not loopback, private, link-local (which includes the cloud metadata address
 169.254.169.254), shared, reserved, multicast or unspecified, unless the operator's allow-list
-(`--webhook-allow`: host names and CIDRs) names the host or contains the address. The check is
+(`--webhook-allow`: host names and CIDRs) allows it: a URL written with an address by a CIDR
+containing it, a URL written with a name by that name (never by what it resolves to). The check is
 made at submission (a refused URL is a 400 naming `webhook.url`) and again before every attempt,
 since what a name resolves to can change.
 """
@@ -35,6 +36,10 @@ DELIVERY_TIMEOUT_SECONDS = 5.0
 # Seconds before retry n (1-based) of one event; the last gap repeats until GIVE_UP_AFTER.
 BACKOFF_SECONDS = (10, 60, 300, 1800, 3600, 7200)
 GIVE_UP_AFTER = dt.timedelta(hours=24)
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def backoff(attempt: int, first_retry: float | None = None) -> float:
@@ -66,7 +71,14 @@ class AllowList:
         return cls(frozenset(hosts), tuple(networks))
 
     def allows(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return host.lower().rstrip(".") in self.hosts or any(address in network for network in self.networks)
+        """A URL written with an address is allowed by a network containing it; one written
+        with a name only by that name: a name that merely resolves into an allowed network
+        (DNS the caller may control) is not."""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return host.lower().rstrip(".") in self.hosts
+        return any(address in network for network in self.networks)
 
 
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -133,3 +145,34 @@ def new_secret() -> str:
     import secrets
 
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def payload(job, event: str, at: dt.datetime) -> bytes:
+    """The body of an event: {"type", "timestamp", "data": the job as GET /jobs/{id} shows it}."""
+    import json
+
+    from google.protobuf.json_format import MessageToDict
+
+    from ..server import convert
+
+    data = MessageToDict(convert.job_to_pb(job))
+    return json.dumps({"type": event, "timestamp": at.isoformat().replace("+00:00", "Z"), "data": data},
+                      separators=(",", ":")).encode()
+
+
+def post(url: str, headers: dict[str, str], body: bytes, timeout: float = DELIVERY_TIMEOUT_SECONDS) -> int:
+    """One delivery attempt: the answer's status (redirects are answers, never followed).
+    OSError (refused, timed out, TLS) when no answer came."""
+    import http.client
+
+    parts = urlsplit(url)
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_type(parts.hostname, parts.port, timeout=timeout)
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request("POST", target, body=body, headers={**headers, "user-agent": "illustrious-t2i-webhooks"})
+        response = connection.getresponse()
+        response.read(64 * 1024)  # a little of the body, so the connection closes cleanly
+        return response.status
+    finally:
+        connection.close()

@@ -13,8 +13,8 @@ import typing
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
 from ..domain import (
-    Event, Failed, GenerateRequest, GenerateResult, HiresFix, LoraDescription, LoraSpec, ModelInfo, Preview, Progress, Queued,
-    Started,
+    Event, Failed, GenerateRequest, GenerateResult, HiresFix, JobWebhook, LoraDescription, LoraSpec, ModelInfo, Preview,
+    Progress, Queued, Started,
 )
 
 # domain field -> proto field, where the names differ (the proto keeps the documented JSON names)
@@ -24,6 +24,7 @@ RENAMED = {GenerateRequest: {"sampler": "sampler_name"}}
 NESTED = {
     (GenerateRequest, "loras"): (LoraSpec, pb.LoraSettings),
     (GenerateRequest, "hires_fix"): (HiresFix, pb.HiresFix),
+    (GenerateRequest, "webhook"): (JobWebhook, pb.JobWebhook),
 }
 
 
@@ -121,8 +122,9 @@ def _time(value) -> str:
     return value.isoformat().replace("+00:00", "Z") if value is not None else ""
 
 
-def job_to_pb(job, position: int = 0) -> pb.Job:
-    """A stored job (t2i.jobs.store.Job) as callers see it."""
+def job_to_pb(job, position: int = 0, deliveries=()) -> pb.Job:
+    """A stored job (t2i.jobs.store.Job) as callers see it, with its webhook deliveries
+    (t2i.jobs.store.Delivery)."""
     from ..errors import http_status_of
 
     message = pb.Job(
@@ -132,6 +134,12 @@ def job_to_pb(job, position: int = 0) -> pb.Job:
         image_urls=[f"/jobs/{job.id}/images/{n}" for n in range(job.image_count or 0)] if job.status == "succeeded" else [],
         attempts=job.attempts, results_expire_at=_time(job.results_expire_at) if job.status == "succeeded" else "",
     )
+    for delivery in deliveries:
+        message.webhook_deliveries.append(pb.WebhookDelivery(
+            id=delivery.id, event=delivery.event, status=delivery.status, attempts=delivery.attempts,
+            last_status=delivery.last_status or 0, last_error=delivery.last_error or "",
+            next_attempt_at=_time(delivery.next_attempt_at) if delivery.status == "pending" else "",
+        ))
     if job.status == "failed":
         message.error.CopyFrom(pb.JobError(code=http_status_of(job.error_status or ""), status=job.error_status or "",
                                            message=job.error_message or ""))

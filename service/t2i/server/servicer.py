@@ -103,8 +103,8 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
         return convert.job_to_pb(job, position)
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        job, position = await self._jobs().get(current_tenant.get().id, request.id)
-        return convert.job_to_pb(job, position)
+        job, position, deliveries = await self._jobs().get(current_tenant.get().id, request.id)
+        return convert.job_to_pb(job, position, deliveries)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         return convert.job_to_pb(await self._jobs().cancel(current_tenant.get().id, request.id))

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateImageRequest(_message.Message):
-    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras", "num_images", "preview_every_steps", "omit_metadata", "output_format", "quality", "cfg_rescale", "init_image", "denoise", "mask", "resize_mode", "hires_fix", "prompt_syntax")
+    __slots__ = ("model_id", "prompt", "negative_prompt", "height", "width", "steps", "cfg_scale", "seed", "sampler_name", "scheduler", "loras", "num_images", "preview_every_steps", "omit_metadata", "output_format", "quality", "cfg_rescale", "init_image", "denoise", "mask", "resize_mode", "hires_fix", "prompt_syntax", "webhook")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class GenerateImageRequest(_message.Message):
     RESIZE_MODE_FIELD_NUMBER: _ClassVar[int]
     HIRES_FIX_FIELD_NUMBER: _ClassVar[int]
     PROMPT_SYNTAX_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_FIELD_NUMBER: _ClassVar[int]
     model_id: int
     prompt: str
     negative_prompt: str
@@ -56,7 +57,16 @@ class GenerateImageRequest(_message.Message):
     resize_mode: str
     hires_fix: HiresFix
     prompt_syntax: str
-    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ..., num_images: _Optional[int] = ..., preview_every_steps: _Optional[int] = ..., omit_metadata: _Optional[bool] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., cfg_rescale: _Optional[float] = ..., init_image: _Optional[bytes] = ..., denoise: _Optional[float] = ..., mask: _Optional[bytes] = ..., resize_mode: _Optional[str] = ..., hires_fix: _Optional[_Union[HiresFix, _Mapping]] = ..., prompt_syntax: _Optional[str] = ...) -> None: ...
+    webhook: JobWebhook
+    def __init__(self, model_id: _Optional[int] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler_name: _Optional[str] = ..., scheduler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[LoraSettings, _Mapping]]] = ..., num_images: _Optional[int] = ..., preview_every_steps: _Optional[int] = ..., omit_metadata: _Optional[bool] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., cfg_rescale: _Optional[float] = ..., init_image: _Optional[bytes] = ..., denoise: _Optional[float] = ..., mask: _Optional[bytes] = ..., resize_mode: _Optional[str] = ..., hires_fix: _Optional[_Union[HiresFix, _Mapping]] = ..., prompt_syntax: _Optional[str] = ..., webhook: _Optional[_Union[JobWebhook, _Mapping]] = ...) -> None: ...
+
+class JobWebhook(_message.Message):
+    __slots__ = ("url", "events")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    events: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, url: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HiresFix(_message.Message):
     __slots__ = ("scale", "upscale_method", "steps", "denoise")
@@ -235,7 +245,7 @@ class Model(_message.Message):
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., demo: _Optional[bool] = ..., embeddings: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_prompt_chunks: _Optional[int] = ..., prediction_type: _Optional[str] = ..., zero_terminal_snr: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "status", "created_at", "started_at", "finished_at", "position", "stardust_price", "stardust_usage", "stardust_balance", "image_urls", "error", "attempts", "results_expire_at")
+    __slots__ = ("id", "status", "created_at", "started_at", "finished_at", "position", "stardust_price", "stardust_usage", "stardust_balance", "image_urls", "error", "attempts", "results_expire_at", "webhook_deliveries")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +259,7 @@ class Job(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_EXPIRE_AT_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: str
     created_at: str
@@ -262,7 +273,26 @@ class Job(_message.Message):
     error: JobError
     attempts: int
     results_expire_at: str
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., position: _Optional[int] = ..., stardust_price: _Optional[int] = ..., stardust_usage: _Optional[int] = ..., stardust_balance: _Optional[int] = ..., image_urls: _Optional[_Iterable[str]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ..., results_expire_at: _Optional[str] = ...) -> None: ...
+    webhook_deliveries: _containers.RepeatedCompositeFieldContainer[WebhookDelivery]
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., position: _Optional[int] = ..., stardust_price: _Optional[int] = ..., stardust_usage: _Optional[int] = ..., stardust_balance: _Optional[int] = ..., image_urls: _Optional[_Iterable[str]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ..., results_expire_at: _Optional[str] = ..., webhook_deliveries: _Optional[_Iterable[_Union[WebhookDelivery, _Mapping]]] = ...) -> None: ...
+
+class WebhookDelivery(_message.Message):
+    __slots__ = ("id", "event", "status", "attempts", "last_status", "last_error", "next_attempt_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    event: str
+    status: str
+    attempts: int
+    last_status: int
+    last_error: str
+    next_attempt_at: str
+    def __init__(self, id: _Optional[str] = ..., event: _Optional[str] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., last_status: _Optional[int] = ..., last_error: _Optional[str] = ..., next_attempt_at: _Optional[str] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "status", "message")
