@@ -5,7 +5,6 @@ each charged exactly once, with no reservation left open. Real `t2i serve` proce
 from __future__ import annotations
 
 import shutil
-import time
 
 import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
@@ -15,16 +14,12 @@ from t2i import wire
 from t2i.billing.setup import open_ledger
 from testbed.server import ServerProcess
 
+from ..edge.test_rest import until
+
 LEASE_SECONDS = 2  # short, so that a dead replica's jobs move on quickly
 BILLING = f"job_lease_seconds: {LEASE_SECONDS}\n"
 
 
-def until(condition, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def request(seed: int) -> pb.GenerateImageRequest:

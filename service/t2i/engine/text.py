@@ -248,10 +248,11 @@ class _EncoderBatch:
         self.first_rows = torch.tensor([0, *self.counts[:-1]], device=device).cumsum(0)
         self.weights = weights if empty_owners else None
         # Rows weighted by A1111's Original emphasis, and rows that are zeros, by prompt.
-        self.a1111_rows = [r for p, rows in zip(prepared, self._rows()) if p.syntax == "a1111" and p.weighted for r in rows]
+        by_prompt = list(zip(prepared, self._rows()))
+        self.a1111_rows = [r for p, rows in by_prompt if p.syntax == "a1111" and p.weighted for r in rows]
         self.a1111_weights = [weights[r] for r in self.a1111_rows]
-        self.zero_rows = [r for p, rows in zip(prepared, self._rows()) if p.zero for r in rows]
-        self.comfyui_rows = [p.syntax == "comfyui" for p, rows in zip(prepared, self._rows()) for _ in rows]
+        self.zero_rows = [r for p, rows in by_prompt if p.zero for r in rows]
+        self.comfyui_rows = [p.syntax == "comfyui" for p, rows in by_prompt for _ in rows]
         empty_row = self.prompt_rows
         self.empty_of_owner = {}
         empty = [item for item, _ in chunk_segments([], _no_text, special_tokens(tokenizer), {})[0]]
