@@ -69,6 +69,12 @@ bench: install
 
 # The image mix alone (benchmarks/image_serving.py): 4 to 6 minutes on 2 cores; writes docs/benchmarks.md
 # ("serving-image").
+# Jobs against synchronous calls at the same offered load, and submit-to-start latency on one
+# replica (SQLite) and two (PostgreSQL): about 8 minutes on 2 cores; writes docs/benchmarks.md ("jobs").
+.PHONY: bench-jobs
+bench-jobs: install
+	$(PY) -m benchmarks.jobs
+
 .PHONY: bench-image
 bench-image: install
 	$(PY) -m benchmarks.image_serving

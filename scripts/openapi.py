@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from google.api import annotations_pb2
+from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
 from t2i import wire
@@ -112,6 +112,12 @@ def generate(files: descriptor_pb2.FileDescriptorSet) -> dict:
     for service_index, service in enumerate(file.service):
         for method_index, method in enumerate(service.method):
             primary = method.options.Extensions[annotations_pb2.http]
+            if primary.WhichOneof("pattern") is None:
+                if method.name != "WatchJob":
+                    continue  # gRPC only
+                # Served as real server-sent events (with ids) by the adapters' port, not the
+                # transcoder: no annotation, so the transcoder leaves the path alone.
+                primary = http_pb2.HttpRule(get=wire.JOB_EVENTS_PATH)
             for rule in (primary, *primary.additional_bindings):
                 verb = rule.WhichOneof("pattern")
                 path = getattr(rule, verb)
@@ -182,7 +188,9 @@ def operation_of(method, rule, note: str, package: str) -> dict:
         ],
         "responses": {
             success: {
-                "description": "Server-sent events, one JSON event per `data:` line" if method.server_streaming else "Success",
+                "description": ("Server-sent events, each with its `id:` line (resume with Last-Event-ID) and one JSON "
+                                "event per `data:` line" if method.name == "WatchJob" else
+                                "Server-sent events, one JSON event per `data:` line" if method.server_streaming else "Success"),
                 "content": {media: {"schema": schema}},
             },
             **{
@@ -200,6 +208,10 @@ def operation_of(method, rule, note: str, package: str) -> dict:
         operation["parameters"].append({"name": name, "in": "path", "required": True,
                                         "schema": {"type": "integer" if name == "index" else "string"},
                                         "description": "The job's id." if name == "id" else "The image's index, from 0."})
+    if method.name == "WatchJob":
+        operation["parameters"].append(
+            {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer", "minimum": 0},
+             "description": "The id of the last event already received: the stream resumes after it."})
     if verb == "get" and method.name == "ListJobs":
         operation["parameters"] += [
             {"name": "status", "in": "query", "required": False, "schema": {"type": "string"},

@@ -325,6 +325,21 @@ def jobs_get(job_id: str, target: str = TARGET, api_key: str | None = API_KEY) -
     typer.echo(_job_json(_job_call(lambda client: client.get_job(job_id))(target, api_key)))
 
 
+@jobs_app.command("watch")
+def jobs_watch(
+    job_id: str, after: int = typer.Option(0, "--after", help="Resume after this event id (0: from the start)."),
+    target: str = TARGET, api_key: str | None = API_KEY,
+) -> None:
+    """Print a job's events as they happen, one JSON object per line, until it ends."""
+    from google.protobuf.json_format import MessageToJson
+
+    def watch(client) -> None:
+        for event in client.watch_job(job_id, after, timeout=None):
+            typer.echo(MessageToJson(event, indent=None))
+
+    _job_call(watch)(target, api_key)
+
+
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, target: str = TARGET, api_key: str | None = API_KEY) -> None:
     """Cancel a queued or running job (not charged), or delete a finished job's images."""

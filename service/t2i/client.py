@@ -170,6 +170,14 @@ class Client:
     def cancel_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
         return self._invoke(self._stub.CancelJob, self._calls.call(pb.CancelJobRequest(id=job_id), timeout))
 
+    def watch_job(self, job_id: str, after: int = 0, *, timeout: float | None = None) -> Iterator[pb.JobEvent]:
+        """The job's events after event `after` as they happen, the last one `ended`."""
+        call = self._calls.call(pb.WatchJobRequest(id=job_id, after=after), timeout)
+        try:
+            yield from self._stub.WatchJob(call.request, metadata=call.metadata, timeout=call.timeout)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+
     def list_jobs(self, status: str = "", cursor: str = "", page_size: int = 0, *,
                   timeout: float | None = None) -> pb.ListJobsResponse:
         return self._invoke(self._stub.ListJobs, self._calls.call(

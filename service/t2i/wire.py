@@ -16,6 +16,10 @@ LIST_LORAS_METHOD = f"/{SERVICE}/ListLoras"
 SUBMIT_JOB_METHOD = f"/{SERVICE}/SubmitJob"
 # The job calls that read or change the caller's own jobs (t2i.jobs): a valid key, no price.
 JOB_METHODS = tuple(f"/{SERVICE}/{name}" for name in ("GetJob", "CancelJob", "ListJobs", "GetJobImage"))
+WATCH_JOB_METHOD = f"/{SERVICE}/WatchJob"
+# WatchJob's REST path: real server-sent events with ids, served by the adapters' port
+# (t2i.compat.job_events_http) because the transcoder's events carry none.
+JOB_EVENTS_PATH = "/jobs/{id}/events"
 
 # Request metadata (REST: headers of the same names).
 API_KEY_HEADER = "x-illustrious-api-key"

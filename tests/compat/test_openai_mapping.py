@@ -60,6 +60,16 @@ def test_every_parameter_becomes_what_the_table_says():
     )
 
 
+def test_response_format_url_asks_for_links_to_the_same_request():
+    plain = oa.translate({"prompt": "p"}, oa.GENERATIONS, MODELS)
+    linked = oa.translate({"prompt": "p", "response_format": "url"}, oa.GENERATIONS, MODELS)
+    inline = oa.translate({"prompt": "p", "response_format": "b64_json"}, oa.GENERATIONS, MODELS)
+    assert (plain.links, linked.links, inline.links) == (False, True, False)
+    assert plain.request == linked.request == inline.request
+    answer = oa.images_response([], "p", 7, "png", (64, 64), urls=["http://h/jobs/j/images/0"])
+    assert answer["data"] == [{"url": "http://h/jobs/j/images/0", "revised_prompt": "p"}]
+
+
 def test_edits_take_a_form_with_text_values_and_default_to_the_pictures_size():
     picture = png(Image.new("RGB", (100, 60)))
     form = {"prompt": "p", "image": [picture], "n": "2", "steps": "3", "cfg_scale": "6", "denoise": "0.5",
@@ -101,7 +111,6 @@ def test_an_openai_mask_becomes_ours():
     ({"prompt": "p", "size": "0x64"}, "size", "invalid_value"),
     ({"prompt": "p", "size": " 64x64"}, "size", "invalid_value"),
     ({"prompt": "p", "quality": "ultra"}, "quality", "invalid_value"),
-    ({"prompt": "p", "response_format": "url"}, "response_format", "invalid_value"),
     ({"prompt": "p", "background": "transparent"}, "background", "invalid_value"),
     ({"prompt": "p", "stream": True}, "stream", "invalid_value"),
     ({"prompt": "p", "partial_images": 2}, "partial_images", "invalid_value"),

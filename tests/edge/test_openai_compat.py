@@ -245,11 +245,61 @@ def test_bearer_works_on_the_documented_route(edge):
     assert basic.status == 401 and "unsupported Authorization header (scheme 'Basic')" in basic.json()["error"]["message"]
 
 
+def test_response_format_url_links_the_jobs_stored_images(edge, ledger):
+    """`url`: the generation runs as a job (one reserve, one commit, under the job's id) and each
+    URL is its stored image, fetched with the same key as a Bearer token: the image the same
+    settings give inline."""
+    _, key = ledger.create_key("openai-urls", 1000, "standard")
+    key_id = ledger.find_key(key).id
+    raw = client(edge, key).images.with_raw_response.generate(
+        model="1", prompt=PROMPT, size="64x64", n=2, response_format="url", extra_body=OURS)
+    result = raw.parse()
+    assert len(result.data) == 2 and all(item.b64_json is None for item in result.data)
+    base = f"http://127.0.0.1:{edge.http_port}/jobs/"
+    urls = [item.url for item in result.data]
+    assert all(url.startswith(base) for url in urls), urls
+    job_id = urls[0].removeprefix(base).split("/")[0]
+    assert urls == [f"{base}{job_id}/images/{n}" for n in range(2)]
+    usage = int(raw.headers["x-stardust-usage"])
+    assert usage > 0 and ledger.get_key(key_id).balance == 1000 - usage == int(raw.headers["x-stardust-balance"])
+    assert entries_of(ledger, key_id, job_id) == ["commit", "reserve"]
+    fetched = []
+    for url in urls:
+        reply = edge.request("GET", url.removeprefix(f"http://127.0.0.1:{edge.http_port}"),
+                             headers={"Authorization": f"Bearer {key}"})
+        assert reply.status == 200 and reply.headers["content-type"] == "image/png"
+        fetched.append(reply.body)
+    inline = client(edge, key).images.generate(model="1", prompt=PROMPT, size="64x64", n=2, extra_body=OURS)
+    assert [png(decoded(item.b64_json)) for item in inline.data] == [png(Image.open(io.BytesIO(b))) for b in fetched]
+    # Another key cannot fetch them.
+    assert edge.request("GET", urls[0].removeprefix(f"http://127.0.0.1:{edge.http_port}"),
+                        headers={"Authorization": f"Bearer {edge.demo_key}"}).status == 404
+
+
+def test_a_url_call_whose_caller_goes_away_cancels_its_job_uncharged(edge, ledger):
+    record, key = ledger.create_key("openai-urls-gone", 1000, "standard")
+    body = {"model": "1", "prompt": PROMPT, "size": "64x64", "response_format": "url", **OURS}
+    with edge.gate:
+        connection = http.client.HTTPConnection("127.0.0.1", edge.http_port, timeout=120)
+        connection.request("POST", "/v1/images/generations", body=json.dumps(body),
+                           headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        edge.gate.wait_held()
+
+        def job() -> dict:
+            (found,) = edge.request("GET", "/jobs", headers=headers(key)).json()["jobs"]
+            return found
+
+        assert job()["status"] == "running"
+        connection.close()  # the caller goes away while its job runs
+        until(lambda: job()["status"] == "cancelled", "the job cancelled")
+    until(lambda: entries_of(ledger, record.id, job()["id"]) == ["release", "reserve"], "its price released")
+    assert ledger.get_key(record.id).balance == 1000
+
+
 @pytest.mark.parametrize("arguments,param,code,fragment", [
     ({"n": 9}, "n", "invalid_value", "invalid n (numImages) 9: must be 1 to 8"),
     ({"size": "100x64"}, "size", "invalid_value", "invalid size (width) 100: must be a multiple of 8"),
     ({"size": "64*64"}, "size", "invalid_value", "must be `auto` or WIDTHxHEIGHT"),
-    ({"response_format": "url"}, "response_format", "invalid_value", "use b64_json"),
     ({"background": "transparent"}, "background", "invalid_value", "use auto or opaque"),
     ({"output_format": "gif"}, "output_format", "invalid_value", "must be one of png, webp, jpeg"),
     ({"quality": "ultra"}, "quality", "invalid_value", "must be one of low, medium"),

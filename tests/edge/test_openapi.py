@@ -20,7 +20,7 @@ def test_the_description_is_valid_openapi():
     assert set(SPEC["paths"]) == {"/text-to-image/generate", "/text-to-image/generate/stream", "/image-to-image/generate",
                                   "/image-to-image/generate/stream", "/model/list", "/lora/list",
                                   "/text-to-image/jobs", "/image-to-image/jobs", "/jobs", "/jobs/{id}",
-                                  "/jobs/{id}/images/{index}",
+                                  "/jobs/{id}/images/{index}", "/jobs/{id}/events",
                                   "/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/models/{model}",
                                   "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/sd-models", "/sdapi/v1/samplers",
                                   "/sdapi/v1/schedulers", "/sdapi/v1/loras", "/sdapi/v1/options", "/sdapi/v1/progress",

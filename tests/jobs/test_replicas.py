@@ -38,8 +38,10 @@ def test_a_killed_replicas_jobs_finish_on_the_other_charged_once(data_dir, tmp_p
     for name in ("a", "b"):
         own = tmp_path / name
         shutil.copytree(data_dir / "models", own / "models")
-        replicas.append(ServerProcess(own, "--database-url", postgres_url, "--instance-id", f"replica-{name}", env=env,
-                                      gate=tmp_path / f"gate-{name}"))
+        # Batches of one: a replica takes a job only while nothing waits in its engine
+        # (engine.wants_work), so one held job and one waiting behind it make it take no more.
+        replicas.append(ServerProcess(own, "--database-url", postgres_url, "--instance-id", f"replica-{name}",
+                                      "--max-batch-size", "1", env=env, gate=tmp_path / f"gate-{name}"))
     a, b = replicas
     try:
         for replica in replicas:

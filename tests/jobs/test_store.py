@@ -170,11 +170,56 @@ def test_results_expire_after_their_time_to_live(store):
     store.claim("r", 30)
     store.succeed(long, "r", [b"y"], "image/png", 5, 990, results_ttl=3600)
     deadline = time.monotonic() + 10
-    while (expired := store.expire_results()) == [] and time.monotonic() < deadline:
+    while (expired := store.expire_results(3600)) == [] and time.monotonic() < deadline:
         time.sleep(0.01)  # the clock must pass the expiry instant (it is "now" plus 0 s)
     assert expired == [short]
     assert store.get(short, a).status == "expired" and store.image(short, a, 0) is None
     assert store.image(long, a, 0) == (b"y", "image/png")
+
+
+def progress(step: int) -> bytes:
+    from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
+
+    return pb.GenerateImageEvent(progress=pb.ProgressEvent(step=step, total_steps=3)).SerializeToString()
+
+
+def test_events_are_numbered_kept_for_the_holder_only_and_final_once_it_ended(store):
+    store, (a, b) = store
+    (job_id,) = submit(store, a)
+    job, events, last = store.watch(job_id, a, 0)
+    assert [n for n, _ in events] == [1] and last == 1 and job.status == "queued"  # the queued event, with the job
+    assert store.watch(job_id, b, 0) is None  # another key's job
+    job = store.claim("r1", 30)
+    store.add_events("r1", [(job_id, 1, "progress", progress(1)), (job_id, 1, "progress", progress(2))])
+    store.add_events("r2", [(job_id, 1, "progress", progress(9))])  # not its job: nothing added
+    _, events, last = store.watch(job_id, a, 1)
+    assert [(n, payload) for n, payload in events] == [(2, progress(1)), (3, progress(2))] and last == 3
+    assert store.progress(store.get(job_id, a)) == progress(2)
+    # Taken over after its lease ran out: the new run's progress is its own.
+    with store.db.begin() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+            lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
+    again = store.claim("r2", 30)
+    assert again.attempts == 2 and store.progress(again) is None
+    store.add_events("r1", [(job_id, 1, "progress", progress(3))])  # the old holder: dropped
+    store.add_events("r2", [(job_id, 2, "progress", progress(1))])
+    assert store.progress(store.get(job_id, a)) == progress(1)
+    assert store.succeed(job_id, "r2", [b"x"], "image/png", 5, 995, 60)
+    store.add_events("r2", [(job_id, 2, "progress", progress(3))])  # ended: nothing more
+    done, events, last = store.watch(job_id, a, 0)
+    assert done.status == "succeeded" and [n for n, _ in events] == [1, 2, 3, 4] and last == 4
+
+
+def test_a_finished_jobs_events_go_with_its_results(store):
+    store, (a, _) = store
+    kept, deleted = submit(store, a, 2)
+    for job_id in (kept, deleted):
+        store.claim("r", 30)
+        store.add_events("r", [(job_id, 1, "progress", progress(1))])
+        store.succeed(job_id, "r", [b"x"], "image/png", 5, 995, 3600)
+    store.cancel(deleted, a)  # a finished job: its images and its events are deleted
+    assert store.watch(deleted, a, 0)[1] == [] and store.image(deleted, a, 0) is None
+    assert len(store.watch(kept, a, 0)[1]) == 2 and store.image(kept, a, 0) == (b"x", "image/png")
 
 
 def test_a_database_of_the_first_schema_is_upgraded_with_its_money_kept(database_url):
@@ -195,7 +240,7 @@ def test_a_database_of_the_first_schema_is_upgraded_with_its_money_kept(database
     record, _ = Ledger(first).create_key("before-jobs", 1234, "standard")
     first.dispose()
     upgraded = open_database(database_url)
-    assert {"jobs", "job_images"} <= set(inspect(upgraded).get_table_names())
+    assert {"jobs", "job_images", "job_events"} <= set(inspect(upgraded).get_table_names())
     assert Ledger(upgraded).get_key(record.id).balance == 1234
     assert JobStore(upgraded).submit(record.id, b"r", 1, None, 10).status == "queued"
     upgraded.dispose()

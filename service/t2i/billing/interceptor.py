@@ -62,8 +62,9 @@ KEY_CACHE_SECONDS = 5.0
 # may run this long.
 JOBS_OWNER = "jobs"
 JOB_RUN_ALLOWANCE_SECONDS = 3600.0
-# Jobs one replica runs at once, besides its synchronous calls: enough to fill a batch.
-JOBS_PER_REPLICA = 8
+# Jobs one replica holds at once, besides its synchronous calls: a batch running and the next
+# one waiting in the engine (engine.wants_work stops the claims once a batch waits).
+JOBS_PER_REPLICA = 16
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         self.runner = JobRunner(
             self.job_store, self.ledger, self.catalog, owner=self.instance_id, lease_seconds=self.settings.job_lease_seconds,
             results_ttl=self.settings.job_results_ttl_seconds, queue_ttl=self.settings.job_queue_ttl_seconds,
-            max_running=JOBS_PER_REPLICA, weight_of=lambda key_id: self._tier(self.ledger.get_key(key_id)).weight,
+            max_running=JOBS_PER_REPLICA, weight_of=self._job_weight,
             webhook_allow=self.webhook_allow, first_retry=self.settings.webhook_first_retry_seconds,
         )
         self.runner.start()
@@ -250,22 +251,43 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             return wrap_unary(handler, self._submit_job)
         if details.method in wire.JOB_METHODS:
             return wrap_unary(handler, self._keyed)
+        if details.method == wire.WATCH_JOB_METHOD:
+            return wrap_stream(handler, self._keyed_stream)
         return handler
 
     # --- jobs (t2i.jobs) -------------------------------------------------------------------------
 
     async def _keyed(self, inner, request, context):
         """A job call on the caller's own jobs: a valid key, which the servicer reads as the tenant."""
+        token = current_tenant.set(await self._job_caller(context))
+        try:
+            return await inner(request, context)
+        finally:
+            current_tenant.reset(token)
+
+    async def _keyed_stream(self, inner, request, context):
+        """WatchJob: as _keyed, for a stream."""
+        token = current_tenant.set(await self._job_caller(context))
+        try:
+            async for message in inner(request, context):
+                yield message
+        finally:
+            current_tenant.reset(token)
+
+    async def _job_caller(self, context) -> Tenant:
         key, address = await self._authenticate(context)
         blocked = await self.limiter.address_blocked(address)
         if not blocked.allowed:
             metrics.RATE_LIMITED.labels(limit=blocked.verdict.value).inc()
             raise refusal(blocked)
-        token = current_tenant.set(Tenant(key.id, self._tier(key).weight))
-        try:
-            return await inner(request, context)
-        finally:
-            current_tenant.reset(token)
+        return Tenant(key.id, self._tier(key).weight)
+
+    def _job_weight(self, key_id: str) -> float:
+        """A claimed job's fair-share weight; PermissionDenied when its key was revoked since."""
+        record = self.ledger.get_key(key_id)
+        if record is None or record.revoked:
+            raise PermissionDenied("the API key that submitted this job was revoked before it started")
+        return self._tier(record).weight
 
     def _tier(self, key: KeyRecord):
         return self.settings.tiers.get(key.tier) or self.settings.tiers[self.settings.default_tier]

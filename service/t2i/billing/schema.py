@@ -178,3 +178,17 @@ webhook_deliveries = Table(
     Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
     Index("ix_webhook_deliveries_job_id", "job_id"),
 )
+
+# What a job's watchers see (GET /jobs/{id}/events): the events of its generation as the
+# synchronous stream sends them (GenerateImageEvent bytes), numbered per job from 1. `seq` is
+# the event id a watcher resumes after; `attempt` tells a restarted job's events apart.
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("attempt", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)

@@ -140,6 +140,18 @@ class Gateway:
 
         return await self._until_gone(call, read(), request)
 
+    async def job_ended(self, job_id: str, request, metadata: list[tuple[str, str]]):
+        """Follow a job (WatchJob) until it ends; the ended Job."""
+        call = self.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=metadata)
+
+        async def read():
+            async for event in call:
+                if event.WhichOneof("event") == "ended":
+                    return event.ended
+            raise Refused("INTERNAL", f"the events of job {job_id} ended without its end", {})
+
+        return await self._until_gone(call, read(), request)
+
     async def _until_gone(self, call, answering, request):
         answer = asyncio.ensure_future(answering)
         gone = asyncio.ensure_future(_disconnected(request.receive))
@@ -203,9 +215,9 @@ def build_app(gateway: Gateway):
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from . import a1111_http, openai_http
+    from . import a1111_http, job_events_http, openai_http
 
-    adapters = (openai_http.Routes(gateway), a1111_http.Routes(gateway))
+    adapters = (openai_http.Routes(gateway), a1111_http.Routes(gateway), job_events_http.Routes(gateway))
 
     def owner(path: str):
         for adapter in adapters:

@@ -8,12 +8,15 @@ import json
 import time
 from typing import Any
 
+from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
+
 from .. import wire
 from ..server import convert
 from . import openai_images as oa
 from .app import BodyTooLarge, ClientGone, Gateway, Refused, echo, error_reply, media_type, read_body
 
 MAX_FORM_FIELDS = 100
+NO_JOBS = "jobs need the billing database"  # t2i.server.servicer's refusal without billing
 
 
 class Routes:
@@ -103,6 +106,8 @@ class Routes:
         models = await gateway.models(request)  # authenticates the caller first
         translated = oa.translate(body, route, models, form=form)
         message = convert.request_to_pb(translated.request)
+        if translated.links:
+            return await self.generate_linked(request, message, translated)
         response, initial = await gateway.call(gateway.stub.GenerateImage, message, request)
         images = list(response.images)
         headers = {
@@ -112,6 +117,41 @@ class Routes:
         }
         answer = oa.images_response(images, translated.request.prompt, int(time.time()),
                                     response.output_format or translated.request.image_format, _size_of(images))
+        return JSONResponse(answer, headers=echo(request, headers))
+
+    async def generate_linked(self, request, message, translated: oa.Translated):
+        """response_format url: the same generation as a job (the same money path: reserved,
+        charged with its stored images), waited for here, answered with its images' URLs. A
+        caller that goes away cancels it, uncharged, as a dropped synchronous call is."""
+        from starlette.responses import JSONResponse
+
+        gateway = self.gateway
+        metadata = gateway.metadata(request)
+        try:
+            job, initial = await gateway.call(gateway.stub.SubmitJob, message, request, metadata)
+        except Refused as refused:
+            if refused.status == "FAILED_PRECONDITION" and refused.message.startswith(NO_JOBS):
+                raise oa.invalid("response_format", "url", "needs stored results, and this server keeps none (it runs "
+                                 "without billing): use b64_json") from None
+            raise
+        try:
+            ended = await gateway.job_ended(job.id, request, metadata)
+        except ClientGone:
+            with contextlib.suppress(Exception):
+                await gateway.stub.CancelJob(pb.CancelJobRequest(id=job.id), metadata=metadata, timeout=30)
+            raise
+        if ended.status != "succeeded":
+            if ended.status == "failed":
+                raise Refused(ended.error.status, ended.error.message, {})
+            raise Refused("ABORTED", f"job {job.id} was {ended.status} before it could answer", {})
+        base = f"{request.headers.get('x-forwarded-proto', request.url.scheme)}://{request.headers.get('host', request.url.netloc)}"
+        headers = {
+            oa.USAGE_HEADER: str(ended.stardust_usage), oa.BALANCE_HEADER: str(ended.stardust_balance),
+            **{name: initial[name] for name in wire.RATE_LIMIT_HEADERS if name in initial},
+        }
+        size = (translated.request.width, translated.request.height) if translated.request.width else None
+        answer = oa.images_response([], translated.request.prompt, int(time.time()), translated.request.image_format,
+                                    size, urls=[base + path for path in ended.image_urls])
         return JSONResponse(answer, headers=echo(request, headers))
 
     async def list_models(self, request, route: str):

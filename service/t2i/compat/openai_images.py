@@ -10,7 +10,8 @@ Nothing here validates a value the service validates: a translated request goes 
 service's GenerateImage (its validation, billing and engine), and the field a refusal names
 comes back as the parameter the caller sent (`param_of`). What the service never sees is
 checked here: the body's shape and types, OpenAI's own choices (`quality`, `background`, ...),
-the `size` syntax, and what this service cannot do (`response_format: url`, GIF, streaming).
+the `size` syntax, and what this service cannot do (GIF, streaming). `response_format: url`
+makes the call a job (t2i.compat.openai_http): the images are the job's stored results.
 This module does no I/O; t2i.compat.openai_http serves it.
 """
 
@@ -145,6 +146,7 @@ class Context:
     route: str
     models: list[ModelInfo]
     fields: dict[str, Any] = field(default_factory=dict)
+    links: bool = False  # response_format url: answer with the stored images' URLs
 
 
 @dataclass(frozen=True)
@@ -185,9 +187,7 @@ def _size(value: str, context: Context) -> None:
 
 
 def _response_format(value: str, context: Context) -> None:
-    if value == "url":
-        raise invalid("response_format", value, "this service keeps no images to link to (stored results are not "
-                      "available yet): use b64_json, the default")
+    context.links = value == "url"
 
 
 def _background(value: str, context: Context) -> None:
@@ -274,7 +274,9 @@ PARAMS: tuple[Param, ...] = (
        "the picture's own size, each side cropped to a multiple of 8 (another size resizes the picture by "
        "`resize_mode`).", _size),
     _p("response_format", "string", BOTH, "-", "`b64_json`", "`b64_json` (the default here, as for GPT image models); "
-       "`url` is refused with 400 until stored results exist.", _response_format, choices=("b64_json", "url")),
+       "`url`: the call runs as a job (README, \"Jobs\") and each `url` is where its stored image is, "
+       "`GET` with the same key (`Authorization: Bearer`) until the results expire (24 h by default); needs "
+       "billing (its database).", _response_format, choices=("b64_json", "url")),
     _p("output_format", "string", BOTH, "`outputFormat`", "`png`", "`png`, `jpeg` or `webp` (`gif` and `svg`: 400); "
        "the recipe goes in the PNG text chunks or the EXIF UserComment.", _set("output_format")),
     _p("output_compression", "integer", BOTH, "`quality`", "90 (ours; OpenAI's is 100)",
@@ -346,6 +348,7 @@ def params_of(route: str) -> tuple[Param, ...]:
 class Translated:
     request: GenerateRequest
     model: ModelInfo
+    links: bool = False  # answer with URLs of stored images (response_format url)
 
 
 def translate(body: Mapping[str, Any], route: str, models: list[ModelInfo], *, form: bool = False) -> Translated:
@@ -384,7 +387,7 @@ def translate(body: Mapping[str, Any], route: str, models: list[ModelInfo], *, f
     _check_representable(fields)
     if "mask" in fields:
         fields["mask"] = openai_mask(fields["mask"], model.max_pixels)
-    return Translated(GenerateRequest(**fields), model)
+    return Translated(GenerateRequest(**fields), model, context.links)
 
 
 def default_size(model: ModelInfo) -> tuple[int, int]:
@@ -424,10 +427,14 @@ def models_list(models: list[ModelInfo], created: int) -> dict:
     return {"object": "list", "data": [model_object(m, ordered, created) for m in ordered]}
 
 
-def images_response(images: list[bytes], prompt: str, created: int, output_format: str, size: tuple[int, int] | None) -> dict:
+def images_response(images: list[bytes], prompt: str, created: int, output_format: str, size: tuple[int, int] | None,
+                    urls: list[str] | None = None) -> dict:
+    """OpenAI's ImagesResponse: the images inline (b64_json), or with `urls` where they are."""
+    data = ([{"url": url, "revised_prompt": prompt} for url in urls] if urls is not None else
+            [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": prompt} for image in images])
     response: dict[str, Any] = {
         "created": created,
-        "data": [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": prompt} for image in images],
+        "data": data,
         "background": "opaque",
         "output_format": output_format,
     }

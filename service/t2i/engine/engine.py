@@ -201,6 +201,13 @@ class AsyncEngine:
         """Requests accepted and not yet admitted to a batch."""
         return len(self._inbox) + len(self.core.batcher.waiting)
 
+    def wants_work(self) -> bool:
+        """Whether a request taken now would likely run in the next batch: the engine accepts
+        requests and fewer wait than a batch holds. The job runner (t2i.jobs.runner) takes jobs
+        while this holds, so a replica keeps its next batch full and leaves the rest of the
+        shared queue to other replicas."""
+        return self.admission_error() is None and self.waiting() < self.config.max_batch_size
+
     def admission_error(self) -> Unavailable | Overloaded | None:
         """Why a new request would be refused right now, if it would."""
         if self.fatal.is_set():

@@ -1,11 +1,13 @@
 """The runner: feeds this replica's engine from the shared job queue.
 
-It claims a job (store.claim) whenever the engine has nobody waiting and it runs fewer than
-`max_running` jobs, so that jobs fill the engine's spare room and the queue, not the edge,
-balances long and short work across replicas. A job runs through the same engine path as
-GenerateImage (`engine.generate`, with the key as tenant: fair sharing applies), while its lease
-is renewed every third of the lease time; when a renewal fails (the job was cancelled, or this
-replica was too slow and another took it) the generation is stopped at its next step.
+It claims a job (store.claim) whenever fewer requests wait in the engine than a batch holds
+(engine.wants_work) and it runs fewer than `max_running` jobs, so that jobs fill the engine's
+next batch and the queue, not the edge, balances long and short work across replicas: a replica
+takes no more than it can start soon, and the rest waits for whichever replica has room. A job
+runs through the same engine path as GenerateImage (`engine.generate`, with the key as tenant:
+fair sharing applies), while its lease is renewed every third of the lease time; when a renewal
+fails (the job was cancelled, or this replica was too slow and another took it) the generation
+is stopped at its next step.
 
 Money: the reservation made at submission is committed (the charge) in the same database
 transaction that stores the images and marks the job succeeded, and only if this replica still
@@ -13,6 +15,15 @@ holds the job (t2i.billing.ledger.Ledger.commit_with): the charge and what was p
 recorded together or not at all, so nothing is charged twice or without its images. A job
 that fails releases its reservation. A job whose replica dies first is claimed again by another
 replica once its lease runs out and runs from the start; its reservation stays open for it.
+
+Watchers (GET /jobs/{id}/events, on any replica) read the job's events from the store: the
+runner appends what the engine reports (queued, started, progress, previews) for all its running
+jobs in one write at most every EVENT_FLUSH_SECONDS, and always before a job ends, so a job's
+events are complete once its status says it ended.
+
+A job whose key was revoked after it was submitted fails when it is claimed, as the key's
+synchronous call would (PERMISSION_DENIED), and its price is released: nothing is charged to a
+revoked key. One already running when the key is revoked finishes, like a synchronous call.
 
 Also here, on every replica: queued jobs past their time to live expire (price released) and
 stored results past theirs are deleted.
@@ -31,7 +42,7 @@ from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
 from ..billing.ledger import Reservation
 from ..domain import Queued
-from ..errors import ServiceError
+from ..errors import PermissionDenied, ServiceError
 from ..server import convert
 from ..server.status import failed_event
 from . import webhooks
@@ -43,6 +54,9 @@ POLL_SECONDS = 0.2  # how often an idle runner looks for work
 SWEEP_SECONDS = 30.0  # how often expired jobs and results are cleared
 MAX_DELIVERIES = 16  # webhook attempts one replica makes at once
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# A running job's events reach the database in one write at most this often (the engine throttles
+# progress to a few a second; a job's watchers poll about as often).
+EVENT_FLUSH_SECONDS = 0.5
 
 
 class JobRunner:
@@ -53,16 +67,20 @@ class JobRunner:
         self.owner = owner
         self.lease_seconds, self.results_ttl, self.queue_ttl = lease_seconds, results_ttl, queue_ttl
         self.max_running = max_running
-        self.weight_of = weight_of  # key id -> its tier's weight (fair shares)
+        # key id -> its tier's weight (fair shares); PermissionDenied when the key was revoked
+        self.weight_of = weight_of
         self.running: set[asyncio.Task] = set()
         self._generations: dict[str, asyncio.Future] = {}  # job id -> its generation here
         self.webhook_allow, self.first_retry = webhook_allow, first_retry
         self.deliveries: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self.events = Events(store, owner)
+        self._flush_task: asyncio.Task | None = None
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop())
+        self._flush_task = asyncio.create_task(self.events.flush_every(EVENT_FLUSH_SECONDS))
 
     def stop(self, job_id: str) -> None:
         """The job was cancelled: if it runs here, stop it now (at its next step) rather than
@@ -78,10 +96,11 @@ class JobRunner:
     async def close(self) -> None:
         """Stop claiming and stop the running jobs; their leases run out and other replicas
         take them (or this one, restarted)."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for task in (self._loop_task, self._flush_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for task in [*self.running, *self.deliveries]:
             task.cancel()
         if self.running or self.deliveries:
@@ -94,7 +113,7 @@ class JobRunner:
             engine = self.catalog.engine()
         except ServiceError:
             return False  # still starting
-        return engine.admission_error() is None and engine.waiting() == 0
+        return engine.wants_work()
 
     async def _loop(self) -> None:
         last_sweep = 0.0
@@ -111,6 +130,7 @@ class JobRunner:
                     task = asyncio.create_task(self._run(job, queued))
                     self.running.add(task)
                     task.add_done_callback(self.running.discard)
+                    task.add_done_callback(lambda _: self._wake.set())  # room again: look now
                     # The next claim waits until this job is in the engine's queue (or over), so
                     # that the engine's own queue decides whether there is room for another.
                     waiting = asyncio.ensure_future(queued.wait())
@@ -134,7 +154,7 @@ class JobRunner:
         for job in await asyncio.to_thread(self.store.expire_queued, self.queue_ttl):
             if job.reservation_id:
                 await asyncio.to_thread(self.ledger.release, job.reservation_id, "job expired in the queue")
-        expired = await asyncio.to_thread(self.store.expire_results)
+        expired = await asyncio.to_thread(self.store.expire_results, self.results_ttl)
         if expired:
             log.info("job results expired", extra={"jobs": len(expired)})
 
@@ -144,11 +164,16 @@ class JobRunner:
         params = dataclasses.replace(convert.request_from_pb(pb.GenerateImageRequest.FromString(job.request)), webhook=None)
         try:
             weight = await asyncio.to_thread(self.weight_of, job.key_id)
+        except PermissionDenied as revoked:
+            queued.set()
+            await self._failed(job, revoked)
+            return
         except Exception:
             weight = 1.0  # the key's tier could not be read: an even share
         def event(happened) -> None:
             if isinstance(happened, Queued):
                 queued.set()
+            self.events.add(job, convert.event_to_pb(happened))
 
         generation = asyncio.ensure_future(engine.generate(
             params, request_id=job.id, tenant=job.key_id, weight=weight, events=event))
@@ -162,11 +187,13 @@ class JobRunner:
             log.info("job stopped: cancelled or taken over", extra={"job_id": job.id})
             return
         except ServiceError as error:
+            await self.events.flush()
             await self._failed(job, error)
             return
         finally:
             renewal.cancel()
             self._generations.pop(job.id, None)
+        await self.events.flush()
         content_type = CONTENT_TYPES.get(result.output_format or "png", "image/png")
         reservation = Reservation(job.reservation_id, job.key_id, job.cost)
 
@@ -229,3 +256,39 @@ class JobRunner:
             if job.reservation_id:
                 await asyncio.to_thread(self.ledger.release, job.reservation_id, f"job failed: {status}")
         log.info("job failed", extra={"job_id": job.id, "status": status})
+
+
+class Events:
+    """The running jobs' events on their way to the store (watchers read them there): one write
+    for all of them at a time, in order. A flush returns once everything pending when it was
+    called is stored (writes are chained: each waits for the one before), so a job that flushes
+    before it ends has all its events stored while it still holds its lease."""
+
+    def __init__(self, store: JobStore, owner: str) -> None:
+        self.store, self.owner = store, owner
+        self.pending: list[tuple[str, int, str, bytes]] = []  # (job id, attempt, kind, event bytes)
+        self._writing: asyncio.Future | None = None
+
+    def add(self, job: Job, event: pb.GenerateImageEvent) -> None:
+        self.pending.append((job.id, job.attempts, event.WhichOneof("event"), event.SerializeToString()))
+
+    async def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        previous = self._writing
+
+        async def write() -> None:
+            if previous is not None:
+                await asyncio.wait({previous})
+            if batch:
+                try:
+                    await asyncio.to_thread(self.store.add_events, self.owner, batch)
+                except Exception:  # watchers miss these events; the jobs themselves go on
+                    log.exception("job events not stored", extra={"events": len(batch)})
+
+        self._writing = current = asyncio.ensure_future(write())
+        await asyncio.shield(current)  # a cancelled caller leaves the write to finish
+
+    async def flush_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self.flush()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 20
 MAX_PAGE = 100
+# How often a watcher (WatchJob) looks for a job's new events: about as often as a running job
+# stores them (runner.EVENT_FLUSH_SECONDS).
+WATCH_POLL_SECONDS = 0.25
 # A queue full of one key's jobs empties at the engine's pace: retrying within a second rarely
 # helps, and a client that waits this long is not hammering the ledger.
 QUEUE_FULL_RETRY_SECONDS = 10.0
@@ -70,14 +74,46 @@ class JobService:
             raise AlreadyProcessing("a job with the same Idempotency-Key is being submitted; retry to get it") from None
         return job, await asyncio.to_thread(self.store.position, job)
 
-    async def get(self, key_id: str, job_id: str) -> tuple[Job, int, list]:
-        """The job, its queue position (0 unless queued) and its webhook deliveries."""
+    async def get(self, key_id: str, job_id: str) -> tuple[Job, int, list, bytes | None]:
+        """The job, its queue position (0 unless queued), its webhook deliveries and, while it
+        runs, its last progress event (GenerateImageEvent bytes)."""
         job = await asyncio.to_thread(self.store.get, job_id, key_id)
         if job is None:
             raise NotFound(f"no job {job_id!r} of this API key")
         position = await asyncio.to_thread(self.store.position, job) if job.status == "queued" else 0
         deliveries = await asyncio.to_thread(self.store.deliveries, job.id) if job.webhook_url else []
-        return job, position, deliveries
+        progress = await asyncio.to_thread(self.store.progress, job) if job.status == "running" else None
+        return job, position, deliveries, progress
+
+    async def watch(self, key_id: str, job_id: str, after: int) -> AsyncIterator[tuple[int, bytes | Job]]:
+        """The job's events numbered above `after`, as (number, GenerateImageEvent bytes), as
+        they are stored, then (number, the ended job): the end, numbered one past the last event;
+        nothing when `after` is the end already. Refusals (NotFound for another key's job, a bad
+        `after`) come from this call, before the first event."""
+        watched = await asyncio.to_thread(self.store.watch, job_id, key_id, after)
+        if watched is None:
+            raise NotFound(f"no job {job_id!r} of this API key")
+        job, _, last = watched
+        end = last + 1 if job.finished else last
+        if not 0 <= after <= end:
+            raise InvalidArgument("after (REST: Last-Event-ID)", after,
+                                  f"must be the id of an event this job's stream sent: 0 (from the start) to {end}")
+        return self._follow(key_id, job_id, after, watched)
+
+    async def _follow(self, key_id: str, job_id: str, after: int, watched) -> AsyncIterator[tuple[int, bytes | Job]]:
+        while True:
+            if watched is None:
+                return  # deleted meanwhile (its key's data was purged)
+            job, events, last = watched
+            for number, payload in events:
+                yield number, payload
+                after = number
+            if job.finished:
+                if after <= last:
+                    yield last + 1, job
+                return
+            await asyncio.sleep(WATCH_POLL_SECONDS)
+            watched = await asyncio.to_thread(self.store.watch, job_id, key_id, after)
 
     async def cancel(self, key_id: str, job_id: str) -> Job:
         cancelled = await asyncio.to_thread(self.store.cancel, job_id, key_id)

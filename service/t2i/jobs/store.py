@@ -13,6 +13,11 @@ Which job is next: among the queued ones (and the running ones whose lease expir
 of the key with the fewest jobs running, so one key's flood of jobs does not hold back another
 key's first one (the engine's fair batching then shares the work between the keys).
 
+A job's events (table `job_events`, numbered per job from 1) are what its watchers replay:
+the first, `queued`, is written with the job; the runner holding the job appends the engine's
+events (`add_events`), and no one else can, so once a job has ended its events are final.
+The images of succeeded jobs go through a ResultStore (results.py).
+
 Ids are unguessable (`job_` and 24 random bytes); every read takes the key, and another key's
 job is not found. Money is the ledger's (t2i.billing.ledger): the store keeps the job's price
 and reservation id, and the caller reserves, commits and releases.
@@ -30,7 +35,8 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..billing.schema import JOB_STATUSES, job_images, jobs, webhook_deliveries, webhook_secrets
+from ..billing.schema import JOB_STATUSES, job_events, jobs, webhook_deliveries, webhook_secrets
+from .results import DatabaseResults, ResultStore
 
 ID_PREFIX = "job_"
 FINISHED = ("succeeded", "failed", "cancelled", "expired")
@@ -133,8 +139,9 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, db: Engine) -> None:
+    def __init__(self, db: Engine, results: ResultStore | None = None) -> None:
         self.db = db
+        self.results = results or DatabaseResults()  # the images (results.py)
 
     def _read(self):
         return self.db.execution_options(read_only=True).begin()
@@ -160,7 +167,10 @@ class JobStore:
                 ))
             except IntegrityError:
                 raise DuplicateJob(job_id) from None
-            return Job.of(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
+            job = Job.of(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
+            conn.execute(insert(job_events).values(job_id=job_id, seq=1, attempt=0, kind="queued",
+                                                   payload=queued_event(_position(conn, job)), created_at=now))
+            return job
 
     def queued(self, key_id: str) -> int:
         """The key's jobs waiting to start."""
@@ -177,9 +187,7 @@ class JobStore:
     def position(self, job: Job) -> int:
         """1 for the next queued job to be claimed (in submission order, all keys), ..."""
         with self._read() as conn:
-            ahead = conn.execute(select(func.count()).select_from(jobs).where(
-                jobs.c.status == "queued", jobs.c.created_at < job.created_at)).scalar_one()
-        return ahead + 1
+            return _position(conn, job)
 
     def list(self, key_id: str, statuses: Sequence[str] = (), after: str | None = None, limit: int = 50) -> list[Job]:
         """The key's jobs, newest first; `after`: the id the previous page ended with."""
@@ -213,19 +221,38 @@ class JobStore:
                     status="cancelled", finished_at=now, lease_owner=None, lease_expires_at=None))
                 _announce(conn, job_id)
             else:
-                conn.execute(delete(job_images).where(job_images.c.job_id == job_id))
+                self.results.delete(conn, [job_id])
+                conn.execute(delete(job_events).where(job_events.c.job_id == job_id))  # previews are images too
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(image_count=0))
             return Job.of(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()), before
 
     def image(self, job_id: str, key_id: str, position: int) -> tuple[bytes, str] | None:
         """An image of the key's succeeded job and its content type, or None."""
         with self._read() as conn:
-            row = conn.execute(
-                select(job_images.c.data, jobs.c.content_type)
-                .join(jobs, jobs.c.id == job_images.c.job_id)
-                .where(jobs.c.id == job_id, jobs.c.key_id == key_id, job_images.c.position == position)
-            ).one_or_none()
-        return None if row is None else (row.data, row.content_type)
+            content_type = conn.execute(select(jobs.c.content_type).where(
+                jobs.c.id == job_id, jobs.c.key_id == key_id, jobs.c.status == "succeeded")).scalar_one_or_none()
+            data = self.results.get(conn, job_id, position) if content_type is not None else None
+        return None if data is None else (data, content_type)
+
+    def watch(self, job_id: str, key_id: str, after: int) -> tuple[Job, list[tuple[int, bytes]], int] | None:
+        """The key's job, its events numbered above `after` (GenerateImageEvent bytes) and the
+        number of its last event; None when not found. The job is read first: once it is
+        finished no event is added, so the events read after it are all there will be."""
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.key_id == key_id)).one_or_none()
+            if row is None:
+                return None
+            events = conn.execute(select(job_events.c.seq, job_events.c.payload).where(
+                job_events.c.job_id == job_id, job_events.c.seq > after).order_by(job_events.c.seq)).all()
+            last = conn.execute(select(func.max(job_events.c.seq)).where(job_events.c.job_id == job_id)).scalar()
+        return Job.of(row), [(event.seq, event.payload) for event in events], last or 0
+
+    def progress(self, job: Job) -> bytes | None:
+        """The last progress event of the job's current run (GenerateImageEvent bytes), if any."""
+        with self._read() as conn:
+            return conn.execute(select(job_events.c.payload).where(
+                job_events.c.job_id == job.id, job_events.c.attempt == job.attempts, job_events.c.kind == "progress",
+            ).order_by(job_events.c.seq.desc()).limit(1)).scalar_one_or_none()
 
     # --- the runners' side -----------------------------------------------------------------
 
@@ -267,8 +294,7 @@ class JobStore:
         with self.db.begin() as conn:
             return self.succeed_in(conn, job_id, owner, images, content_type, usage, balance, results_ttl)
 
-    @staticmethod
-    def succeed_in(conn, job_id: str, owner: str, images: Sequence[bytes], content_type: str, usage: int, balance: int,
+    def succeed_in(self, conn, job_id: str, owner: str, images: Sequence[bytes], content_type: str, usage: int, balance: int,
                    results_ttl: float) -> bool:
         """succeed() in the caller's transaction (the ledger's, so that the charge and the
         images are recorded together: t2i.billing.ledger.Ledger.commit_with)."""
@@ -280,13 +306,32 @@ class JobStore:
             balance=balance, image_count=len(images), content_type=content_type,
             results_expire_at=now + dt.timedelta(seconds=results_ttl),
         )).rowcount == 1
-        if held and images:
-            conn.execute(insert(job_images), [
-                {"job_id": job_id, "position": position, "data": data} for position, data in enumerate(images)
-            ])
         if held:
+            self.results.put(conn, job_id, images)
             _announce(conn, job_id)
         return held
+
+    def add_events(self, owner: str, events: Sequence[tuple[str, int, str, bytes]]) -> None:
+        """Append running jobs' events (job id, attempt, kind, GenerateImageEvent bytes) in one
+        transaction, those of jobs `owner` still holds: a replica that lost a job adds nothing to
+        another's run, nor after the end."""
+        now = utcnow()
+        job_ids = sorted({event[0] for event in events})
+        with self.db.begin() as conn:
+            held = set(conn.execute(select(jobs.c.id).where(
+                jobs.c.id.in_(job_ids), jobs.c.lease_owner == owner, jobs.c.status == "running",
+            ).order_by(jobs.c.id).with_for_update()).scalars())
+            if not held:
+                return
+            last = dict(conn.execute(select(job_events.c.job_id, func.max(job_events.c.seq)).where(
+                job_events.c.job_id.in_(held)).group_by(job_events.c.job_id)).all())
+            rows = []
+            for job_id, attempt, kind, payload in events:
+                if job_id in held:
+                    last[job_id] = last.get(job_id, 0) + 1
+                    rows.append({"job_id": job_id, "seq": last[job_id], "attempt": attempt, "kind": kind,
+                                 "payload": payload, "created_at": now})
+            conn.execute(insert(job_events), rows)
 
     def fail(self, job_id: str, owner: str, status: str, message: str) -> bool:
         """Mark the job failed with the error a synchronous call would have answered."""
@@ -366,17 +411,34 @@ class JobStore:
                              .values(secret=secret, created_at=now))
             return secret
 
-    def expire_results(self) -> list[str]:
+    def expire_results(self, results_ttl: float) -> list[str]:
         """Delete the images of jobs whose results outlived their time to live; those jobs
-        become `expired`. Returns their ids."""
+        become `expired`. The events of jobs that ended more than `results_ttl` seconds ago
+        go too. Returns the ids of the jobs whose images were deleted."""
         now = utcnow()
         with self.db.begin() as conn:
             ids = conn.execute(select(jobs.c.id).where(
                 jobs.c.status == "succeeded", jobs.c.results_expire_at < now)).scalars().all()
             if ids:
-                conn.execute(delete(job_images).where(job_images.c.job_id.in_(ids)))
+                self.results.delete(conn, ids)
                 conn.execute(update(jobs).where(jobs.c.id.in_(ids)).values(status="expired", image_count=0))
+            ended = select(jobs.c.id).where(jobs.c.status.in_(FINISHED), jobs.c.status != "succeeded",
+                                            jobs.c.finished_at < now - dt.timedelta(seconds=results_ttl))
+            conn.execute(delete(job_events).where(or_(job_events.c.job_id.in_(ids), job_events.c.job_id.in_(ended))))
         return list(ids)
+
+
+def _position(conn, job: Job) -> int:
+    ahead = conn.execute(select(func.count()).select_from(jobs).where(
+        jobs.c.status == "queued", jobs.c.created_at < job.created_at)).scalar_one()
+    return ahead + 1
+
+
+def queued_event(position: int) -> bytes:
+    """The first event of every job: queued, at this place in the jobs' queue."""
+    from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
+
+    return pb.GenerateImageEvent(queued=pb.QueuedEvent(position=position, ahead=position - 1)).SerializeToString()
 
 
 def _announce(conn, job_id: str) -> None:

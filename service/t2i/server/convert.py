@@ -122,9 +122,9 @@ def _time(value) -> str:
     return value.isoformat().replace("+00:00", "Z") if value is not None else ""
 
 
-def job_to_pb(job, position: int = 0, deliveries=()) -> pb.Job:
+def job_to_pb(job, position: int = 0, deliveries=(), progress: bytes | None = None) -> pb.Job:
     """A stored job (t2i.jobs.store.Job) as callers see it, with its webhook deliveries
-    (t2i.jobs.store.Delivery)."""
+    (t2i.jobs.store.Delivery) and, while it runs, its last progress event (stored bytes)."""
     from ..errors import http_status_of
 
     message = pb.Job(
@@ -143,4 +143,15 @@ def job_to_pb(job, position: int = 0, deliveries=()) -> pb.Job:
     if job.status == "failed":
         message.error.CopyFrom(pb.JobError(code=http_status_of(job.error_status or ""), status=job.error_status or "",
                                            message=job.error_message or ""))
+    if progress is not None and job.status == "running":
+        message.progress.CopyFrom(pb.GenerateImageEvent.FromString(progress).progress)
     return message
+
+
+def job_event_to_pb(number: int, event) -> pb.JobEvent:
+    """A watched job's event: a stored GenerateImageEvent (bytes), or the ended job."""
+    if isinstance(event, bytes):
+        stored = pb.GenerateImageEvent.FromString(event)
+        field = stored.WhichOneof("event")
+        return pb.JobEvent(id=number, **{field: getattr(stored, field)})
+    return pb.JobEvent(id=number, ended=job_to_pb(event))

@@ -94,7 +94,7 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
 
     def _jobs(self):
         if self.catalog.jobs is None:
-            raise NotConfigured("jobs need the billing database: this server runs with --no-billing")
+            raise NotConfigured("jobs need the billing database: this server runs with --no-billing")  # compat.openai_http.NO_JOBS
         return self.catalog.jobs
 
     async def SubmitJob(self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext) -> pb.Job:
@@ -103,8 +103,16 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
         return convert.job_to_pb(job, position)
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        job, position, deliveries = await self._jobs().get(current_tenant.get().id, request.id)
-        return convert.job_to_pb(job, position, deliveries)
+        job, position, deliveries, progress = await self._jobs().get(current_tenant.get().id, request.id)
+        return convert.job_to_pb(job, position, deliveries, progress)
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext):
+        events = await self._jobs().watch(current_tenant.get().id, request.id, request.after)
+        # Headers now: the call was accepted, though the job may say nothing for a while (the
+        # REST adapter answers 200 on them, and a refusal by its status).
+        await context.send_initial_metadata(())
+        async for number, event in events:
+            yield convert.job_event_to_pb(number, event)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         return convert.job_to_pb(await self._jobs().cancel(current_tenant.get().id, request.id))

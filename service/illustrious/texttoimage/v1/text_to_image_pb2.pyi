@@ -245,7 +245,7 @@ class Model(_message.Message):
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., demo: _Optional[bool] = ..., embeddings: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_prompt_chunks: _Optional[int] = ..., prediction_type: _Optional[str] = ..., zero_terminal_snr: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "status", "created_at", "started_at", "finished_at", "position", "stardust_price", "stardust_usage", "stardust_balance", "image_urls", "error", "attempts", "results_expire_at", "webhook_deliveries")
+    __slots__ = ("id", "status", "created_at", "started_at", "finished_at", "position", "stardust_price", "stardust_usage", "stardust_balance", "image_urls", "error", "attempts", "results_expire_at", "webhook_deliveries", "progress")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,7 @@ class Job(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_EXPIRE_AT_FIELD_NUMBER: _ClassVar[int]
     WEBHOOK_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: str
     created_at: str
@@ -274,7 +275,32 @@ class Job(_message.Message):
     attempts: int
     results_expire_at: str
     webhook_deliveries: _containers.RepeatedCompositeFieldContainer[WebhookDelivery]
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., position: _Optional[int] = ..., stardust_price: _Optional[int] = ..., stardust_usage: _Optional[int] = ..., stardust_balance: _Optional[int] = ..., image_urls: _Optional[_Iterable[str]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ..., results_expire_at: _Optional[str] = ..., webhook_deliveries: _Optional[_Iterable[_Union[WebhookDelivery, _Mapping]]] = ...) -> None: ...
+    progress: ProgressEvent
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., position: _Optional[int] = ..., stardust_price: _Optional[int] = ..., stardust_usage: _Optional[int] = ..., stardust_balance: _Optional[int] = ..., image_urls: _Optional[_Iterable[str]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ..., results_expire_at: _Optional[str] = ..., webhook_deliveries: _Optional[_Iterable[_Union[WebhookDelivery, _Mapping]]] = ..., progress: _Optional[_Union[ProgressEvent, _Mapping]] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("id", "after")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    after: int
+    def __init__(self, id: _Optional[str] = ..., after: _Optional[int] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("id", "queued", "started", "progress", "preview", "ended")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    queued: QueuedEvent
+    started: StartedEvent
+    progress: ProgressEvent
+    preview: PreviewEvent
+    ended: Job
+    def __init__(self, id: _Optional[int] = ..., queued: _Optional[_Union[QueuedEvent, _Mapping]] = ..., started: _Optional[_Union[StartedEvent, _Mapping]] = ..., progress: _Optional[_Union[ProgressEvent, _Mapping]] = ..., preview: _Optional[_Union[PreviewEvent, _Mapping]] = ..., ended: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class WebhookDelivery(_message.Message):
     __slots__ = ("id", "event", "status", "attempts", "last_status", "last_error", "next_attempt_at")

@@ -79,6 +79,11 @@ class TextToImageServiceStub:
                 request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/illustrious.texttoimage.v1.TextToImageService/WatchJob',
+                request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.JobEvent.FromString,
+                _registered_method=True)
         self.GetJobImage = channel.unary_unary(
                 '/illustrious.texttoimage.v1.TextToImageService/GetJobImage',
                 request_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.GetJobImageRequest.SerializeToString,
@@ -183,6 +188,20 @@ class TextToImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchJob(self, request, context):
+        """WatchJob follows one of the caller's jobs: the events its generation reports, as
+        GenerateImageStream sends them (queued, started, progress, previews when the request asks
+        for them), each numbered, then one last event with the job as GetJob reports it once it
+        ended. With `after` it resumes after that event, on any replica; a job that started again
+        (its replica stopped) reports started and progress again. REST: GET /jobs/{id}/events,
+        server-sent events whose `id:` is the event's number, resumed with the Last-Event-ID
+        header; the adapters' port serves it (the transcoder's events carry no ids).
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetJobImage(self, request, context):
         """GetJobImage returns one image of a succeeded job, as its bytes with their content type.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
@@ -233,6 +252,11 @@ def add_TextToImageServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsRequest.FromString,
                     response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.WatchJobRequest.FromString,
+                    response_serializer=illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.JobEvent.SerializeToString,
             ),
             'GetJobImage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJobImage,
@@ -460,6 +484,33 @@ class TextToImageService:
             '/illustrious.texttoimage.v1.TextToImageService/ListJobs',
             illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsRequest.SerializeToString,
             illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/illustrious.texttoimage.v1.TextToImageService/WatchJob',
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.WatchJobRequest.SerializeToString,
+            illustrious_dot_texttoimage_dot_v1_dot_text__to__image__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,
