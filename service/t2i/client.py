@@ -171,10 +171,11 @@ class Client:
         return self._invoke(self._stub.CancelJob, self._calls.call(pb.CancelJobRequest(id=job_id), timeout))
 
     def watch_job(self, job_id: str, after: int = 0, *, timeout: float | None = None) -> Iterator[pb.JobEvent]:
-        """The job's events after event `after` as they happen, the last one `ended`."""
-        call = self._calls.call(pb.WatchJobRequest(id=job_id, after=after), timeout)
+        """The job's events after event `after` as they happen, the last one `ended`. No deadline
+        unless `timeout` is given (not the client's default: a job may wait long in the queue)."""
+        call = self._calls.call(pb.WatchJobRequest(id=job_id, after=after), None)
         try:
-            yield from self._stub.WatchJob(call.request, metadata=call.metadata, timeout=call.timeout)
+            yield from self._stub.WatchJob(call.request, metadata=call.metadata, timeout=timeout)
         except grpc.RpcError as error:
             raise ClientError.from_rpc_error(error) from None
 

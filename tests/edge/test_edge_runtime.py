@@ -178,3 +178,15 @@ def test_envoy_validates_the_config_as_deployed_and_as_run_locally(tmp_path):
 
 def test_the_route_timeout_is_sized_for_long_generations():
     assert route_timeout_seconds(load_canonical()) >= 300
+
+
+def test_the_launchers_route_timeout_leaves_the_job_event_stream_unbounded():
+    """`t2i up --route-timeout` bounds generations, not GET /jobs/{id}/events, which lasts as long
+    as its job (a long queue included)."""
+    from t2i.edge.envoy_config import COMPAT_CLUSTER, connection_manager, render, routes_to
+
+    config = render(EdgeSettings(route_timeout=3.0))
+    assert {route.get("timeout") for route in routes_to(config, COMPAT_CLUSTER)} == {"3s", "0s"}
+    (events,) = [route for host in connection_manager(config)["route_config"]["virtual_hosts"] for route in host["routes"]
+                 if route["match"].get("safe_regex", {}).get("regex") == "/jobs/[^/]+/events/?"]
+    assert events["route"]["timeout"] == "0s"

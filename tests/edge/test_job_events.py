@@ -136,6 +136,8 @@ def test_event_stream_refusals(edge, ledger):
         (other, None, 404, "no job"),
         (key, "abc", 400, "Last-Event-ID"),
         (key, "99999", 400, "Last-Event-ID"),
+        (key, "1" * 40, 400, "Last-Event-ID"),
+        (key, "-1", 400, "Last-Event-ID"),
         ("t2i_wrong_000000000000000000", None, 401, ""),
     ):
         stream = EventStream(edge, done["id"], sent_key, last)
@@ -168,6 +170,46 @@ def test_watch_job_over_grpc(edge, ledger):
             raise AssertionError("another key watched the job")
         except grpc.RpcError as error:
             assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_key_follows_at_most_so_many_jobs_at_once(edge, ledger):
+    from t2i.jobs.service import MAX_WATCHERS_PER_KEY
+
+    _, key = ledger.create_key("events-many", 1000, "standard")
+    metadata = ((wire.API_KEY_HEADER, key),)
+    with edge.gate, grpc.insecure_channel(f"127.0.0.1:{edge.grpc_port}") as channel:
+        stub = pb_grpc.TextToImageServiceStub(channel)
+        job = stub.SubmitJob(pb.GenerateImageRequest(model_id=1, prompt="1girl", width=64, height=64, steps=2,
+                                                     cfg_scale=5, seed=3, sampler_name="euler", scheduler="normal"),
+                             metadata=metadata)
+        edge.gate.wait_held()  # it runs and cannot end: its watchers stay
+        watchers = [stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=metadata) for _ in range(MAX_WATCHERS_PER_KEY)]
+        for watcher in watchers:
+            assert next(watcher).id == 1
+        try:
+            next(stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=metadata))
+            raise AssertionError("one watcher too many was let in")
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "follows" in error.details()
+        watchers.pop().cancel()
+
+        def one_more() -> bool:
+            try:
+                extra = stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=metadata)
+                next(extra)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                return False
+            extra.cancel()
+            return True
+
+        until(one_more, "a closed watcher's place given back")
+        for watcher in watchers:
+            watcher.cancel()
+    # Ended before the next test holds the gate.
+    with grpc.insecure_channel(f"127.0.0.1:{edge.grpc_port}") as channel:
+        stub = pb_grpc.TextToImageServiceStub(channel)
+        until(lambda: stub.GetJob(pb.GetJobRequest(id=job.id), metadata=metadata).status == "succeeded", "the job done")
 
 
 def test_a_revoked_keys_queued_job_fails_and_its_price_is_released(edge, ledger):

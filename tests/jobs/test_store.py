@@ -210,16 +210,42 @@ def test_events_are_numbered_kept_for_the_holder_only_and_final_once_it_ended(st
     assert done.status == "succeeded" and [n for n, _ in events] == [1, 2, 3, 4] and last == 4
 
 
-def test_a_finished_jobs_events_go_with_its_results(store):
+def preview(step: int) -> bytes:
+    from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
+
+    return pb.GenerateImageEvent(preview=pb.PreviewEvent(step=step, jpeg=b"jpeg", width=8, height=8)).SerializeToString()
+
+
+def test_deleting_a_finished_jobs_images_blanks_its_previews_and_keeps_the_numbers(store):
     store, (a, _) = store
     kept, deleted = submit(store, a, 2)
     for job_id in (kept, deleted):
         store.claim("r", 30)
-        store.add_events("r", [(job_id, 1, "progress", progress(1))])
+        store.add_events("r", [(job_id, 1, "progress", progress(1)), (job_id, 1, "preview", preview(1))])
         store.succeed(job_id, "r", [b"x"], "image/png", 5, 995, 3600)
-    store.cancel(deleted, a)  # a finished job: its images and its events are deleted
-    assert store.watch(deleted, a, 0)[1] == [] and store.image(deleted, a, 0) is None
-    assert len(store.watch(kept, a, 0)[1]) == 2 and store.image(kept, a, 0) == (b"x", "image/png")
+    store.cancel(deleted, a)  # a finished job: its images go, and its previews' pictures
+    _, events, last = store.watch(deleted, a, 0)
+    assert [n for n, _ in events] == [1, 2, 3] and last == 3 and store.image(deleted, a, 0) is None
+    assert events[1][1] == progress(1) and b"jpeg" not in events[2][1]
+    assert store.watch(kept, a, 0)[1][2][1] == preview(1) and store.image(kept, a, 0) == (b"x", "image/png")
+
+
+def test_events_are_kept_as_long_as_the_results(store):
+    store, (a, _) = store
+    failed, running = submit(store, a, 2)
+    store.claim("r", 30)
+    store.fail(failed, "r", "INTERNAL", "boom")
+    store.claim("r", 30)
+    store.add_events("r", [(running, 1, "progress", progress(1))])
+    assert len(store.watch(failed, a, 0)[1]) == 1
+    store.expire_results(3600)  # ended just now: kept
+    assert len(store.watch(failed, a, 0)[1]) == 1
+    deadline = time.monotonic() + 10
+    while store.watch(failed, a, 0)[1] and time.monotonic() < deadline:
+        store.expire_results(0.0)  # the clock must pass the end instant
+        time.sleep(0.01)
+    assert store.watch(failed, a, 0)[1] == []
+    assert len(store.watch(running, a, 0)[1]) == 2  # a running job's events stay
 
 
 def test_a_database_of_the_first_schema_is_upgraded_with_its_money_kept(database_url):

@@ -31,7 +31,7 @@ import grpc
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
 from .. import metrics, wire
-from ..errors import InternalError, InvalidArgument, PermissionDenied, ServiceError, Unauthenticated
+from ..errors import InternalError, InvalidArgument, NotFound, PermissionDenied, ServiceError, Unauthenticated
 from ..jobs import webhooks
 from ..jobs.runner import JobRunner
 from ..jobs.service import JobCharge, JobService, submitted_charge
@@ -62,9 +62,9 @@ KEY_CACHE_SECONDS = 5.0
 # may run this long.
 JOBS_OWNER = "jobs"
 JOB_RUN_ALLOWANCE_SECONDS = 3600.0
-# Jobs one replica holds at once, besides its synchronous calls: a batch running and the next
-# one waiting in the engine (engine.wants_work stops the claims once a batch waits).
-JOBS_PER_REPLICA = 16
+# Jobs one replica holds at once, besides its synchronous calls, in batches: one running and the
+# next waiting in the engine (engine.wants_work stops the claims once a batch waits).
+JOB_BATCHES_PER_REPLICA = 2
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         self.runner = JobRunner(
             self.job_store, self.ledger, self.catalog, owner=self.instance_id, lease_seconds=self.settings.job_lease_seconds,
             results_ttl=self.settings.job_results_ttl_seconds, queue_ttl=self.settings.job_queue_ttl_seconds,
-            max_running=JOBS_PER_REPLICA, weight_of=self._job_weight,
+            max_batches=JOB_BATCHES_PER_REPLICA, weight_of=self._job_weight,
             webhook_allow=self.webhook_allow, first_retry=self.settings.webhook_first_retry_seconds,
         )
         self.runner.start()
@@ -272,7 +272,9 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             async for message in inner(request, context):
                 yield message
         finally:
-            current_tenant.reset(token)
+            # A dropped stream is closed by the loop in another context, where reset() raises.
+            with contextlib.suppress(ValueError):
+                current_tenant.reset(token)
 
     async def _job_caller(self, context) -> Tenant:
         key, address = await self._authenticate(context)
@@ -284,9 +286,13 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
 
     def _job_weight(self, key_id: str) -> float:
         """A claimed job's fair-share weight; PermissionDenied when its key was revoked since."""
-        record = self.ledger.get_key(key_id)
+        try:
+            record = self.ledger.get_key(key_id)
+        except NotFound:
+            record = None
         if record is None or record.revoked:
-            raise PermissionDenied("the API key that submitted this job was revoked before it started")
+            raise PermissionDenied("the API key that submitted this job was revoked; the job did not run, and its price "
+                                   "was released")
         return self._tier(record).weight
 
     def _tier(self, key: KeyRecord):

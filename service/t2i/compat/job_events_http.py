@@ -33,6 +33,7 @@ from .app import Gateway, echo
 KEEP_ALIVE_SECONDS = 15.0
 PATH = re.compile(r"/jobs/[^/]+/events/?")
 LAST_EVENT_ID = "last-event-id"
+EVENT_ID = re.compile(r"[0-9]{1,18}")  # within WatchJobRequest.after's int64
 
 
 class Routes:
@@ -74,7 +75,7 @@ class Routes:
         from starlette.responses import StreamingResponse
 
         raw = request.headers.get(LAST_EVENT_ID, "").strip()
-        if raw and not raw.isdecimal():
+        if raw and not EVENT_ID.fullmatch(raw):
             return self.error(request, 400, "INVALID_ARGUMENT", f"Last-Event-ID: {raw[:40]!r} is not an event id: it must "
                               "be the id of an event this stream sent (a whole number), or left out to start from the start")
         after = int(raw) if raw else 0

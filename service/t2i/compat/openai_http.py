@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -11,12 +12,12 @@ from typing import Any
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
 from .. import wire
+from ..jobs.service import NO_BILLING
 from ..server import convert
 from . import openai_images as oa
 from .app import BodyTooLarge, ClientGone, Gateway, Refused, echo, error_reply, media_type, read_body
 
 MAX_FORM_FIELDS = 100
-NO_JOBS = "jobs need the billing database"  # t2i.server.servicer's refusal without billing
 
 
 class Routes:
@@ -130,15 +131,17 @@ class Routes:
         try:
             job, initial = await gateway.call(gateway.stub.SubmitJob, message, request, metadata)
         except Refused as refused:
-            if refused.status == "FAILED_PRECONDITION" and refused.message.startswith(NO_JOBS):
+            if refused.status == "FAILED_PRECONDITION" and refused.message.startswith(NO_BILLING):
                 raise oa.invalid("response_format", "url", "needs stored results, and this server keeps none (it runs "
                                  "without billing): use b64_json") from None
             raise
         try:
             ended = await gateway.job_ended(job.id, request, metadata)
-        except ClientGone:
-            with contextlib.suppress(Exception):
-                await gateway.stub.CancelJob(pb.CancelJobRequest(id=job.id), metadata=metadata, timeout=30)
+        except BaseException:
+            # The caller went away, or following the job failed (a replica stopping, say): the
+            # caller gets no URLs, so the job must not run on and be charged. Shielded: it goes
+            # out even when this handler is being cancelled.
+            await asyncio.shield(self._abandon(job.id, metadata))
             raise
         if ended.status != "succeeded":
             if ended.status == "failed":
@@ -153,6 +156,15 @@ class Routes:
         answer = oa.images_response([], translated.request.prompt, int(time.time()), translated.request.image_format,
                                     size, urls=[base + path for path in ended.image_urls])
         return JSONResponse(answer, headers=echo(request, headers))
+
+    async def _abandon(self, job_id: str, metadata) -> None:
+        """Cancel a job nobody will collect, unless it already ended (cancelling a finished job
+        would delete the images it was charged for)."""
+        stub = self.gateway.stub
+        with contextlib.suppress(Exception):
+            job = await stub.GetJob(pb.GetJobRequest(id=job_id), metadata=metadata, timeout=30)
+            if job.status in ("queued", "running"):
+                await stub.CancelJob(pb.CancelJobRequest(id=job_id), metadata=metadata, timeout=30)
 
     async def list_models(self, request, route: str):
         from starlette.responses import JSONResponse

@@ -112,6 +112,8 @@ def render(settings: EdgeSettings, canonical: dict | None = None) -> dict:
     if not compat_routes:
         raise KeyError(f"edge/envoy.yaml has no route to cluster {COMPAT_CLUSTER}")
     for route in (generate_route(config), *compat_routes):
+        if _seconds(route.get("timeout", "15s")) == 0:
+            continue  # no limit by design: GET /jobs/{id}/events lasts as long as its job
         route["timeout"] = f"{settings.route_timeout:g}s"
         if _seconds(route.get("idle_timeout", "0s")) < settings.route_timeout:
             route["idle_timeout"] = f"{settings.route_timeout:g}s"

@@ -1,7 +1,7 @@
 """The runner: feeds this replica's engine from the shared job queue.
 
 It claims a job (store.claim) whenever fewer requests wait in the engine than a batch holds
-(engine.wants_work) and it runs fewer than `max_running` jobs, so that jobs fill the engine's
+(engine.wants_work) and it holds fewer jobs than `max_batches` of the engine's batches, so that jobs fill the engine's
 next batch and the queue, not the edge, balances long and short work across replicas: a replica
 takes no more than it can start soon, and the rest waits for whichever replica has room. A job
 runs through the same engine path as GenerateImage (`engine.generate`, with the key as tenant:
@@ -19,7 +19,7 @@ replica once its lease runs out and runs from the start; its reservation stays o
 Watchers (GET /jobs/{id}/events, on any replica) read the job's events from the store: the
 runner appends what the engine reports (queued, started, progress, previews) for all its running
 jobs in one write at most every EVENT_FLUSH_SECONDS, and always before a job ends, so a job's
-events are complete once its status says it ended.
+events are complete once its status says it ended (unless a write failed: logged, the job goes on).
 
 A job whose key was revoked after it was submitted fails when it is claimed, as the key's
 synchronous call would (PERMISSION_DENIED), and its price is released: nothing is charged to a
@@ -61,12 +61,12 @@ EVENT_FLUSH_SECONDS = 0.5
 
 class JobRunner:
     def __init__(self, store: JobStore, ledger, catalog, *, owner: str, lease_seconds: float, results_ttl: float,
-                 queue_ttl: float, max_running: int, weight_of, webhook_allow: webhooks.AllowList = webhooks.AllowList(),
+                 queue_ttl: float, max_batches: int, weight_of, webhook_allow: webhooks.AllowList = webhooks.AllowList(),
                  first_retry: float | None = None) -> None:
         self.store, self.ledger, self.catalog = store, ledger, catalog
         self.owner = owner
         self.lease_seconds, self.results_ttl, self.queue_ttl = lease_seconds, results_ttl, queue_ttl
-        self.max_running = max_running
+        self.max_batches = max_batches  # jobs held here at most: this many of the engine's batches
         # key id -> its tier's weight (fair shares); PermissionDenied when the key was revoked
         self.weight_of = weight_of
         self.running: set[asyncio.Task] = set()
@@ -107,13 +107,11 @@ class JobRunner:
             await asyncio.gather(*self.running, *self.deliveries, return_exceptions=True)
 
     def _has_room(self) -> bool:
-        if len(self.running) >= self.max_running:
-            return False
         try:
             engine = self.catalog.engine()
         except ServiceError:
             return False  # still starting
-        return engine.wants_work()
+        return len(self.running) < self.max_batches * engine.config.max_batch_size and engine.wants_work()
 
     async def _loop(self) -> None:
         last_sweep = 0.0
@@ -172,7 +170,10 @@ class JobRunner:
             weight = 1.0  # the key's tier could not be read: an even share
         def event(happened) -> None:
             if isinstance(happened, Queued):
+                # A job's `queued` is its place in the jobs' queue (its first event); its wait in
+                # this engine's queue is short (the runner fills one batch ahead) and not stored.
                 queued.set()
+                return
             self.events.add(job, convert.event_to_pb(happened))
 
         generation = asyncio.ensure_future(engine.generate(

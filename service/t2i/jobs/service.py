@@ -11,6 +11,7 @@ database and no key, so the job calls answer FAILED_PRECONDITION.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
@@ -21,6 +22,10 @@ from .store import JOB_STATUSES, DuplicateJob, Job, JobStore, QueueFull
 
 log = logging.getLogger(__name__)
 
+# The job calls' refusal without billing (the OpenAI adapter tells it apart by this text).
+NO_BILLING = "jobs need the billing database"
+# Jobs one key may watch at once on one replica (each watcher reads the database 4 times a second).
+MAX_WATCHERS_PER_KEY = 16
 DEFAULT_PAGE = 20
 MAX_PAGE = 100
 # How often a watcher (WatchJob) looks for a job's new events: about as often as a running job
@@ -52,6 +57,7 @@ class JobService:
         self.store = store
         self.ledger = ledger
         self.runner = None  # this replica's runner (runner.py), once billing started it
+        self._watchers: dict[str, int] = {}  # key id -> its WatchJob calls on this replica
 
     async def check_room(self, key_id: str, max_queued: int) -> None:
         """Overloaded (429) when the key's queue is full: asked before its price is reserved
@@ -85,6 +91,21 @@ class JobService:
         progress = await asyncio.to_thread(self.store.progress, job) if job.status == "running" else None
         return job, position, deliveries, progress
 
+    @contextlib.contextmanager
+    def watching(self, key_id: str):
+        """One more watcher of the key's jobs for the time of the block; Overloaded (429) past
+        MAX_WATCHERS_PER_KEY on this replica."""
+        if self._watchers.get(key_id, 0) >= MAX_WATCHERS_PER_KEY:
+            raise Overloaded(f"this API key already follows {MAX_WATCHERS_PER_KEY} jobs at once on this replica, the "
+                             "most it may; close a stream, or poll GET /jobs/{id}", retry_after=1.0)
+        self._watchers[key_id] = self._watchers.get(key_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._watchers[key_id] -= 1
+            if not self._watchers[key_id]:
+                del self._watchers[key_id]
+
     async def watch(self, key_id: str, job_id: str, after: int) -> AsyncIterator[tuple[int, bytes | Job]]:
         """The job's events numbered above `after`, as (number, GenerateImageEvent bytes), as
         they are stored, then (number, the ended job): the end, numbered one past the last event;
@@ -103,7 +124,7 @@ class JobService:
     async def _follow(self, key_id: str, job_id: str, after: int, watched) -> AsyncIterator[tuple[int, bytes | Job]]:
         while True:
             if watched is None:
-                return  # deleted meanwhile (its key's data was purged)
+                return  # no longer there (jobs are not deleted today; defensive)
             job, events, last = watched
             for number, payload in events:
                 yield number, payload

@@ -222,7 +222,10 @@ class JobStore:
                 _announce(conn, job_id)
             else:
                 self.results.delete(conn, [job_id])
-                conn.execute(delete(job_events).where(job_events.c.job_id == job_id))  # previews are images too
+                # Previews are pictures of the result too: they lose their JPEG and keep their
+                # place, so that the events' numbers (what a watcher resumes by) do not change.
+                conn.execute(update(job_events).where(job_events.c.job_id == job_id, job_events.c.kind == "preview")
+                             .values(payload=EMPTY_PREVIEW))
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(image_count=0))
             return Job.of(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()), before
 
@@ -413,8 +416,9 @@ class JobStore:
 
     def expire_results(self, results_ttl: float) -> list[str]:
         """Delete the images of jobs whose results outlived their time to live; those jobs
-        become `expired`. The events of jobs that ended more than `results_ttl` seconds ago
-        go too. Returns the ids of the jobs whose images were deleted."""
+        become `expired`. Their events go too, and those of jobs that failed or were cancelled
+        more than `results_ttl` seconds ago: a job's events are kept as long as its results
+        would be. Returns the ids of the jobs whose images were deleted."""
         now = utcnow()
         with self.db.begin() as conn:
             ids = conn.execute(select(jobs.c.id).where(
@@ -432,6 +436,12 @@ def _position(conn, job: Job) -> int:
     ahead = conn.execute(select(func.count()).select_from(jobs).where(
         jobs.c.status == "queued", jobs.c.created_at < job.created_at)).scalar_one()
     return ahead + 1
+
+
+def _empty_preview() -> bytes:
+    from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
+
+    return pb.GenerateImageEvent(preview=pb.PreviewEvent()).SerializeToString()
 
 
 def queued_event(position: int) -> bytes:
@@ -456,5 +466,7 @@ def _announce(conn, job_id: str) -> None:
         payload=payload(Job.of(row), event, now), status="pending", attempts=0, next_attempt_at=now, created_at=now,
     ))
 
+
+EMPTY_PREVIEW = _empty_preview()
 
 assert set(FINISHED) | {"queued", "running"} == set(JOB_STATUSES)

@@ -20,7 +20,7 @@ from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 
 from ..errors import NotConfigured, ServiceError, Unavailable
-from ..jobs.service import submitted_charge
+from ..jobs.service import NO_BILLING, submitted_charge
 from ..logs import request_id_var
 from ..tenancy import current_tenant
 from . import convert
@@ -94,7 +94,7 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
 
     def _jobs(self):
         if self.catalog.jobs is None:
-            raise NotConfigured("jobs need the billing database: this server runs with --no-billing")  # compat.openai_http.NO_JOBS
+            raise NotConfigured(f"{NO_BILLING}: this server runs with --no-billing")
         return self.catalog.jobs
 
     async def SubmitJob(self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext) -> pb.Job:
@@ -107,12 +107,14 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
         return convert.job_to_pb(job, position, deliveries, progress)
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext):
-        events = await self._jobs().watch(current_tenant.get().id, request.id, request.after)
-        # Headers now: the call was accepted, though the job may say nothing for a while (the
-        # REST adapter answers 200 on them, and a refusal by its status).
-        await context.send_initial_metadata(())
-        async for number, event in events:
-            yield convert.job_event_to_pb(number, event)
+        jobs, key_id = self._jobs(), current_tenant.get().id
+        with jobs.watching(key_id):
+            events = await jobs.watch(key_id, request.id, request.after)
+            # Headers now: the call was accepted, though the job may say nothing for a while
+            # (the REST adapter answers 200 on them, and a refusal by its status).
+            await context.send_initial_metadata(())
+            async for number, event in events:
+                yield convert.job_event_to_pb(number, event)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         return convert.job_to_pb(await self._jobs().cancel(current_tenant.get().id, request.id))

@@ -195,7 +195,8 @@ class TextToImageServiceServicer:
         ended. With `after` it resumes after that event, on any replica; a job that started again
         (its replica stopped) reports started and progress again. REST: GET /jobs/{id}/events,
         server-sent events whose `id:` is the event's number, resumed with the Last-Event-ID
-        header; the adapters' port serves it (the transcoder's events carry no ids).
+        header; the adapters' port serves it (the transcoder's events carry no ids). A native
+        gRPC call through the edge lasts at most its route timeout (300 s): resume with `after`.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
