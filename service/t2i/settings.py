@@ -97,6 +97,11 @@ class ServeSettings:
         "HTTP port of the adapters (the OpenAI Images API under /v1/, which the edge routes here); 0 picks a free "
         "one, -1 turns them off. They call the gRPC port over loopback, so --trusted-proxies must include 127.0.0.1.",
     )
+    public_url: str = setting(
+        "", "The API's public base URL (https://api.example.com): links to stored job images start with it (the OpenAI "
+        "adapter's response_format url). By default they are built from the request's Host and X-Forwarded-Proto.",
+        doc_default="from the request",
+    )
     print_usage: bool = setting(False, "Print how to call the service once it is ready.", env=None, doc_default="off")
     engine: EngineConfig = field(default_factory=EngineConfig)
     # The edge's largest body (the image routes' and native gRPC's cap), so that whatever the

@@ -79,6 +79,13 @@ def loopback_target(settings: ServeSettings, grpc_port: int) -> tuple[str, str]:
 
 def configuration_error(settings: ServeSettings) -> str | None:
     """Why the adapters cannot run with these settings (None: they can)."""
+    if settings.public_url:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(settings.public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            return (f"--public-url {settings.public_url!r}: must be an http or https URL with a host and no query or "
+                    "fragment, e.g. https://api.example.com")
     host, _ = loopback_target(settings, 0)
     if not trusts(parse_networks(settings.trusted_proxies), host):
         return (f"--compat-port: the adapters call the gRPC port from {host}, which --trusted-proxies "
@@ -90,7 +97,7 @@ def configuration_error(settings: ServeSettings) -> str | None:
 class Gateway:
     """The service's gRPC API as the adapters call it: a real channel to this process's port."""
 
-    def __init__(self, target: str, trusted: tuple) -> None:
+    def __init__(self, target: str, trusted: tuple, public_url: str = "") -> None:
         self.channel = grpc.aio.insecure_channel(target, options=[
             ("grpc.max_send_message_length", wire.MAX_IMAGE_REQUEST_BYTES),
             ("grpc.max_receive_message_length", wire.MAX_RESPONSE_BYTES),
@@ -98,6 +105,7 @@ class Gateway:
         self.stub = pb_grpc.TextToImageServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.trusted = trusted
+        self.public_url = public_url.rstrip("/")  # where links to stored images start ("": the request's)
 
     def metadata(self, request) -> list[tuple[str, str]]:
         headers = request.headers
@@ -300,7 +308,7 @@ class CompatServer:
         # Its start and stop lines say nothing the serving process's own log does not.
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         _, target = loopback_target(self.settings, grpc_port)
-        self.gateway = Gateway(target, parse_networks(self.settings.trusted_proxies))
+        self.gateway = Gateway(target, parse_networks(self.settings.trusted_proxies), self.settings.public_url)
         host = self.settings.compat_host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, self.settings.compat_port), family=family, backlog=2048)

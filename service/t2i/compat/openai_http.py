@@ -147,7 +147,7 @@ class Routes:
             if ended.status == "failed":
                 raise Refused(ended.error.status, ended.error.message, {})
             raise Refused("ABORTED", f"job {job.id} was {ended.status} before it could answer", {})
-        base = f"{request.headers.get('x-forwarded-proto', request.url.scheme)}://{request.headers.get('host', request.url.netloc)}"
+        base = link_base(request, gateway.public_url)
         headers = {
             oa.USAGE_HEADER: str(ended.stardust_usage), oa.BALANCE_HEADER: str(ended.stardust_balance),
             **{name: initial[name] for name in wire.RATE_LIMIT_HEADERS if name in initial},
@@ -179,6 +179,15 @@ class Routes:
         model = oa.resolve_model(request.path_params["model"], models)
         ordered = sorted(models, key=lambda m: m.id)
         return JSONResponse(oa.model_object(model, ordered, self.started), headers=echo(request, {}))
+
+
+def link_base(request, public_url: str) -> str:
+    """Where links to this API start: --public-url, else the scheme and host the caller used
+    (X-Forwarded-Proto, which the edge sets, and Host)."""
+    if public_url:
+        return public_url
+    scheme = request.headers.get("x-forwarded-proto", request.url.scheme).split(",")[0].strip()
+    return f"{scheme if scheme in ('http', 'https') else 'http'}://{request.headers.get('host', request.url.netloc)}"
 
 
 async def _form(request, raw: bytes, limit: int) -> dict:
