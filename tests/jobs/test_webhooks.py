@@ -16,6 +16,7 @@ import pytest
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 from illustrious.texttoimage.v1 import text_to_image_pb2_grpc as pb_grpc
 from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from t2i import wire
 from t2i.billing.setup import open_ledger
@@ -120,7 +121,7 @@ def test_signed_delivery_retried_after_a_500_with_the_same_id(service):
         payload = Webhook(secret).verify(attempt["body"], attempt["headers"])
         assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job.id
         assert payload["data"]["status"] == "succeeded" and payload["data"]["imageUrls"]
-    with pytest.raises(Exception):
+    with pytest.raises(WebhookVerificationError, match="signature"):
         Webhook(secret).verify(attempts[0]["body"] + b" ", attempts[0]["headers"])  # tampered: refused
     # Retries wait: the first within a minute (here the ladder is scaled to a 0.5 s first gap).
     assert attempts[1]["at"] - attempts[0]["at"] >= backoff(1, 0.5) * 0.9
@@ -206,5 +207,5 @@ def test_the_readme_verification_snippet_verifies_a_signed_delivery():
     secret, body = new_secret(), b'{"type":"job.succeeded","data":{"id":"job_x"}}'
     headers = signed_headers(secret, "msg_1", dt.datetime.now(dt.UTC), body)
     assert namespace["verified"](secret, body, headers)["data"]["id"] == "job_x"
-    with pytest.raises(Exception):
+    with pytest.raises(WebhookVerificationError, match="signature"):
         namespace["verified"](secret, body.replace(b"job_x", b"job_y"), headers)

@@ -43,7 +43,7 @@ def test_a_billed_request_is_checked_and_its_picture_header_read_once(demo_model
         await server.start()
         try:
             ledger = open_ledger(tmp_path, None)
-            _, key = ledger.create_key("once", balance=10_000, tier=ledger_tier(ledger))
+            _, key = ledger.create_key("once", balance=10_000, tier=default_tier())
             ledger.close()
             checks.clear(), headers.clear()
             request = pb.GenerateImageRequest(
@@ -65,7 +65,7 @@ def test_a_billed_request_is_checked_and_its_picture_header_read_once(demo_model
     assert asyncio.run(run()) == (1, 1)
 
 
-def ledger_tier(ledger) -> str:
+def default_tier() -> str:
     from t2i.billing.settings import BillingSettings
 
     return BillingSettings().default_tier

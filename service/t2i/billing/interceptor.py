@@ -259,7 +259,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
 
     async def _keyed(self, inner, request, context):
         """A job call on the caller's own jobs: a valid key, which the servicer reads as the tenant."""
-        token = current_tenant.set(await self._job_caller(context))
+        token = current_tenant.set(await self._caller(context))
         try:
             return await inner(request, context)
         finally:
@@ -267,7 +267,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
 
     async def _keyed_stream(self, inner, request, context):
         """WatchJob: as _keyed, for a stream."""
-        token = current_tenant.set(await self._job_caller(context))
+        token = current_tenant.set(await self._caller(context))
         try:
             async for message in inner(request, context):
                 yield message
@@ -276,7 +276,9 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             with contextlib.suppress(ValueError):
                 current_tenant.reset(token)
 
-    async def _job_caller(self, context) -> Tenant:
+    async def _caller(self, context) -> Tenant:
+        """A call that generates nothing (job calls, the lists): a valid key, from an address
+        not blocked for failed authentications."""
         key, address = await self._authenticate(context)
         blocked = await self.limiter.address_blocked(address)
         if not blocked.allowed:
@@ -295,6 +297,12 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                                    "was released")
         return self._tier(record).weight
 
+    def _price(self, checked) -> int:
+        """The price of a checked request (pricing.py), as it will run."""
+        loaded = self.catalog.model(checked.params.model_id)
+        return pricing.price(checked.params, loaded.spec.price_multiplier, loaded.sigma_table, self.settings,
+                             checked.context_chunks)
+
     def _tier(self, key: KeyRecord):
         return self.settings.tiers.get(key.tier) or self.settings.tiers[self.settings.default_tier]
 
@@ -312,30 +320,30 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                 events = webhooks.check_events(webhook.events)
                 await asyncio.to_thread(webhooks.check_url, webhook.url, self.webhook_allow)
                 await self._call("webhook secret", self.job_store.secret, admitted.key.id)  # signed from the start
-            claim = self._idempotency_claim(context, request)
-            if claim is None:
+            idempotency_key = self._idempotency_key(context)
+            stored = request.SerializeToString(deterministic=True)  # the job's request, as kept and compared
+            if idempotency_key is None:
                 job_id = new_job_id()
             else:
                 # A retry with the same Idempotency-Key finds its job instead of making another.
-                job_id = idempotent_job_id(admitted.key.id, claim.key)
+                job_id = idempotent_job_id(admitted.key.id, idempotency_key)
                 existing = await self._call("job", self.job_store.get, job_id, admitted.key.id)
                 if existing is not None:
-                    if existing.request != request.SerializeToString(deterministic=True):
-                        raise InvalidArgument("idempotency-key", claim.key, "was used for a job with different request "
-                                              "parameters; use a new key for a new request")
+                    if existing.request != stored:
+                        raise InvalidArgument("idempotency-key", idempotency_key, "was used for a job with different "
+                                              "request parameters; use a new key for a new request")
                     metrics.IDEMPOTENT_REPLAYS.inc()
                     await context.send_initial_metadata(tuple(admitted.headers.items()))
                     position = await self._call("job", self.job_store.position, existing)
                     return convert.job_to_pb(existing, position)
             await self.catalog.jobs.check_room(admitted.key.id, self._tier(admitted.key).max_queued_jobs)
             params = checked.params
-            loaded = self.catalog.model(params.model_id)
-            cost = pricing.price(params, loaded.spec.price_multiplier, loaded.sigma_table, self.settings, checked.context_chunks)
+            cost = self._price(checked)
             ttl = self.settings.job_queue_ttl_seconds + JOB_RUN_ALLOWANCE_SECONDS
             reservation = await self._timed("reserve", self._money.reserve(
                 ReserveOp(admitted.key.id, cost, JOBS_OWNER, params.model_id, job_id, None, ttl)))
             charge = submitted_charge.set(
-                JobCharge(admitted.key.id, cost, reservation.id, self._tier(admitted.key).max_queued_jobs, job_id,
+                JobCharge(admitted.key.id, cost, reservation.id, self._tier(admitted.key).max_queued_jobs, job_id, stored,
                           webhook.url if webhook is not None else None, events))
             try:
                 response = await inner(request, context)
@@ -350,11 +358,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         return response
 
     async def _list_models(self, inner, request, context):
-        _, address = await self._authenticate(context)
-        blocked = await self.limiter.address_blocked(address)
-        if not blocked.allowed:
-            metrics.RATE_LIMITED.labels(limit=blocked.verdict.value).inc()
-            raise refusal(blocked)
+        await self._caller(context)
         return await inner(request, context)
 
     @contextlib.asynccontextmanager
@@ -362,7 +366,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         """Authenticate and rate-limit a generation; while it runs, hold its concurrency slot
         and let revocation find its task."""
         key, address = await self._authenticate(context)
-        tier = self.settings.tiers.get(key.tier) or self.settings.tiers[self.settings.default_tier]
+        tier = self._tier(key)
         # The slot is named by the server, never after anything the caller sends: calls sharing one
         # x-request-id must still take one slot each (a shared name would count them once).
         slot = uuid.uuid4().hex
@@ -414,9 +418,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         checked_call.set((request, checked))  # the engine uses this check (server/catalog.py)
         self.catalog.admission_check()
         params = checked.params  # with a picture's own size filled in: what runs is what is priced
-        loaded = self.catalog.model(params.model_id)
-        chunks = checked.context_chunks
-        cost = pricing.price(params, loaded.spec.price_multiplier, loaded.sigma_table, self.settings, chunks)
+        cost = self._price(checked)
         claim = self._idempotency_claim(context, request)
         request_id = request_id_var.get()
         outcome = await self._timed("reserve", self._money.reserve(
@@ -546,12 +548,19 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             raise refusal(decision)
 
     @staticmethod
-    def _idempotency_claim(context, request: pb.GenerateImageRequest) -> IdempotencyClaim | None:
+    def _idempotency_key(context) -> str | None:
         value = metadata_value(context, wire.IDEMPOTENCY_HEADER)
         if not value:
             return None
         if len(value) > wire.MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument("idempotency-key", value, f"must be at most {wire.MAX_IDEMPOTENCY_KEY} characters")
+        return value
+
+    @classmethod
+    def _idempotency_claim(cls, context, request: pb.GenerateImageRequest) -> IdempotencyClaim | None:
+        value = cls._idempotency_key(context)
+        if value is None:
+            return None
         payload = request.SerializeToString(deterministic=True)
         return IdempotencyClaim(value, IdempotencyClaim.fingerprint_of(wire.GENERATE_METHOD, payload))
 

@@ -109,7 +109,7 @@ UPSCALERS: dict[str, str] = _inverse(A1111_LATENT_UPSCALERS)
 RESIZE_NUMBERS = dict(enumerate(RESIZE_MODES))
 
 
-def sampler_and_scheduler(sampler: str | None, scheduler: str | None, field: str = "sampler_name") -> tuple[str, str]:
+def sampler_and_scheduler(sampler: str | None, scheduler: str | None) -> tuple[str, str]:
     """(our sampler, our scheduler) for A1111's labels; a combined legacy label such as
     "DPM++ 2S a Karras" names the scheduler at its end. Labels are matched without case."""
     name = (sampler or DEFAULT_SAMPLER).strip()
@@ -122,7 +122,7 @@ def sampler_and_scheduler(sampler: str | None, scheduler: str | None, field: str
     ours = SAMPLERS.get(name.lower())
     if ours is None:
         raise A1111Error(404, f"Sampler not found: {_shown(sampler)}; available: " + ", ".join(A1111_SAMPLERS.values()),
-                         field=field, value=sampler)
+                         field="sampler_name", value=sampler)
     if found_scheduler is None:
         if scheduler in (None, ""):
             found_scheduler = ""
@@ -180,7 +180,6 @@ def service_error(status: str, message: str, trailers: Mapping[str, str]) -> A11
 
 @dataclass
 class Context:
-    route: str
     models: list[ModelInfo]
     body: Mapping[str, Any]
     fields: dict[str, Any] = field(default_factory=dict)
@@ -235,14 +234,6 @@ def _same_as(other: str, why: str) -> Callable[[Any, Context], None]:
     return apply
 
 
-def _batch(value: Any, context: Context) -> None:
-    context.fields["batch_size"] = _typed(context.current, value, int)
-
-
-def _iterations(value: Any, context: Context) -> None:
-    context.fields["n_iter"] = _typed(context.current, value, int)
-
-
 def _scripts(value: Any, context: Context) -> None:
     """alwayson_scripts: {} or scripts switched off ({"args": []} or {"args": [false]})."""
     if not isinstance(value, dict):
@@ -265,11 +256,6 @@ def _override(value: Any, context: Context) -> None:
         else:
             raise invalid(f"override_settings.{key}", setting,
                           "only sd_model_checkpoint (and CLIP_stop_at_last_layers, ignored on SDXL) can be set here")
-
-
-def _upscaler(value: Any, context: Context) -> None:
-    label = _typed("hr_upscaler", value, str)
-    context.fields["hr_upscaler"] = label
 
 
 def _init_images(value: Any, context: Context) -> None:
@@ -299,112 +285,107 @@ def _invert(value: Any, context: Context) -> None:
     context.fields["invert_mask"] = bool(value)
 
 
-def _f(name: str, kind: str, routes: tuple[str, ...], ours: str, default: str, effect: str,
-       apply: Callable[[Any, Context], None]) -> Field:
-    return Field(name, kind, routes, ours, default, effect, apply)
-
-
 NO_SCRIPTS = "this service runs no scripts or extensions"
 ONE_PASS_MODEL = "the hires pass uses the request's model, sampler, scheduler and prompts"
 
 # The one mapping table, in A1111's order of its request models.
 FIELDS: tuple[Field, ...] = (
-    _f("prompt", "string", BOTH, "`prompt`", '""', "Read by A1111's rules (`promptSyntax: a1111`): `(x)`, `[x]`, `(x:w)`, "
-       "escapes, `BREAK`, comma back-off, Original emphasis, embeddings by file name, `<lora:NAME:TE:UNET>` tags "
-       "as LoRAs. Empty: 422 (a prompt is required here).", _set("prompt", str)),
-    _f("negative_prompt", "string", BOTH, "`negativePrompt`", '""', "Read by A1111's rules; empty is zeros, as A1111 "
-       "conditions SDXL.", _set("negative_prompt", str)),
-    _f("styles", "array", BOTH, "-", "[]", "Must be empty: no saved styles here.", _empty("no saved styles here")),
-    _f("seed", "integer", BOTH, "`seed`", "-1", "-1: random; the seed used comes back in `info`.", _set("seed", int)),
-    _f("subseed", "integer", BOTH, "-", "-1", "Ignored (variation seeds are off unless `subseed_strength` is set).", _ignored),
-    _f("subseed_strength", "number", BOTH, "-", "0", "0 only: no variation seeds.", _only(0, 0.0, None, why="no variation seeds")),
-    _f("seed_resize_from_h", "integer", BOTH, "-", "-1", "-1 or 0 only.", _only(-1, 0, None, why="no seed resizing")),
-    _f("seed_resize_from_w", "integer", BOTH, "-", "-1", "-1 or 0 only.", _only(-1, 0, None, why="no seed resizing")),
-    _f("sampler_name", "string", BOTH, "`samplerName`", f"`{DEFAULT_SAMPLER}`", "An A1111 label (`Euler a`, `DPM2 a`, "
-       "`DPM++ 2S a`, ...; a combined legacy label such as `DPM++ 2S a Karras` sets the scheduler too), matched "
-       "without case; unknown: 404 `Sampler not found`.", _ignored),  # with scheduler, by translate()
-    _f("sampler_index", "string", BOTH, "`samplerName`", "-", "The old name of `sampler_name`, used when that is absent.",
-       _ignored),
-    _f("scheduler", "string", BOTH, "`scheduler`", "`Automatic`", "An A1111 scheduler name or label (`Karras`, `SGM Uniform`, "
-       "...); `Automatic`: Karras for DPM++ 2S a, else Normal (A1111's Uniform).", _ignored),
-    _f("batch_size", "integer", BOTH, "`numImages`", "1", "Images per call: `batch_size` x `n_iter`, at most 8, made as one "
-       "batch from one seed (each image's infotext says its `Batch pos`).", _batch),
-    _f("n_iter", "integer", BOTH, "`numImages`", "1", "See `batch_size`.", _iterations),
-    _f("steps", "integer", BOTH, "`steps`", str(DEFAULT_STEPS), "Sampling steps.", _set("steps", int)),
-    _f("cfg_scale", "number", BOTH, "`cfgScale`", f"{DEFAULT_CFG:g}", "Classifier-free guidance.", _set("cfg_scale", (int, float), float)),
-    _f("width", "integer", BOTH, "`width`", str(DEFAULT_SIZE), "Output width (img2img: the picture is resized to it by "
-       "`resize_mode`).", _set("width", int)),
-    _f("height", "integer", BOTH, "`height`", str(DEFAULT_SIZE), "Output height.", _set("height", int)),
-    _f("restore_faces", "boolean", BOTH, "-", "false", "false only: no face restoration.", _only(False, None, why="no face restoration")),
-    _f("tiling", "boolean", BOTH, "-", "false", "false only: no tiling.", _only(False, None, why="no tiling")),
-    _f("do_not_save_samples", "boolean", BOTH, "-", "false", "Ignored: nothing is saved on the server.", _ignored),
-    _f("do_not_save_grid", "boolean", BOTH, "-", "false", "Ignored.", _ignored),
-    _f("save_images", "boolean", BOTH, "-", "false", "Ignored: nothing is saved on the server.", _ignored),
-    _f("send_images", "boolean", BOTH, "-", "true", "false answers without images (still charged: they were made).",
-       _set("send_images", bool)),
-    _f("eta", "number", BOTH, "-", "null", "null or 1 only: the ancestral samplers' eta is 1.", _only(None, 1, 1.0, why="eta is 1")),
-    _f("s_churn", "number", BOTH, "-", "0", "0 only.", _only(0, 0.0, None, why="no churn")),
-    _f("s_tmax", "number", BOTH, "-", "0", "0 (A1111: no limit) only.", _only(0, 0.0, None, why="no churn")),
-    _f("s_tmin", "number", BOTH, "-", "0", "0 only.", _only(0, 0.0, None, why="no churn")),
-    _f("s_noise", "number", BOTH, "-", "1", "1 only.", _only(1, 1.0, None, why="the noise multiplier is 1")),
-    _f("s_min_uncond", "number", BOTH, "-", "0", "0 only.", _only(0, 0.0, None, why="negative guidance is never skipped")),
-    _f("override_settings", "object", BOTH, "`modelId`", "{}", "`sd_model_checkpoint`: the model (a title or model_name from "
-       "GET /sdapi/v1/sd-models, our model name or id); `CLIP_stop_at_last_layers` ignored (SDXL); other keys: 422.",
-       _override),
-    _f("override_settings_restore_afterwards", "boolean", BOTH, "-", "true", "Ignored: settings never outlive a call here.", _ignored),
-    _f("script_name", "string", BOTH, "-", "null", "Must be empty: " + NO_SCRIPTS + ".", _empty(NO_SCRIPTS)),
-    _f("script_args", "array", BOTH, "-", "[]", "Must be empty.", _empty(NO_SCRIPTS)),
-    _f("alwayson_scripts", "object", BOTH, "-", "{}", "Empty, or scripts switched off (`{\"args\": []}`).", _scripts),
-    _f("comments", "object", BOTH, "-", "null", "Ignored.", _ignored),
-    _f("force_task_id", "string", BOTH, "-", "null", "Ignored: /progress reports the caller's own calls.", _ignored),
-    _f("infotext", "string", BOTH, "-", "null", "Must be empty: send the fields themselves.", _empty("send the fields themselves")),
-    _f("disable_extra_networks", "boolean", BOTH, "-", "false", "false only: `<lora:...>` tags are always read.",
-       _only(False, None, why="tags are always read")),
-    _f("refiner_checkpoint", "string", BOTH, "-", "null", "Must be empty: no refiner pass.", _empty("no refiner pass")),
-    _f("refiner_switch_at", "number", BOTH, "-", "null", "Ignored without a refiner.", _ignored),
+    Field("prompt", "string", BOTH, "`prompt`", '""', "Read by A1111's rules (`promptSyntax: a1111`): `(x)`, `[x]`, `(x:w)`, "
+          "escapes, `BREAK`, comma back-off, Original emphasis, embeddings by file name, `<lora:NAME:TE:UNET>` tags "
+          "as LoRAs. Empty: 422 (a prompt is required here).", _set("prompt", str)),
+    Field("negative_prompt", "string", BOTH, "`negativePrompt`", '""', "Read by A1111's rules; empty is zeros, as A1111 "
+          "conditions SDXL.", _set("negative_prompt", str)),
+    Field("styles", "array", BOTH, "-", "[]", "Must be empty: no saved styles here.", _empty("no saved styles here")),
+    Field("seed", "integer", BOTH, "`seed`", "-1", "-1: random; the seed used comes back in `info`.", _set("seed", int)),
+    Field("subseed", "integer", BOTH, "-", "-1", "Ignored (variation seeds are off unless `subseed_strength` is set).", _ignored),
+    Field("subseed_strength", "number", BOTH, "-", "0", "0 only: no variation seeds.", _only(0, 0.0, None, why="no variation seeds")),
+    Field("seed_resize_from_h", "integer", BOTH, "-", "-1", "-1 or 0 only.", _only(-1, 0, None, why="no seed resizing")),
+    Field("seed_resize_from_w", "integer", BOTH, "-", "-1", "-1 or 0 only.", _only(-1, 0, None, why="no seed resizing")),
+    Field("sampler_name", "string", BOTH, "`samplerName`", f"`{DEFAULT_SAMPLER}`", "An A1111 label (`Euler a`, `DPM2 a`, "
+          "`DPM++ 2S a`, ...; a combined legacy label such as `DPM++ 2S a Karras` sets the scheduler too), matched "
+          "without case; unknown: 404 `Sampler not found`.", _ignored),  # with scheduler, by translate()
+    Field("sampler_index", "string", BOTH, "`samplerName`", "-", "The old name of `sampler_name`, used when that is absent.",
+          _ignored),
+    Field("scheduler", "string", BOTH, "`scheduler`", "`Automatic`", "An A1111 scheduler name or label (`Karras`, `SGM Uniform`, "
+          "...); `Automatic`: Karras for DPM++ 2S a, else Normal (A1111's Uniform).", _ignored),
+    Field("batch_size", "integer", BOTH, "`numImages`", "1", "Images per call: `batch_size` x `n_iter`, at most 8, made as one "
+          "batch from one seed (each image's infotext says its `Batch pos`).", _set("batch_size", int)),
+    Field("n_iter", "integer", BOTH, "`numImages`", "1", "See `batch_size`.", _set("n_iter", int)),
+    Field("steps", "integer", BOTH, "`steps`", str(DEFAULT_STEPS), "Sampling steps.", _set("steps", int)),
+    Field("cfg_scale", "number", BOTH, "`cfgScale`", f"{DEFAULT_CFG:g}", "Classifier-free guidance.", _set("cfg_scale", (int, float), float)),
+    Field("width", "integer", BOTH, "`width`", str(DEFAULT_SIZE), "Output width (img2img: the picture is resized to it by "
+          "`resize_mode`).", _set("width", int)),
+    Field("height", "integer", BOTH, "`height`", str(DEFAULT_SIZE), "Output height.", _set("height", int)),
+    Field("restore_faces", "boolean", BOTH, "-", "false", "false only: no face restoration.", _only(False, None, why="no face restoration")),
+    Field("tiling", "boolean", BOTH, "-", "false", "false only: no tiling.", _only(False, None, why="no tiling")),
+    Field("do_not_save_samples", "boolean", BOTH, "-", "false", "Ignored: nothing is saved on the server.", _ignored),
+    Field("do_not_save_grid", "boolean", BOTH, "-", "false", "Ignored.", _ignored),
+    Field("save_images", "boolean", BOTH, "-", "false", "Ignored: nothing is saved on the server.", _ignored),
+    Field("send_images", "boolean", BOTH, "-", "true", "false answers without images (still charged: they were made).",
+          _set("send_images", bool)),
+    Field("eta", "number", BOTH, "-", "null", "null or 1 only: the ancestral samplers' eta is 1.", _only(None, 1, 1.0, why="eta is 1")),
+    Field("s_churn", "number", BOTH, "-", "0", "0 only.", _only(0, 0.0, None, why="no churn")),
+    Field("s_tmax", "number", BOTH, "-", "0", "0 (A1111: no limit) only.", _only(0, 0.0, None, why="no churn")),
+    Field("s_tmin", "number", BOTH, "-", "0", "0 only.", _only(0, 0.0, None, why="no churn")),
+    Field("s_noise", "number", BOTH, "-", "1", "1 only.", _only(1, 1.0, None, why="the noise multiplier is 1")),
+    Field("s_min_uncond", "number", BOTH, "-", "0", "0 only.", _only(0, 0.0, None, why="negative guidance is never skipped")),
+    Field("override_settings", "object", BOTH, "`modelId`", "{}", "`sd_model_checkpoint`: the model (a title or model_name from "
+          "GET /sdapi/v1/sd-models, our model name or id); `CLIP_stop_at_last_layers` ignored (SDXL); other keys: 422.",
+          _override),
+    Field("override_settings_restore_afterwards", "boolean", BOTH, "-", "true", "Ignored: settings never outlive a call here.", _ignored),
+    Field("script_name", "string", BOTH, "-", "null", "Must be empty: " + NO_SCRIPTS + ".", _empty(NO_SCRIPTS)),
+    Field("script_args", "array", BOTH, "-", "[]", "Must be empty.", _empty(NO_SCRIPTS)),
+    Field("alwayson_scripts", "object", BOTH, "-", "{}", "Empty, or scripts switched off (`{\"args\": []}`).", _scripts),
+    Field("comments", "object", BOTH, "-", "null", "Ignored.", _ignored),
+    Field("force_task_id", "string", BOTH, "-", "null", "Ignored: /progress reports the caller's own calls.", _ignored),
+    Field("infotext", "string", BOTH, "-", "null", "Must be empty: send the fields themselves.", _empty("send the fields themselves")),
+    Field("disable_extra_networks", "boolean", BOTH, "-", "false", "false only: `<lora:...>` tags are always read.",
+          _only(False, None, why="tags are always read")),
+    Field("refiner_checkpoint", "string", BOTH, "-", "null", "Must be empty: no refiner pass.", _empty("no refiner pass")),
+    Field("refiner_switch_at", "number", BOTH, "-", "null", "Ignored without a refiner.", _ignored),
     # txt2img's hires fix.
-    _f("enable_hr", "boolean", (TXT2IMG,), "`hiresFix`", "false", "true adds the hires pass below.", _set("enable_hr", bool)),
-    _f("denoising_strength", "number", BOTH, "`denoise` / `hiresFix.denoise`", f"{IMG2IMG_DENOISE:g} (img2img), "
-       f"{HIRES_DENOISE:g} (hires)", "img2img: how much of the picture is re-drawn; txt2img: the hires pass's, "
-       "ignored without `enable_hr`.", _set("denoising_strength", (int, float), float)),
-    _f("hr_scale", "number", (TXT2IMG,), "`hiresFix.scale`", "2", "The upscale factor.", _set("hr_scale", (int, float), float)),
-    _f("hr_upscaler", "string", (TXT2IMG,), "`hiresFix.upscaleMethod`", "`Latent`",
-       "A latent upscaler: " + ", ".join(f"`{label}` ({name})" for name, label in A1111_LATENT_UPSCALERS.items())
-       + "; others (ESRGAN, Lanczos, ...): 422.", _upscaler),
-    _f("hr_second_pass_steps", "integer", (TXT2IMG,), "`hiresFix.steps`", "0", "0: the first pass's steps.",
-       _set("hr_second_pass_steps", int)),
-    _f("hr_resize_x", "integer", (TXT2IMG,), "-", "0", "0 only: give `hr_scale`.", _only(0, None, why="give hr_scale")),
-    _f("hr_resize_y", "integer", (TXT2IMG,), "-", "0", "0 only: give `hr_scale`.", _only(0, None, why="give hr_scale")),
-    _f("hr_checkpoint_name", "string", (TXT2IMG,), "-", "null", "Empty or `Use same checkpoint`.",
-       _only(None, "", "Use same checkpoint", why=ONE_PASS_MODEL)),
-    _f("hr_sampler_name", "string", (TXT2IMG,), "-", "null", "Empty or the same as `sampler_name`.",
-       _same_as("sampler_name", ONE_PASS_MODEL)),
-    _f("hr_scheduler", "string", (TXT2IMG,), "-", "null", "Empty or the same as `scheduler`.", _same_as("scheduler", ONE_PASS_MODEL)),
-    _f("hr_prompt", "string", (TXT2IMG,), "-", '""', "Empty or the same as `prompt`.", _same_as("prompt", ONE_PASS_MODEL)),
-    _f("hr_negative_prompt", "string", (TXT2IMG,), "-", '""', "Empty or the same as `negative_prompt`.",
-       _same_as("negative_prompt", ONE_PASS_MODEL)),
-    _f("hr_additional_modules", "array", (TXT2IMG,), "-", "null", "Must be empty.", _empty(ONE_PASS_MODEL)),
-    _f("firstphase_width", "integer", (TXT2IMG,), "-", "0", "Ignored (A1111 ignores it too).", _ignored),
-    _f("firstphase_height", "integer", (TXT2IMG,), "-", "0", "Ignored.", _ignored),
+    Field("enable_hr", "boolean", (TXT2IMG,), "`hiresFix`", "false", "true adds the hires pass below.", _set("enable_hr", bool)),
+    Field("denoising_strength", "number", BOTH, "`denoise` / `hiresFix.denoise`", f"{IMG2IMG_DENOISE:g} (img2img), "
+          f"{HIRES_DENOISE:g} (hires)", "img2img: how much of the picture is re-drawn; txt2img: the hires pass's, "
+          "ignored without `enable_hr`.", _set("denoising_strength", (int, float), float)),
+    Field("hr_scale", "number", (TXT2IMG,), "`hiresFix.scale`", "2", "The upscale factor.", _set("hr_scale", (int, float), float)),
+    Field("hr_upscaler", "string", (TXT2IMG,), "`hiresFix.upscaleMethod`", "`Latent`",
+          "A latent upscaler: " + ", ".join(f"`{label}` ({name})" for name, label in A1111_LATENT_UPSCALERS.items())
+          + "; others (ESRGAN, Lanczos, ...): 422.", _set("hr_upscaler", str)),
+    Field("hr_second_pass_steps", "integer", (TXT2IMG,), "`hiresFix.steps`", "0", "0: the first pass's steps.",
+          _set("hr_second_pass_steps", int)),
+    Field("hr_resize_x", "integer", (TXT2IMG,), "-", "0", "0 only: give `hr_scale`.", _only(0, None, why="give hr_scale")),
+    Field("hr_resize_y", "integer", (TXT2IMG,), "-", "0", "0 only: give `hr_scale`.", _only(0, None, why="give hr_scale")),
+    Field("hr_checkpoint_name", "string", (TXT2IMG,), "-", "null", "Empty or `Use same checkpoint`.",
+          _only(None, "", "Use same checkpoint", why=ONE_PASS_MODEL)),
+    Field("hr_sampler_name", "string", (TXT2IMG,), "-", "null", "Empty or the same as `sampler_name`.",
+          _same_as("sampler_name", ONE_PASS_MODEL)),
+    Field("hr_scheduler", "string", (TXT2IMG,), "-", "null", "Empty or the same as `scheduler`.", _same_as("scheduler", ONE_PASS_MODEL)),
+    Field("hr_prompt", "string", (TXT2IMG,), "-", '""', "Empty or the same as `prompt`.", _same_as("prompt", ONE_PASS_MODEL)),
+    Field("hr_negative_prompt", "string", (TXT2IMG,), "-", '""', "Empty or the same as `negative_prompt`.",
+          _same_as("negative_prompt", ONE_PASS_MODEL)),
+    Field("hr_additional_modules", "array", (TXT2IMG,), "-", "null", "Must be empty.", _empty(ONE_PASS_MODEL)),
+    Field("firstphase_width", "integer", (TXT2IMG,), "-", "0", "Ignored (A1111 ignores it too).", _ignored),
+    Field("firstphase_height", "integer", (TXT2IMG,), "-", "0", "Ignored.", _ignored),
     # img2img.
-    _f("init_images", "array", (IMG2IMG,), "`initImage`", "required", "One picture, base64 (a `data:image/...;base64,` URL "
-       "too): PNG, JPEG or WebP.", _init_images),
-    _f("resize_mode", "integer", (IMG2IMG,), "`resizeMode`", "0", "0 just resize, 1 crop and resize, 2 resize and fill; 3: 422.",
-       _resize_mode),
-    _f("mask", "string", (IMG2IMG,), "`mask`", "null", "Inpainting: white is re-drawn, the picture's size. The result is "
-       "ComfyUI's latent noise mask (SetLatentNoiseMask), not A1111's blurred, pasted-back inpainting.", _mask),
-    _f("inpainting_mask_invert", "integer", (IMG2IMG,), "`mask`", "0", "1: black is re-drawn (the mask is inverted).", _invert),
-    _f("mask_blur", "integer", (IMG2IMG,), "-", "4", "Ignored: the mask is used as sent.", _ignored),
-    _f("mask_blur_x", "integer", (IMG2IMG,), "-", "4", "Ignored.", _ignored),
-    _f("mask_blur_y", "integer", (IMG2IMG,), "-", "4", "Ignored.", _ignored),
-    _f("inpainting_fill", "integer", (IMG2IMG,), "-", "0", "Ignored: the masked part starts from the picture (A1111's "
-       "`original`).", _ignored),
-    _f("inpaint_full_res", "boolean", (IMG2IMG,), "-", "true", "Ignored: the whole picture is denoised.", _ignored),
-    _f("inpaint_full_res_padding", "integer", (IMG2IMG,), "-", "0", "Ignored.", _ignored),
-    _f("initial_noise_multiplier", "number", (IMG2IMG,), "-", "1", "1 only.", _only(1, 1.0, None, why="the noise multiplier is 1")),
-    _f("image_cfg_scale", "number", (IMG2IMG,), "-", "1.5", "Ignored (instruct-pix2pix models only).", _ignored),
-    _f("include_init_images", "boolean", (IMG2IMG,), "-", "false", "Ignored: only the generated images come back.", _ignored),
-    _f("latent_mask", "string", (IMG2IMG,), "-", "null", "Must be empty.", _empty("the mask is the latent mask")),
+    Field("init_images", "array", (IMG2IMG,), "`initImage`", "required", "One picture, base64 (a `data:image/...;base64,` URL "
+          "too): PNG, JPEG or WebP.", _init_images),
+    Field("resize_mode", "integer", (IMG2IMG,), "`resizeMode`", "0", "0 just resize, 1 crop and resize, 2 resize and fill; 3: 422.",
+          _resize_mode),
+    Field("mask", "string", (IMG2IMG,), "`mask`", "null", "Inpainting: white is re-drawn, the picture's size. The result is "
+          "ComfyUI's latent noise mask (SetLatentNoiseMask), not A1111's blurred, pasted-back inpainting.", _mask),
+    Field("inpainting_mask_invert", "integer", (IMG2IMG,), "`mask`", "0", "1: black is re-drawn (the mask is inverted).", _invert),
+    Field("mask_blur", "integer", (IMG2IMG,), "-", "4", "Ignored: the mask is used as sent.", _ignored),
+    Field("mask_blur_x", "integer", (IMG2IMG,), "-", "4", "Ignored.", _ignored),
+    Field("mask_blur_y", "integer", (IMG2IMG,), "-", "4", "Ignored.", _ignored),
+    Field("inpainting_fill", "integer", (IMG2IMG,), "-", "0", "Ignored: the masked part starts from the picture (A1111's "
+          "`original`).", _ignored),
+    Field("inpaint_full_res", "boolean", (IMG2IMG,), "-", "true", "Ignored: the whole picture is denoised.", _ignored),
+    Field("inpaint_full_res_padding", "integer", (IMG2IMG,), "-", "0", "Ignored.", _ignored),
+    Field("initial_noise_multiplier", "number", (IMG2IMG,), "-", "1", "1 only.", _only(1, 1.0, None, why="the noise multiplier is 1")),
+    Field("image_cfg_scale", "number", (IMG2IMG,), "-", "1.5", "Ignored (instruct-pix2pix models only).", _ignored),
+    Field("include_init_images", "boolean", (IMG2IMG,), "-", "false", "Ignored: only the generated images come back.", _ignored),
+    Field("latent_mask", "string", (IMG2IMG,), "-", "null", "Must be empty.", _empty("the mask is the latent mask")),
 )
 _BY_NAME = {f.name: f for f in FIELDS}
 assert len(_BY_NAME) == len(FIELDS)
@@ -421,13 +402,12 @@ class Translated:
     request: GenerateRequest
     model: ModelInfo
     send_images: bool
-    invert_mask: bool
 
 
 def translate(body: Mapping[str, Any], route: str, models: list[ModelInfo]) -> Translated:
     """A txt2img or img2img JSON body as the one domain request; A1111Error for what the
     caller must change."""
-    context = Context(route, models, body)
+    context = Context(models, body)
     for name in body:
         found = _BY_NAME.get(name)
         if found is None or route not in found.routes:
@@ -470,7 +450,7 @@ def translate(body: Mapping[str, Any], route: str, models: list[ModelInfo]) -> T
             scale=fields.get("hr_scale", 2.0), upscale_method=method, steps=fields.get("hr_second_pass_steps", 0),
             denoise=HIRES_DENOISE if denoise is None else denoise,
         )
-    return Translated(GenerateRequest(**request), model, fields.get("send_images", True), bool(fields.get("invert_mask")))
+    return Translated(GenerateRequest(**request), model, fields.get("send_images", True))
 
 
 def resolve_model(value: str, models: list[ModelInfo]) -> ModelInfo:

@@ -18,7 +18,6 @@ import base64
 import binascii
 import hashlib
 import io
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from .. import wire
 from ..server import convert
 from . import a1111_api as a1
-from .app import BodyTooLarge, ClientGone, Gateway, Refused, echo, error_reply, media_type, read_body
+from .app import BodyTooLarge, ClientGone, Gateway, NotAJsonObject, Refused, echo, error_reply, read_json_object
 
 TIMESTAMP = "%Y%m%d%H%M%S"  # A1111's job_timestamp
 
@@ -167,15 +166,14 @@ class Routes:
     async def generate(self, request, route: str, metadata, caller: str):
         from starlette.responses import JSONResponse
 
-        if not media_type(request).startswith("application/json"):
-            raise a1.A1111Error(422, f"POST {route} takes a JSON body (Content-Type: application/json)", kind="json_invalid")
-        raw = await read_body(request, a1.ADAPTER.body_limit(route))
         try:
-            body = json.loads(raw)
-        except ValueError as error:
-            raise a1.A1111Error(422, f"JSON decode error: {error}", kind="json_invalid") from None
-        if not isinstance(body, dict):
-            raise a1.A1111Error(422, "the body must be a JSON object", kind="model_attributes_type")
+            body = await read_json_object(request, a1.ADAPTER.body_limit(route))
+        except NotAJsonObject as bad:
+            if bad.kind == "shape":
+                raise a1.A1111Error(422, "the body must be a JSON object", kind="model_attributes_type") from None
+            raise a1.A1111Error(422, f"POST {route} takes a JSON body (Content-Type: application/json)"
+                                if bad.kind == "content_type" else f"JSON decode error: {bad.detail}",
+                                kind="json_invalid") from None
         models = await self.gateway.models(request, metadata)  # authenticates the caller first
         translated = a1.translate(body, route, models)
         message = convert.request_to_pb(translated.request)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -267,6 +268,30 @@ def error_reply(error, request):
     from starlette.responses import JSONResponse
 
     return JSONResponse(error.body(), status_code=error.status, headers=echo(request, error.headers))
+
+
+class NotAJsonObject(Exception):
+    """A body that is not one JSON object: `kind` says why (`content_type`: not sent as JSON,
+    `syntax`: not JSON, with the parser's `detail`; `shape`: JSON, not an object). Each adapter
+    answers it in its API's words."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(kind)
+        self.kind, self.detail = kind, detail
+
+
+async def read_json_object(request, limit: int) -> dict:
+    """The body as a JSON object, at most `limit` bytes (BodyTooLarge beyond, NotAJsonObject)."""
+    if not media_type(request).startswith("application/json"):
+        raise NotAJsonObject("content_type")
+    raw = await read_body(request, limit)
+    try:
+        body = json.loads(raw)
+    except ValueError as error:
+        raise NotAJsonObject("syntax", str(error)) from None
+    if not isinstance(body, dict):
+        raise NotAJsonObject("shape")
+    return body
 
 
 class BodyTooLarge(Exception):

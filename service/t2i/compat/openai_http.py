@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import time
 from typing import Any
 
@@ -15,7 +14,8 @@ from .. import wire
 from ..jobs.service import NO_BILLING
 from ..server import convert
 from . import openai_images as oa
-from .app import BodyTooLarge, ClientGone, Gateway, Refused, echo, error_reply, media_type, read_body
+from .app import (BodyTooLarge, ClientGone, Gateway, NotAJsonObject, Refused, echo, error_reply, media_type, read_body,
+                  read_json_object)
 
 MAX_FORM_FIELDS = 100
 
@@ -80,16 +80,14 @@ class Routes:
     # --- handlers ------------------------------------------------------------------------------
 
     async def generations(self, request, route: str):
-        if not media_type(request).startswith("application/json"):
-            raise oa.OpenAIError(400, f"POST {route} takes a JSON body (Content-Type: application/json)", param=None,
-                                 code="invalid_request_body")
-        raw = await read_body(request, oa.ADAPTER.body_limit(route))
         try:
-            body = json.loads(raw)
-        except ValueError as error:
-            raise oa.OpenAIError(400, f"the body is not valid JSON ({error})", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise oa.OpenAIError(400, "the body must be a JSON object", code="invalid_json")
+            body = await read_json_object(request, oa.ADAPTER.body_limit(route))
+        except NotAJsonObject as bad:
+            if bad.kind == "content_type":
+                raise oa.OpenAIError(400, f"POST {route} takes a JSON body (Content-Type: application/json)", param=None,
+                                     code="invalid_request_body") from None
+            raise oa.OpenAIError(400, f"the body is not valid JSON ({bad.detail})" if bad.kind == "syntax" else
+                                 "the body must be a JSON object", code="invalid_json") from None
         return await self.generate(request, route, body, form=False)
 
     async def edits(self, request, route: str):

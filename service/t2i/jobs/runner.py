@@ -40,7 +40,7 @@ import time
 
 from illustrious.texttoimage.v1 import text_to_image_pb2 as pb
 
-from ..billing.ledger import Reservation
+from ..billing.ledger import Reservation, utcnow
 from ..domain import Queued
 from ..errors import PermissionDenied, ServiceError
 from ..server import convert
@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2  # how often an idle runner looks for work
 SWEEP_SECONDS = 30.0  # how often expired jobs and results are cleared
 MAX_DELIVERIES = 16  # webhook attempts one replica makes at once
+# How often a runner looks for webhook deliveries due (and right after one of its jobs ended):
+# the look takes the database's write lock, which SQLite's ledger commits wait for.
+DELIVERY_POLL_SECONDS = 1.0
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # A running job's events reach the database in one write at most this often (the engine throttles
 # progress to a few a second; a job's watchers poll about as often).
@@ -75,6 +78,7 @@ class JobRunner:
         self.deliveries: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._ended = False  # a job ended since the last look for webhook deliveries
         self.events = Events(store, owner)
         self._flush_task: asyncio.Task | None = None
 
@@ -113,8 +117,12 @@ class JobRunner:
             return False  # still starting
         return len(self.running) < self.max_batches * engine.config.max_batch_size and engine.wants_work()
 
+    def _job_ended(self, _task) -> None:
+        self._ended = True
+        self._wake.set()
+
     async def _loop(self) -> None:
-        last_sweep = 0.0
+        last_sweep = last_deliveries = 0.0
         while True:
             try:
                 if time.monotonic() - last_sweep > SWEEP_SECONDS:
@@ -128,13 +136,15 @@ class JobRunner:
                     task = asyncio.create_task(self._run(job, queued))
                     self.running.add(task)
                     task.add_done_callback(self.running.discard)
-                    task.add_done_callback(lambda _: self._wake.set())  # room again: look now
+                    task.add_done_callback(self._job_ended)  # room again, maybe a webhook: look now
                     # The next claim waits until this job is in the engine's queue (or over), so
                     # that the engine's own queue decides whether there is room for another.
                     waiting = asyncio.ensure_future(queued.wait())
                     await asyncio.wait({waiting, task}, return_when=asyncio.FIRST_COMPLETED)
                     waiting.cancel()
-                if len(self.deliveries) < MAX_DELIVERIES:
+                if len(self.deliveries) < MAX_DELIVERIES and (
+                        self._ended or time.monotonic() - last_deliveries >= DELIVERY_POLL_SECONDS):
+                    self._ended, last_deliveries = False, time.monotonic()
                     for delivery in await asyncio.to_thread(self.store.claim_deliveries, MAX_DELIVERIES - len(self.deliveries),
                                                             webhooks.DELIVERY_TIMEOUT_SECONDS * 2):
                         task = asyncio.create_task(self._deliver(delivery))
@@ -219,7 +229,7 @@ class JobRunner:
         try:
             await asyncio.to_thread(webhooks.check_url, delivery.url, self.webhook_allow)
             secret = await asyncio.to_thread(self.store.secret, delivery.key_id)
-            headers = webhooks.signed_headers(secret, delivery.id, webhooks.utc_now(), delivery.payload)
+            headers = webhooks.signed_headers(secret, delivery.id, utcnow(), delivery.payload)
             status = await asyncio.to_thread(webhooks.post, delivery.url, headers, delivery.payload)
         except ServiceError as refused:  # the URL now resolves somewhere it may not go
             error = str(refused)
@@ -229,7 +239,7 @@ class JobRunner:
         next_attempt = None
         if not delivered:
             wait = webhooks.backoff(delivery.attempts + 1, self.first_retry)
-            due = webhooks.utc_now() + dt.timedelta(seconds=wait)
+            due = utcnow() + dt.timedelta(seconds=wait)
             if due - delivery.created_at <= webhooks.GIVE_UP_AFTER:
                 next_attempt = due
         try:

@@ -45,6 +45,7 @@ class JobCharge:
     reservation_id: str
     max_queued: int  # the key's tier's cap on queued jobs
     job_id: str  # made before the reservation, so that the journal names the job
+    request: bytes  # the GenerateImageRequest as stored (deterministic bytes, webhook included)
     webhook_url: str | None = None  # checked by billing (t2i.jobs.webhooks.check_url)
     webhook_events: tuple[str, ...] = ()
 
@@ -67,10 +68,10 @@ class JobService:
             raise Overloaded(f"{QueueFull(queued, max_queued)}; wait for some to start, or cancel some",
                              retry_after=QUEUE_FULL_RETRY_SECONDS)
 
-    async def submit(self, request: bytes, charge: JobCharge) -> tuple[Job, int]:
+    async def submit(self, charge: JobCharge) -> tuple[Job, int]:
         """The queued job and its position; Overloaded (429) when the key's queue is full."""
         try:
-            job = await asyncio.to_thread(self.store.submit, charge.key_id, request, charge.cost, charge.reservation_id,
+            job = await asyncio.to_thread(self.store.submit, charge.key_id, charge.request, charge.cost, charge.reservation_id,
                                           charge.max_queued, charge.job_id, charge.webhook_url, charge.webhook_events)
         except QueueFull as full:
             raise Overloaded(f"{full}; wait for some to start, or cancel some", retry_after=QUEUE_FULL_RETRY_SECONDS) from None
@@ -83,13 +84,10 @@ class JobService:
     async def get(self, key_id: str, job_id: str) -> tuple[Job, int, list, bytes | None]:
         """The job, its queue position (0 unless queued), its webhook deliveries and, while it
         runs, its last progress event (GenerateImageEvent bytes)."""
-        job = await asyncio.to_thread(self.store.get, job_id, key_id)
-        if job is None:
+        found = await asyncio.to_thread(self.store.details, job_id, key_id)
+        if found is None:
             raise NotFound(f"no job {job_id!r} of this API key")
-        position = await asyncio.to_thread(self.store.position, job) if job.status == "queued" else 0
-        deliveries = await asyncio.to_thread(self.store.deliveries, job.id) if job.webhook_url else []
-        progress = await asyncio.to_thread(self.store.progress, job) if job.status == "running" else None
-        return job, position, deliveries, progress
+        return found
 
     @contextlib.contextmanager
     def watching(self, key_id: str):

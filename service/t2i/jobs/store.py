@@ -35,15 +35,12 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from ..billing.ledger import utcnow
 from ..billing.schema import JOB_STATUSES, job_events, jobs, webhook_deliveries, webhook_secrets
 from .results import DatabaseResults, ResultStore
 
 ID_PREFIX = "job_"
 FINISHED = ("succeeded", "failed", "cancelled", "expired")
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -253,9 +250,19 @@ class JobStore:
     def progress(self, job: Job) -> bytes | None:
         """The last progress event of the job's current run (GenerateImageEvent bytes), if any."""
         with self._read() as conn:
-            return conn.execute(select(job_events.c.payload).where(
-                job_events.c.job_id == job.id, job_events.c.attempt == job.attempts, job_events.c.kind == "progress",
-            ).order_by(job_events.c.seq.desc()).limit(1)).scalar_one_or_none()
+            return _progress(conn, job)
+
+    def details(self, job_id: str, key_id: str) -> tuple[Job, int, list[Delivery], bytes | None] | None:
+        """What GetJob reports, in one read: the key's job, its queue position (0 unless
+        queued), its webhook deliveries and, while it runs, its last progress event."""
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.key_id == key_id)).one_or_none()
+            if row is None:
+                return None
+            job = Job.of(row)
+            return (job, _position(conn, job) if job.status == "queued" else 0,
+                    _deliveries(conn, job.id) if job.webhook_url else [],
+                    _progress(conn, job) if job.status == "running" else None)
 
     # --- the runners' side -----------------------------------------------------------------
 
@@ -365,9 +372,7 @@ class JobStore:
 
     def deliveries(self, job_id: str) -> list[Delivery]:
         with self._read() as conn:
-            rows = conn.execute(select(webhook_deliveries).where(webhook_deliveries.c.job_id == job_id)
-                                .order_by(webhook_deliveries.c.created_at)).all()
-        return [Delivery.of(row) for row in rows]
+            return _deliveries(conn, job_id)
 
     def claim_deliveries(self, limit: int, hold_seconds: float) -> list[Delivery]:
         """Deliveries due now, held for `hold_seconds` (an attempt's time) so that no other
@@ -400,6 +405,12 @@ class JobStore:
         """The key's webhook signing secret, made on first use; `rotate` replaces it."""
         from .webhooks import new_secret
 
+        if not rotate:  # the common case, without taking the write lock
+            with self._read() as conn:
+                current = conn.execute(select(webhook_secrets.c.secret).where(
+                    webhook_secrets.c.key_id == key_id)).scalar_one_or_none()
+            if current is not None:
+                return current
         now = utcnow()
         with self.db.begin() as conn:
             current = conn.execute(select(webhook_secrets.c.secret).where(webhook_secrets.c.key_id == key_id)
@@ -430,6 +441,18 @@ class JobStore:
                                             jobs.c.finished_at < now - dt.timedelta(seconds=results_ttl))
             conn.execute(delete(job_events).where(or_(job_events.c.job_id.in_(ids), job_events.c.job_id.in_(ended))))
         return list(ids)
+
+
+def _deliveries(conn, job_id: str) -> list[Delivery]:
+    rows = conn.execute(select(webhook_deliveries).where(webhook_deliveries.c.job_id == job_id)
+                        .order_by(webhook_deliveries.c.created_at)).all()
+    return [Delivery.of(row) for row in rows]
+
+
+def _progress(conn, job: Job) -> bytes | None:
+    return conn.execute(select(job_events.c.payload).where(
+        job_events.c.job_id == job.id, job_events.c.attempt == job.attempts, job_events.c.kind == "progress",
+    ).order_by(job_events.c.seq.desc()).limit(1)).scalar_one_or_none()
 
 
 def _position(conn, job: Job) -> int:

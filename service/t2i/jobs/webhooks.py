@@ -38,10 +38,6 @@ BACKOFF_SECONDS = (10, 60, 300, 1800, 3600, 7200)
 GIVE_UP_AFTER = dt.timedelta(hours=24)
 
 
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 def backoff(attempt: int, first_retry: float | None = None) -> float:
     """Seconds to wait after failed attempt number `attempt` (1 = the first delivery);
     `first_retry` scales the whole ladder (tests make it short)."""

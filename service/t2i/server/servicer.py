@@ -99,7 +99,7 @@ class TextToImageServicer(pb_grpc.TextToImageServiceServicer):
 
     async def SubmitJob(self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         jobs = self._jobs()
-        job, position = await jobs.submit(request.SerializeToString(deterministic=True), submitted_charge.get())
+        job, position = await jobs.submit(submitted_charge.get())
         return convert.job_to_pb(job, position)
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
