@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import update
 
 from t2i.billing.database import open_database
-from t2i.billing.ledger import IdempotencyClaim, Ledger, Replay, Reservation, ReservationExpired, utcnow
+from t2i.billing.ledger import IdempotencyClaim, Ledger, ReleaseOp, Replay, Reservation, ReservationExpired, utcnow
 from t2i.billing.schema import instances, reservations
 from t2i.errors import AlreadyProcessing, InsufficientBalance, InternalError, InvalidArgument, NotFound, PermissionDenied
 
@@ -195,6 +195,24 @@ def test_verify_detects_a_tampered_balance(ledger):
     with ledger.db.begin() as conn:
         conn.execute(update(api_keys).where(api_keys.c.id == record.id).values(balance=11))
     assert any("stored balance 11, journal says 10" in p for p in ledger.verify())
+
+
+def test_a_refunded_idempotent_request_is_not_replayed_and_verify_counts_refunds(ledger):
+    record, _ = ledger.create_key("a", 10, "standard")
+    claim = IdempotencyClaim("refunded", "fp")
+    paid = ledger.reserve(record.id, 3, owner="i1", idempotency=claim)
+    ledger.commit(paid, idempotent_response=b"withheld")
+    (refunded,) = ledger.apply_batch([ReleaseOp(paid.id, refund=True)])
+    assert refunded is True and ledger.get_key(record.id).balance == 10 and ledger.verify() == []
+    # The refunded result was never paid for: a retry with its key runs (and pays) again.
+    assert isinstance(ledger.reserve(record.id, 3, owner="i1", idempotency=claim), Reservation)
+    # A second refund of one commit, or a refund naming no commit, is a mismatch verify() names.
+    with ledger.db.begin() as conn:
+        ledger._journal(conn, record.id, "credit", 3, paid.id, note="refund again")
+        ledger._journal(conn, record.id, "credit", 2, "no-such-commit", note="refund of nothing")
+    problems = ledger.verify()
+    assert any(f"reservation {paid.id} was refunded 2 times" in p for p in problems), problems
+    assert any("reservation no-such-commit was refunded without a commit" in p for p in problems), problems
 
 
 def test_migrations_are_idempotent(database_url):

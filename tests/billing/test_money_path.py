@@ -34,6 +34,27 @@ def wait_until(condition, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def charged_in_all(ledger: Ledger, key_id: str, opening_balance: int) -> int:
+    """What the key paid: its commits less the refunds (credits beyond its opening balance)."""
+    _, _, totals = ledger.usage(key_id)
+    return totals.get("commit", 0) - (totals.get("credit", 0) - opening_balance)
+
+
+def lose_the_next_acknowledgment(ledger: Ledger) -> None:
+    """The next batch's transaction commits, then its caller sees the connection break: what
+    happens when the database's answer to COMMIT is lost with the connection."""
+    from sqlalchemy.exc import OperationalError
+
+    apply_batch = ledger.apply_batch
+
+    def committed_unanswered(ops):
+        ledger.apply_batch = apply_batch
+        apply_batch(ops)
+        raise OperationalError("COMMIT", None, ConnectionResetError("connection reset by peer"))
+
+    ledger.apply_batch = committed_unanswered
+
+
 @pytest.fixture
 def ledger(database_url):
     ledger = Ledger(open_database(database_url))
@@ -97,6 +118,43 @@ async def test_one_bad_op_in_a_shared_batch_fails_only_itself(ledger, database_u
     assert ledger.verify() == []
 
 
+async def test_a_reserve_whose_acknowledgment_was_lost_is_released_by_its_id(ledger):
+    record, _ = ledger.create_key("in doubt", 100, "standard")
+    committer = GroupCommitter(ledger)
+    try:
+        lose_the_next_acknowledgment(ledger)
+        with pytest.raises(Unavailable, match="cannot be reached"):
+            await committer.reserve(ReserveOp(record.id, 7, "i1"))
+        # The reservation exists, and nobody was told its id: the committer releases it.
+        await asyncio.to_thread(wait_until, lambda: ledger.open_reservations() == [])
+    finally:
+        committer.close()
+    _, entries, _ = ledger.usage(record.id)
+    assert [(e["kind"], e["amount"]) for e in reversed(entries)] == [("credit", 100), ("reserve", 7), ("release", 7)]
+    assert ledger.get_key(record.id).balance == 100 and ledger.verify() == []
+
+
+async def test_a_commit_whose_acknowledgment_was_lost_is_refunded_once_by_the_release_after_it(ledger):
+    record, _ = ledger.create_key("in doubt", 100, "standard")
+    reservation = ledger.reserve(record.id, 7, owner="i1")
+    committer = GroupCommitter(ledger)
+    try:
+        lose_the_next_acknowledgment(ledger)
+        with pytest.raises(Unavailable):
+            await committer.commit(CommitOp(reservation))
+        assert ledger.get_key(record.id).balance == 93  # it landed: the caller withholds the image ...
+        # ... a plain release cannot undo a commit; the one a failed commit sends does, once.
+        assert committer.release(ReleaseOp(reservation.id)).result(timeout=30) is False
+        assert committer.release(ReleaseOp(reservation.id, refund=True)).result(timeout=30) is True
+        assert committer.release(ReleaseOp(reservation.id, refund=True)).result(timeout=30) is False
+    finally:
+        committer.close()
+    _, entries, _ = ledger.usage(record.id)
+    assert [(e["kind"], e["amount"], e["reservation_id"]) for e in reversed(entries)][1:] == [
+        ("reserve", 7, reservation.id), ("commit", 7, reservation.id), ("credit", 7, reservation.id)]
+    assert ledger.get_key(record.id).balance == 100 and ledger.verify() == []
+
+
 def test_a_request_cancelled_at_any_moment_leaves_nothing_reserved(data_dir, tmp_path, database_url):
     """200 requests cancelled at random points (authentication, rate limit, reserve, denoise,
     commit), and 20 whose deadline passes during the reserve: soon after the last answer (far
@@ -130,10 +188,11 @@ def test_a_request_cancelled_at_any_moment_leaves_nothing_reserved(data_dir, tmp
         # sweeper's time to live, 30 minutes, cannot be what empties them).
         wait_until(lambda: ledger.open_reservations() == [] and ledger.get_key(record.id).reserved == 0)
         after = ledger.get_key(record.id)
-        _, _, totals = ledger.usage(record.id)
-        assert after.balance == 100_000 - totals.get("commit", 0)
-        # Each delivered image was charged; a request cancelled after its commit may be charged too.
-        assert totals.get("commit", 0) >= delivered
+        charged = charged_in_all(ledger, record.id, 100_000)
+        assert after.balance == 100_000 - charged
+        # Each delivered image was charged; one cancelled after its charge was confirmed may be
+        # too (one cancelled while its charge was being recorded is refunded).
+        assert charged >= delivered
         assert ledger.verify() == []
         api.close()
     finally:
@@ -182,9 +241,9 @@ def test_an_unreachable_ledger_is_unavailable_and_nothing_stays_open(data_dir, t
             internal = [o.details for o in outcomes if o.code is grpc.StatusCode.INTERNAL]
             assert all("nothing was charged" in d for d in internal), internal
             wait_until(lambda: ledger.open_reservations() == [])
-            _, _, totals = ledger.usage(record.id)
             delivered = sum(o.response.stardust_usage for o in outcomes if o.code is grpc.StatusCode.OK)
-            assert totals.get("commit", 0) == delivered and ledger.get_key(record.id).balance == 10_000 - delivered
+            assert charged_in_all(ledger, record.id, 10_000) == delivered
+            assert ledger.get_key(record.id).balance == 10_000 - delivered
             assert ledger.verify() == []
             api.close()
         finally:

@@ -13,7 +13,12 @@ Rules, each for a failure seen in production-like tests:
 - A reserve whose caller was cancelled at any moment (before, during or after the
   transaction) is released as soon as its reservation exists: no money waits for the TTL.
 - A release that fails is retried, with backoff, until it succeeds; `pending_releases` says
-  how many wait. A commit is not retried (its caller is told, and releases instead).
+  how many wait. A commit is not retried (its caller is told, and releases instead, with
+  `refund`: had the commit landed after all, its charge is given back).
+- A batch that failed because the connection broke may still have committed: the COMMIT can
+  reach the database and its acknowledgment be lost. Its reserves answered Unavailable, so
+  nobody would resolve them; each is released by its id (chosen before the transaction) once
+  the database answers again, a no-op where the reservation never came to be.
 """
 
 from __future__ import annotations
@@ -129,33 +134,41 @@ class GroupCommitter:
         ops = [op for op, _, _ in batch]
         try:
             results = self.ledger.apply_batch(ops)
+            in_doubt = [False] * len(ops)
         except Exception as error:
-            results = self._one_by_one(ops, error)
-        for (op, future, attempt), result in zip(batch, results):
+            results, in_doubt = self._one_by_one(ops, error)
+        for (op, future, attempt), result, doubt in zip(batch, results, in_doubt):
             if isinstance(op, ReleaseOp) and isinstance(result, Exception):
                 self._retry(op, attempt, result)
+            if isinstance(op, ReserveOp) and doubt:
+                self._retry(ReleaseOp(op.reservation_id, "its reserve's outcome was lost with the connection to the ledger"),
+                            0, result)
             if future is not None and not future.done():
                 if isinstance(result, Exception):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
 
-    def _one_by_one(self, ops: list[Op], batch_error: Exception) -> list:
-        """The batch failed: unreachable ledger for all, or isolate the op that broke it."""
+    def _one_by_one(self, ops: list[Op], batch_error: Exception) -> tuple[list, list[bool]]:
+        """The batch failed: unreachable ledger for all, or isolate the op that broke it.
+        Also says, per op, whether its outcome is in doubt (its transaction lost its connection)."""
         unreachable = unavailable_error(batch_error, self.where)
         if unreachable is not None:
             log.error("the ledger cannot be reached", extra={"ops": len(ops), "error": str(batch_error)[:300]})
-            return [unreachable] * len(ops)
+            return [unreachable] * len(ops), [True] * len(ops)
         log.warning("ledger batch failed; applying its ops one by one", extra={"ops": len(ops), "error": str(batch_error)[:300]})
-        results = []
+        results, in_doubt = [], []
         for op in ops:
             try:
                 (result,) = self.ledger.apply_batch([op])
+                doubt = False
             except Exception as error:
                 log.exception("ledger op failed", extra={"op": type(op).__name__})
-                result = unavailable_error(error, self.where) or error
+                unreachable = unavailable_error(error, self.where)
+                result, doubt = unreachable or error, unreachable is not None
             results.append(result)
-        return results
+            in_doubt.append(doubt)
+        return results, in_doubt
 
     def _retry(self, op: ReleaseOp, attempt: int, error: Exception) -> None:
         delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]

@@ -403,7 +403,8 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
             return None
         admitted.task.uncancel()
         if charged is None:
-            outcome = "it was stopped while its charge was being recorded, so it may have been charged; its image was not delivered"
+            outcome = ("it was stopped while its charge was being recorded; its image was not delivered, so it was not "
+                       "charged (a charge already recorded is refunded)")
         elif charged:
             outcome = "its result had already been delivered and charged"
         else:
@@ -461,7 +462,9 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                     await self._commit(charge, admitted.key, response)
                     charged = True
                 except BaseException:
-                    self._release(charge, "generation failed or was cancelled")
+                    # After a commit that did not answer (charged is None), a charge it made
+                    # anyway is refunded: the image is not delivered.
+                    self._release(charge, "generation failed or was cancelled", refund=charged is None)
                     raise
                 await context.send_initial_metadata(tuple(admitted.headers.items()))
                 return response
@@ -484,10 +487,12 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                 yield pb.GenerateImageEvent(result=charge.replay_response())
                 return
             charged: bool | None = False
+            committing = False  # a commit was sent: one that landed unanswered is refunded
             try:
                 async for event in inner(request, context):
                     if event.WhichOneof("event") == "result":
                         charged = None  # a cancellation from here on may come after the charge is made
+                        committing = True
                         try:
                             await self._commit(charge, admitted.key, event.result)
                         except ServiceError as error:
@@ -504,7 +509,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                     yield convert.event_to_pb(failed_event(revoked))
             finally:
                 if not charged:
-                    self._release(charge, "generation failed or was cancelled")
+                    self._release(charge, "generation failed or was cancelled", refund=committing)
 
     # --- pieces --------------------------------------------------------------------------------
 
@@ -564,16 +569,16 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
         payload = request.SerializeToString(deterministic=True)
         return IdempotencyClaim(value, IdempotencyClaim.fingerprint_of(wire.GENERATE_METHOD, payload))
 
-    def _release(self, charge: Charge, note: str) -> None:
-        """Give the money back. Not awaited: the group committer retries it until it succeeds,
-        whatever happens to this call."""
+    def _release(self, charge: Charge, note: str, *, refund: bool = False) -> None:
+        """Give the money back (with `refund`, even a commit that landed unacknowledged). Not
+        awaited: the group committer retries it until it succeeds, whatever happens to this call."""
         reservation = charge.reservation
 
         def released(future) -> None:
             if not future.cancelled() and future.exception() is None and future.result():
                 metrics.STARDUST_RELEASED.labels(model=str(charge.model_id)).inc(reservation.amount)
 
-        self._money.release(ReleaseOp(reservation.id, note)).add_done_callback(released)
+        self._money.release(ReleaseOp(reservation.id, note, refund)).add_done_callback(released)
 
     async def _call(self, operation: str, function, *args, **kwargs):
         """Run a ledger method in a worker thread, timed; an unreachable ledger is Unavailable."""

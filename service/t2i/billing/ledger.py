@@ -21,7 +21,7 @@ import datetime as dt
 import hashlib
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -124,6 +124,9 @@ class ReserveOp:
     # Seconds the reservation may stay open before the sweeper releases it (None: the ledger's
     # reservation_ttl). A job's lasts as long as it may queue and run (t2i.jobs).
     ttl: float | None = None
+    # Chosen before the transaction, so that a reserve whose outcome was lost with the
+    # connection (its COMMIT may have landed) can still be found and released by id.
+    reservation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
 @dataclass
@@ -138,10 +141,16 @@ class CommitOp:
 
 @dataclass
 class ReleaseOp:
-    """Give a reservation back (a no-op, answering False, if it is resolved already)."""
+    """Give a reservation back (a no-op, answering False, if it is resolved already).
+
+    `refund`: the release that follows a commit whose caller was not told it succeeded (the
+    connection broke around its COMMIT, or the caller went away while it was being recorded),
+    so the image was withheld. Had that commit landed, its charge is refunded, once, as a
+    credit naming the reservation: nobody pays for an image they were not given."""
 
     reservation_id: str
     note: str = "request failed"
+    refund: bool = False
 
 
 Op = ReserveOp | CommitOp | ReleaseOp
@@ -355,15 +364,15 @@ class Ledger:
                             .values(state="done", response=op.response, usage=op.reservation.amount, balance=results[i])
                         )
             for i in releases:
-                results[i] = self._release(conn, ops[i].reservation_id, ops[i].note)
+                results[i] = self._release(conn, ops[i].reservation_id, ops[i].note, refund=ops[i].refund)
             if rows:
                 conn.execute(_INSERT_RESERVATION, rows)
             if entries:
                 conn.execute(_INSERT_ENTRY, entries)
         return results
 
-    def _reserved(self, op: ReserveOp, rows: list, entries: list, now: dt.datetime, reservation_id: str | None = None) -> Reservation:
-        reservation = Reservation(reservation_id or str(uuid.uuid4()), op.key_id, op.amount)
+    def _reserved(self, op: ReserveOp, rows: list, entries: list, now: dt.datetime) -> Reservation:
+        reservation = Reservation(op.reservation_id, op.key_id, op.amount)
         rows.append({
             "id": reservation.id, "key_id": op.key_id, "amount": op.amount, "model_id": op.model_id,
             "request_id": op.request_id, "owner": op.owner, "state": "open", "created_at": now,
@@ -376,10 +385,9 @@ class Ledger:
     def _claimed_reserve(self, conn, op: ReserveOp, rows: list, entries: list, now: dt.datetime):
         """An idempotent reserve: the stored result, a refusal, or a new reservation. Runs in a
         savepoint so that a refused claim leaves no record behind for the rest of the batch."""
-        reservation_id = str(uuid.uuid4())
         try:
             with conn.begin_nested():
-                replay = self._claim(conn, op.key_id, op.idempotency, reservation_id, now)
+                replay = self._claim(conn, op.key_id, op.idempotency, op.reservation_id, now)
                 if replay is not None:
                     return replay
                 if conn.execute(_TAKE, {"p_key": op.key_id, "p_amount": op.amount}).rowcount != 1:
@@ -389,7 +397,7 @@ class Ledger:
             return AlreadyProcessing(f"a request with idempotency key {op.idempotency.key!r} is already being processed")
         except (AlreadyProcessing, InvalidArgument, InsufficientBalance, NotFound, PermissionDenied) as refused:
             return refused
-        return self._reserved(op, rows, entries, now, reservation_id)
+        return self._reserved(op, rows, entries, now)
 
     @staticmethod
     def _refusal(conn, key_id: str, amount: int) -> Exception:
@@ -401,10 +409,12 @@ class Ledger:
             return PermissionDenied(f"API key {key_id} has been revoked")
         return InsufficientBalance(amount, row.balance)
 
-    def _release(self, conn, reservation_id: str, note: str) -> bool:
+    def _release(self, conn, reservation_id: str, note: str, *, refund: bool = False) -> bool:
         row = conn.execute(select(reservations).where(reservations.c.id == reservation_id)).one_or_none()
         if row is None:
             return False
+        if refund and row.state == "committed":
+            return self._refund(conn, row)
         resolved = conn.execute(
             update(reservations)
             .where(reservations.c.id == reservation_id, reservations.c.state == "open")
@@ -420,6 +430,25 @@ class Ledger:
         self._journal(conn, row.key_id, "release", row.amount, reservation_id, row.model_id, row.request_id, note)
         conn.execute(
             update(idempotency_records).where(idempotency_records.c.reservation_id == reservation_id).values(state="failed")
+        )
+        return True
+
+    def _refund(self, conn, row) -> bool:
+        """Give back a commit whose image was withheld; once (a retried release finds the
+        credit already there and answers False)."""
+        refunded = conn.execute(
+            select(func.count()).select_from(ledger_entries)
+            .where(ledger_entries.c.reservation_id == row.id, ledger_entries.c.kind == "credit")
+        ).scalar_one()
+        if refunded:
+            return False
+        conn.execute(update(api_keys).where(api_keys.c.id == row.key_id).values(balance=api_keys.c.balance + row.amount))
+        self._journal(conn, row.key_id, "credit", row.amount, row.id, row.model_id, row.request_id,
+                      "refund: the charge was recorded but its image was withheld")
+        # Not paid for, so not replayed either: a retry with its idempotency key runs again.
+        conn.execute(
+            update(idempotency_records).where(idempotency_records.c.reservation_id == row.id)
+            .values(state="failed", response=None, usage=None, balance=None)
         )
         return True
 
@@ -537,6 +566,22 @@ class Ledger:
                 .having(func.count() > 1)
             ):
                 problems.append(f"reservation {reservation_id} was resolved {count} times")
+            # A refund (a credit naming a reservation) gives back one commit, once.
+            commits = select(ledger_entries.c.reservation_id).where(ledger_entries.c.kind == "commit")
+            for reservation_id, count in conn.execute(
+                select(ledger_entries.c.reservation_id, func.count())
+                .where(ledger_entries.c.kind == "credit", ledger_entries.c.reservation_id.is_not(None))
+                .group_by(ledger_entries.c.reservation_id)
+            ):
+                if count > 1:
+                    problems.append(f"reservation {reservation_id} was refunded {count} times")
+            for (reservation_id,) in conn.execute(
+                select(ledger_entries.c.reservation_id).where(
+                    ledger_entries.c.kind == "credit", ledger_entries.c.reservation_id.is_not(None),
+                    ledger_entries.c.reservation_id.not_in(commits),
+                )
+            ):
+                problems.append(f"reservation {reservation_id} was refunded without a commit")
         return problems
 
     def _journal(self, conn, key_id, kind, amount, reservation_id=None, model_id=None, request_id=None, note=None) -> None:
