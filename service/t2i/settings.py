@@ -45,6 +45,11 @@ class EngineConfig:
     max_loop_failures: int = setting(3, "Engine loop failures within the window after which the process exits.")
     loop_failure_window: float = setting(60.0, "Seconds over which engine loop failures are counted.")
     fair_share: bool = setting(True, "Admit and alternate requests by each API key's share of the work done (off: first come, first served).")
+    oldest_first: bool = setting(
+        True, "Within an API key, the latent size of its oldest running request runs next, so none of its requests "
+        "waits on work sent after it (the shortest tail); off: each running request's size in turn (all progress at "
+        "once, and a request's latency grows with the work running beside it)."
+    )
     progress_interval_ms: float = setting(250.0, "Streams: the least time between two queued or progress events of a request.")
     preview_interval_ms: float = setting(
         500.0, "Streams: the least time between two previews of a request (on top of its previewEverySteps)."

@@ -75,8 +75,26 @@ def test_admission_stops_at_max_batch_size_and_resumes_when_a_request_leaves():
     assert {r.request_id for r in plan.evaluate} == {"b", "c"}
 
 
-def test_buckets_take_turns_by_least_recently_evaluated():
+def test_the_oldest_running_requests_bucket_goes_next_and_its_size_rides_along():
     batcher = Batcher(max_batch_size=8, admission_window=0.0)
+    batcher.add(request("small-1", 0.0, size=64))
+    batcher.add(request("big", 0.1, size=128))
+    batcher.add(request("small-2", 0.2, size=64))
+    first = batcher.schedule(now=1.0)
+    assert {r.request_id for r in first.evaluate} == {"small-1", "small-2"}
+    for r in first.evaluate:
+        r.last_evaluated = 1.0
+    # The oldest is still small-1: its size runs again, however recently it ran.
+    second = batcher.schedule(now=1.1)
+    assert {r.request_id for r in second.evaluate} == {"small-1", "small-2"}
+    batcher.finish(next(r for r in second.evaluate if r.request_id == "small-1"))
+    # Now big is the oldest: it goes before small-2, which arrived after it.
+    third = batcher.schedule(now=1.2)
+    assert [r.request_id for r in third.evaluate] == ["big"]
+
+
+def test_without_oldest_first_buckets_take_turns_by_least_recently_evaluated():
+    batcher = Batcher(max_batch_size=8, admission_window=0.0, oldest_first=False)
     batcher.add(request("small-1", 0.0, size=64))
     batcher.add(request("big", 0.1, size=128))
     batcher.add(request("small-2", 0.2, size=64))

@@ -200,6 +200,34 @@ def test_fifo_within_a_tenant():
     assert order == made
 
 
+def test_oldest_first_gives_one_tenants_requests_the_smallest_tail():
+    """One tenant, requests of three sizes and different lengths arriving one per step: oldest
+    first, none waits on work of another size that came after it (the first, the longest, takes
+    just its own steps; later ones of its size ride along), so the largest time in the system
+    is smaller than when sizes take turns."""
+    specs = [(128, 12), (64, 4), (96, 6), (64, 4), (128, 12), (96, 6), (64, 4), (96, 6)]
+    latencies = {}
+    for oldest_first in (True, False):
+        sim = Simulation(Batcher(8, 0.0, oldest_first=oldest_first))
+        arrivals = {}
+        for index, (size, steps) in enumerate(specs):
+            made = request("only", arrival=sim.now, size=size, steps=steps)
+            arrivals[made] = index
+            sim.add(made)
+            sim.step()
+        while len(sim.finished) < len(specs):
+            sim.step()
+        ended = {}
+        for step, forward in enumerate(sim.forwards, start=1):
+            for r in forward:
+                ended[r] = step
+        first = sim.finished[0] if oldest_first else None
+        if oldest_first:
+            assert arrivals[first] == 0 and ended[first] == specs[0][1]
+        latencies[oldest_first] = max(ended[r] - arrivals[r] for r in sim.finished)
+    assert latencies[True] < latencies[False], latencies
+
+
 def test_idle_tenants_are_forgotten_only_when_that_changes_nothing():
     batcher = Batcher(2, 0.0)
     for i in range(3):

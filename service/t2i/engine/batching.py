@@ -29,9 +29,15 @@ StepPlan that nobody changes afterwards:
 4. Bucket choice: requests can share a forward only with the same model and latent size;
    their LoRAs do not matter (each row gets its own deltas inside the one forward,
    lora/apply.py). The next bucket is the one holding the running request whose tenant has
-   the least virtual service (ties: the least recently evaluated), so a huge image's bucket
-   gets turns in proportion to its cost and small requests are not held behind it; with
-   `fair=False`, the bucket of the least recently evaluated request. (`lora_sets_apart`
+   the least virtual service, so a huge image's bucket gets turns in proportion to its cost
+   and another tenant's small requests are not held behind it. Within that tenant (and with
+   `fair=False`, among all), the oldest running request goes first (`oldest_first`): its
+   bucket runs, and whoever shares that latent size rides along. A request's latency is then
+   the work that arrived before it plus its own, never the work of those that came after:
+   the largest latency is as small as a single worker can make it (first in, first out
+   minimizes the maximum flow time), where taking sizes in turn (`oldest_first=False`: the
+   least recently evaluated request's bucket) stretches each request by everything running
+   beside it, so requests with the most work (a hires fix's two passes) made the tail. (`lora_sets_apart`
    splits buckets by LoRA set as well: the one-adapter-set-per-batch policy of other servers,
    kept to measure against.)
 5. The forward evaluates every running request of that bucket (at most `max_batch_size`
@@ -72,13 +78,14 @@ class StepPlan:
 
 class Batcher:
     def __init__(self, max_batch_size: int, admission_window: float, *, admission_gap: float | None = None,
-                 fair: bool = True, lora_sets_apart: bool = False) -> None:
+                 fair: bool = True, oldest_first: bool = True, lora_sets_apart: bool = False) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.admission_window = admission_window
         self.admission_gap = admission_window if admission_gap is None else min(admission_gap, admission_window)
         self.fair = fair
+        self.oldest_first = oldest_first
         self.lora_sets_apart = lora_sets_apart
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
@@ -193,9 +200,10 @@ class Batcher:
         return sorted(self.waiting, key=lambda r: self.counters.get(r.tenant, 0.0))  # stable: FIFO within ties
 
     def _turn(self, request: EngineRequest) -> tuple:
+        within = (request.arrival,) if self.oldest_first else (request.last_evaluated,)
         if not self.fair:
-            return (request.last_evaluated,)
-        return (self.counters.get(request.tenant, 0.0), request.last_evaluated)
+            return within
+        return (self.counters.get(request.tenant, 0.0), *within)
 
     def _bucket(self, request: EngineRequest) -> tuple:
         if not self.lora_sets_apart:

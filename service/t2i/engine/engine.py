@@ -77,7 +77,7 @@ class AsyncEngine:
         self.core = EngineCore(
             models, Batcher(config.max_batch_size, config.admission_window_ms / 1000,
                             admission_gap=config.admission_gap_ms / 1000, fair=config.fair_share,
-                            lora_sets_apart=config.lora_sets_apart),
+                            oldest_first=config.oldest_first, lora_sets_apart=config.lora_sets_apart),
             preview_interval=config.preview_interval_ms / 1000,
         )
         self.finisher = ImageFinisher(
