@@ -58,7 +58,8 @@ from .report import fmt, write_section
 from .serving import NOISY_CORES, ClosedLoop, CpuMeter, PeerProcess, System, closed, ratio, wait_for_quiet
 
 SECTION = "serving-image"
-SYSTEMS = ("service", "image peer")
+SYSTEMS = ("service", "service, sizes in turn", "image peer")
+TURNS = "service, sizes in turn"  # the same service with --no-oldest-first: what the scheduling order is worth
 KINDS = ("text-to-image", "img2img", "inpaint", "hires fix")
 WORKLOAD_SEED = 25
 TRACE_SEED = 2500
@@ -112,7 +113,8 @@ async def measure(args, systems: dict[str, System], pool: workloads.Workload) ->
     requests = list(pool.requests[: args.closed_requests])
     with CpuMeter(args.pids) as cpu:
         for name in SYSTEMS:
-            figures["closed"][name] = closed(await load.closed_loop(systems[name].target, requests, CONCURRENCY, f"closed-{name[0]}"))
+            figures["closed"][name] = closed(await load.closed_loop(systems[name].target, requests, CONCURRENCY,
+                                                                    f"closed-{SYSTEMS.index(name)}"))
             c = figures["closed"][name]
             print(f"  {name:10s} {c.per_second:5.2f} images/s  p50 {c.p50:5.2f} s", flush=True)
     figures["closed_other_cores"] = cpu.other_cores
@@ -130,7 +132,7 @@ async def measure(args, systems: dict[str, System], pool: workloads.Workload) ->
             print(f"open loop: {LOAD}x ({rate:.2f}/s, {len(arrivals)} requests), {name} ...", flush=True)
             with CpuMeter(args.pids) as cpu:
                 result = await load.open_loop(
-                    system.target, pool.requests, arrivals, args.duration + args.grace, f"open-{name[0]}{attempt}",
+                    system.target, pool.requests, arrivals, args.duration + args.grace, f"open-{SYSTEMS.index(name)}{attempt}",
                     window=(args.duration * WARM_IN, args.duration),
                 )
             system.fill_from_log(result)
@@ -210,11 +212,14 @@ def report(args, figures: dict, pool: workloads.Workload, wall: float) -> list[s
 
     lines = [
         f"Command: {command}; this run took {wall / 60:.1f} min. Demo model (tiny random SDXL), CPU, fp32, "
-        f"{torch_threads()} intra-op thread(s) in both systems (the service's choice: cores - 1).",
+        f"{torch_threads()} intra-op thread(s) in every system (the service's choice: cores - 1).",
         "",
         "Systems, each behind the same gRPC GenerateImage: **service** = `t2i serve --no-billing` (step-level continuous "
         "batching, max batch 8, 20 ms admission window; an image-to-image request shares forwards with any request of its "
-        "latent size, a hires fix's second pass with any of the upscaled size); **image peer** = `benchmarks/image_peer.py`: "
+        "latent size, a hires fix's second pass with any of the upscaled size; within a key the latent size of the oldest "
+        "running request runs next); **service, sizes in turn** = the same with `--no-oldest-first` (each running "
+        "request's latent size in turn: the rule before 2026-12-06, measured beside it to show what the order is worth; "
+        "not part of the targets); **image peer** = `benchmarks/image_peer.py`: "
         "diffusers' StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline on one "
         "set of components, with the serving benchmark's dynamic batching (20 ms window, max batch 8) over pipeline calls: "
         "one call serves passes of the same pipeline, size, cfg, scheduler configuration and step count, and for the image "
@@ -332,6 +337,7 @@ def reading(figures: dict, kind_rows: dict, configurations: int, passes: int, ki
     n_s, slow_s = slowest(s, kinds)
     n_p, slow_p = slowest(p, kinds)
     hs, hp = kind_rows["service"]["hires fix"], kind_rows["image peer"]["hires fix"]
+    t, ct, ht = figures["open"][TURNS], figures["closed"][TURNS], kind_rows[TURNS]["hires fix"]
     ts, tp_ = kind_rows["service"]["text-to-image"], kind_rows["image peer"]["text-to-image"]
 
     def described(counter: collections.Counter) -> str:
@@ -348,13 +354,13 @@ def reading(figures: dict, kind_rows: dict, configurations: int, passes: int, ki
         f"{fmt(s.mean_batch, 1)} requests on average, and on this CPU a forward's cost grows nearly with its rows (the "
         "serving section's homogeneous closed loop: a full batch of 8 gives about 2x the naive peer's throughput, not "
         "8x). p99: "
-        f"the slowest tenth of the service's requests were {described(slow_s)}, of the peer's {described(slow_p)}. The "
-        "service shares the machine among all it runs, so a request's latency grows with its own work, and a hires fix "
-        "(two passes, the second at 2.25x the area: about three text-to-image requests' work) near capacity takes several "
-        "times its solo time. The peer serves one pass at a time in arrival order: its latency is its queue, the same for "
-        "every kind, and its queue at this load grows only as fast as the arrival rate exceeds its capacity. "
-        + ("So the service wins the median and not the tail." if not p99_met else
-           "Here the peer's queue grew long enough that the service wins the tail as well."),
+        f"the slowest tenth of the service's requests were {described(slow_s)}, of the peer's {described(slow_p)}. Both "
+        "systems serve in arrival order: the service runs the latent size of its oldest running request, and whoever "
+        "shares that size rides along, so a request waits only on work that came before it; the peer runs one pass at a "
+        "time. The p99 ratio therefore follows the two queues: at this load the service keeps up, and the peer's queue "
+        "grows as fast as the arrival rate exceeds its capacity, which is the capacity ratio over again: "
+        + ("here the peer fell far enough behind that the service wins the tail by the target's margin."
+           if p99_met else "here the peer did not fall far enough behind for the target's margin."),
         f"- **What the peer can batch**: {configurations} distinct call configurations among {passes} passes"
         + (": no two passes of this mix can share a pipeline call (a strength, a step count, a size or a scheduler "
            "always differs), so the peer runs one pass per call, as a naive server would; "
@@ -362,6 +368,12 @@ def reading(figures: dict, kind_rows: dict, configurations: int, passes: int, ki
         + f"its calls held {fmt(p.mean_batch)} passes on average near capacity. The service batches by latent size "
         "alone, whatever the kind, sampler, steps or denoise, across " + f"{len(sizes)} latent sizes here ("
         + ", ".join(f"{size}x{size}" for size in sizes) + ") with at most 8 requests running.",
+        f"- **Oldest first against sizes in turn** (the same service, `--no-oldest-first`): closed loop {ct.per_second:.2f} "
+        f"against {cs.per_second:.2f} images/s (the order decides which requests share a forward, not how much work there is); near capacity p99 {fmt(t.latency(99))} "
+        f"against {fmt(s.latency(99))} s, hires fix p99 {fmt(ht[3])} against {fmt(hs[3])} s, p50 {fmt(t.latency(50))} against "
+        f"{fmt(s.latency(50))} s. Taking sizes in turn shares the machine among everything running, so each request is "
+        "stretched by the work beside it and those with the most (a hires fix's two passes) make the tail; oldest first "
+        "minimizes the largest time in the system.",
         f"- **Throughput**: closed loop {cs.per_second:.2f} against {cp.per_second:.2f} images/s ({fmt(closed_tp)}x); "
         f"near capacity, open loop, {s.per_second:.2f} against {p.per_second:.2f} ({fmt(tp)}x), with {s.not_completed} "
         f"against {p.not_completed} of {s.extra['offered']} requests not completed by the cut-off.",
@@ -379,12 +391,14 @@ def reading(figures: dict, kind_rows: dict, configurations: int, passes: int, ki
         )
     out.append(
         "- Noise: a 2-core machine that other work shares; the absolute figures move by tens of percent from run to run, "
-        "the two systems ran side by side in one run. The open-loop figures rest on a few dozen requests whose costs "
+        "the systems ran side by side in one run. The open-loop figures rest on a few dozen requests whose costs "
         "spread over more than 10x: which of them complete inside the 20 s window moves images/s, and p99 is the slowest "
-        "one or two. On 2026-12-06 three runs of this command on a quiet machine (other CPU 0.02 cores at most) gave "
-        "capacity ratios (closed loop) of 1.67x, 1.62x and 1.60x, open-loop images/s ratios of 1.16x, 1.50x and 1.30x, "
-        "p99 ratios of 1.20x, 0.93x and 0.75x and p50 ratios of 0.43x, 0.56x and 0.32x: the capacity ratio holds, "
-        "the open-loop ones scatter around what it implies, and the p99 target was met in none."
+        "one or two, and the offered rate is 0.9x a capacity measured in the same run, which moves by about 10%. With sizes "
+        "in turn (the rule until 2026-12-06), three runs on a quiet machine gave capacity ratios (closed loop) of 1.67x, "
+        "1.62x and 1.60x, open-loop images/s ratios of 1.16x, 1.50x and 1.30x and p99 ratios of 1.20x, 0.93x and 0.75x "
+        "(target met in none). Oldest first, in two runs before this one: capacity 1.58x and 1.41x, images/s 1.26x and "
+        "1.11x, p99 0.47x (met) and 0.81x; in the second the measured capacity, and so the offered rate, came out low "
+        "(0.97/s) and the peer nearly kept up."
     )
     return out
 
@@ -416,16 +430,19 @@ def main() -> None:
     configure(args)
     pool = image_pool(args)
 
-    print("starting the service and the image peer ...", flush=True)
+    print("starting the service (twice: oldest first, sizes in turn) and the image peer ...", flush=True)
     server = ServerProcess(data_dir, "--no-billing")
+    turns = ServerProcess(data_dir, "--no-billing", "--no-oldest-first")
     peer = PeerProcess("benchmarks.image_peer", model_dir, data_dir)
     try:
         server.wait_serving()
+        turns.wait_serving()
         peer.wait_ready()
-        args.pids = [os.getpid(), server.process.pid, peer.process.pid]
+        args.pids = [os.getpid(), server.process.pid, turns.process.pid, peer.process.pid]
 
         async def run() -> dict:
             systems = {"service": System("service", load.Target(server.target), server),
+                       TURNS: System(TURNS, load.Target(turns.target), turns),
                        "image peer": System("image peer", load.Target(peer.target))}
             try:
                 with CpuMeter(args.pids) as cpu:
@@ -439,6 +456,7 @@ def main() -> None:
         figures = asyncio.run(run())
     finally:
         server.kill()
+        turns.kill()
         peer.kill()
     saved = data_dir / "image-serving-results.json"
     save(figures, args, time.perf_counter() - started, saved)

@@ -55,8 +55,9 @@ def test_smoke_run_serves_every_kind_and_reports(tmp_path):
     assert run.returncode == 0, output[-4000:]
     figures = json.loads(results.read_text())
     assert figures["capacity"] > 0
-    assert set(figures["closed"]) == {"service", "image peer"}
-    for name in ("service", "image peer"):
+    names = ("service", "service, sizes in turn", "image peer")
+    assert set(figures["closed"]) == set(names)
+    for name in names:
         assert figures["closed"][name]["images"] > 0 and figures["closed"][name]["per_second"] > 0
         opened = figures["open"][name]
         assert opened["offered"] > 0 and opened["completed"] > 0 and opened["p99"] is not None
