@@ -56,8 +56,12 @@ def test_a_killed_replicas_jobs_finish_on_the_other_charged_once(data_dir, tmp_p
             queued = stub.SubmitJob(request(2), metadata=metadata)
             until(lambda: stub.GetJob(pb.GetJobRequest(id=queued.id), metadata=metadata).status == "running", "a second claim")
             third = stub.SubmitJob(request(3), metadata=metadata)
-            until(lambda: stub.GetJob(pb.GetJobRequest(id=third.id), metadata=metadata).status == "succeeded",
-                  "the third job on b")
+            try:
+                until(lambda: stub.GetJob(pb.GetJobRequest(id=third.id), metadata=metadata).status == "succeeded",
+                      "the third job on b")
+            except AssertionError as slow:  # seen once under load: say where the job was and what each replica did
+                third_now = stub.GetJob(pb.GetJobRequest(id=third.id), metadata=metadata)
+                raise AssertionError(f"{slow}; the job: {third_now}; a: {a.output()[-3000:]}; b: {b.output()[-3000:]}") from None
             prices = {job.id: job.stardust_price for job in (held, queued, third)}
         a.process.kill()  # SIGKILL: no clean-up, the leases just stop being renewed
         a.process.wait(30)
