@@ -33,13 +33,14 @@ StepPlan that nobody changes afterwards:
    and another tenant's small requests are not held behind it. Within that tenant (and with
    `fair=False`, among all), the oldest running request goes first (`oldest_first`): its
    bucket runs, and whoever shares that latent size rides along. A request's latency is then
-   the work that arrived before it plus its own, never the work of those that came after:
-   the largest latency is as small as a single worker can make it (first in, first out
-   minimizes the maximum flow time), where taking sizes in turn (`oldest_first=False`: the
-   least recently evaluated request's bucket) stretches each request by everything running
-   beside it, so requests with the most work (a hires fix's two passes) made the tail. (`lora_sets_apart`
-   splits buckets by LoRA set as well: the one-adapter-set-per-batch policy of other servers,
-   kept to measure against.)
+   the work that arrived before it plus its own (and the rows of later requests riding in
+   its forwards), not the work of later requests of other sizes: the largest latency is
+   about as small as one worker can make it (first in, first out minimizes the maximum flow
+   time), where taking sizes in turn (`oldest_first=False`: the least recently evaluated
+   request's bucket) stretches each request by everything running beside it, so requests
+   with the most work (a hires fix's two passes) made the tail. (`lora_sets_apart` splits
+   buckets by LoRA set as well: the one-adapter-set-per-batch policy of other servers, kept
+   to measure against.)
 5. The forward evaluates every running request of that bucket (at most `max_batch_size`
    samples, or twice that after over-full joins, see 3), each at its own step, sigma, sampler, cfg scale and prompt length; a request
    that finishes or fails leaves the running set at once (`finish`).
