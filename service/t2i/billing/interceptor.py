@@ -487,16 +487,14 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                 yield pb.GenerateImageEvent(result=charge.replay_response())
                 return
             charged: bool | None = False
-            committing = False  # a commit was sent: one that landed unanswered is refunded
             try:
                 async for event in inner(request, context):
                     if event.WhichOneof("event") == "result":
                         charged = None  # a cancellation from here on may come after the charge is made
-                        committing = True
                         try:
                             await self._commit(charge, admitted.key, event.result)
                         except ServiceError as error:
-                            charged = False
+                            # Still None: the commit did not answer, and the release refunds it if it landed.
                             yield convert.event_to_pb(failed_event(error))
                             return
                         charged = True
@@ -509,7 +507,7 @@ class BillingInterceptor(grpc.aio.ServerInterceptor):
                     yield convert.event_to_pb(failed_event(revoked))
             finally:
                 if not charged:
-                    self._release(charge, "generation failed or was cancelled", refund=committing)
+                    self._release(charge, "generation failed or was cancelled", refund=charged is None)
 
     # --- pieces --------------------------------------------------------------------------------
 
